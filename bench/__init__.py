@@ -1,0 +1,1 @@
+"""Benchmarks and the main job: ``python -m bench`` (see ``python -m bench --help``)."""

@@ -1,0 +1,1 @@
+"""Models: ViM and PlainMamba with token pruning (filled by a later issue)."""

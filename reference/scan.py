@@ -1,0 +1,256 @@
+"""The selective scan with a position map, in float64 NumPy, written for reading (SPEC §1).
+
+Each equation of SPEC §1 is one function below, named after its symbol. The scan itself
+is a loop over the M remaining tokens, vectorised over (batch, dim, N). Shapes: b batch,
+d dim, N state, G groups, M remaining tokens, L = seqlen (the unpruned path).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .arguments import validate_scan_args
+
+__all__ = [
+    "softplus",
+    "discretized_delta",
+    "effective_delta",
+    "channel_groups",
+    "hidden_states",
+    "selective_scan",
+    "selective_scan_backward",
+]
+
+SOFTPLUS_THRESHOLD = 20.0  # softplus(x) = x above it, as the mamba kernel
+
+
+def softplus(x):
+    """log1p(exp(x)) for x <= 20, x above (SPEC §1)."""
+    return np.where(x <= SOFTPLUS_THRESHOLD, np.log1p(np.exp(np.minimum(x, SOFTPLUS_THRESHOLD))), x)
+
+
+def softplus_grad(x):
+    """d softplus / dx: the logistic sigmoid below the threshold, 1 above."""
+    return np.where(x <= SOFTPLUS_THRESHOLD, 1.0 / (1.0 + np.exp(-x)), 1.0)
+
+
+def silu(x):
+    return x / (1.0 + np.exp(-x))
+
+
+def silu_grad(x):
+    s = 1.0 / (1.0 + np.exp(-x))
+    return s * (1.0 + x * (1.0 - s))
+
+
+def discretized_delta(delta, delta_bias, delta_softplus):
+    """Δ_i = softplus(delta_i + delta_bias) or delta_i + delta_bias; (b, d, M)."""
+    x = delta if delta_bias is None else delta + delta_bias[None, :, None]
+    return softplus(x) if delta_softplus else x
+
+
+def token_gaps(positions):
+    """g_i = positions_i - positions_{i-1}, g_0 = 1; (b, M) int -> float64."""
+    g = np.ones(positions.shape, dtype=np.float64)
+    g[:, 1:] = np.diff(positions, axis=1)
+    return g
+
+
+def effective_delta(Delta, gap, alignment):
+    """E_i, the timescale that covers token i and the q_i = g_i - 1 pruned steps before it.
+
+    "prev" (Eq. 5/6): E_i = Δ_i + (g_i - 1)·Δ_{i-1}; "self": E_i = g_i·Δ_i;
+    "none": E_i = Δ_i. Always E_0 = Δ_0.  Delta (b, d, M), gap (b, M) -> (b, d, M).
+    """
+    if alignment == "none":
+        return Delta.copy()
+    g = gap[:, None, :]
+    if alignment == "self":
+        E = g * Delta
+    else:  # "prev"
+        E = Delta.copy()
+        E[..., 1:] += (g[..., 1:] - 1.0) * Delta[..., :-1]
+    if E.shape[-1]:
+        E[..., 0] = Delta[..., 0]
+    return E
+
+
+def trailing_steps(positions, seqlen_rows):
+    """Pruned steps after the last remaining token: seqlen - 1 - positions_{M-1}; (b,)."""
+    return (seqlen_rows - 1 - positions[:, -1]).astype(np.float64)
+
+
+def channel_groups(BC, dim):
+    """(b, G, N, M) -> (b, d, N, M): channel d reads group d // (dim // G)."""
+    groups = BC.shape[1]
+    return np.repeat(BC, dim // groups, axis=1)
+
+
+def _float64_inputs(args):
+    f = lambda x: None if x is None else np.asarray(x, dtype=np.float64)
+    return {name: f(getattr(args, name)) for name in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")}
+
+
+def _scan_terms(x, args):
+    """The per-token terms of the recurrence: Δ, E, deltaA = exp(E·A), deltaB_u = Δ·B·u."""
+    dim = x["u"].shape[1]
+    Delta = discretized_delta(x["delta"], x["delta_bias"], args.delta_softplus)      # (b, d, M)
+    E = effective_delta(Delta, token_gaps(args.positions), args.alignment)          # (b, d, M)
+    deltaA = np.exp(E[:, :, :, None] * x["A"][None, :, None, :])                    # (b, d, M, N)
+    Bd = channel_groups(x["B"], dim)                                                 # (b, d, N, M)
+    deltaB_u = (Delta * x["u"])[:, :, :, None] * Bd.transpose(0, 1, 3, 2)           # (b, d, M, N)
+    return Delta, E, deltaA, deltaB_u
+
+
+def _recurrence(deltaA, deltaB_u):
+    """h_{-1} = 0; h_i = deltaA_i·h_{i-1} + deltaB_u_i. Returns every h_i, (b, d, M, N)."""
+    h = np.zeros_like(deltaB_u)
+    state = np.zeros(deltaB_u.shape[:2] + deltaB_u.shape[3:])
+    for i in range(deltaB_u.shape[2]):
+        state = deltaA[:, :, i] * state + deltaB_u[:, :, i]
+        h[:, :, i] = state
+    return h
+
+
+def hidden_states(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                  *, positions=None, seqlen=None, alignment="prev"):
+    """Every state h_i of the remaining tokens, float64 (b, d, M, N) (SPEC §1)."""
+    args = validate_scan_args(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                              positions=positions, seqlen=seqlen, alignment=alignment)
+    x = _float64_inputs(args)
+    _, _, deltaA, deltaB_u = _scan_terms(x, args)
+    return _recurrence(deltaA, deltaB_u)
+
+
+def _readout(h, x, dim):
+    """y_i = Σ_n C_i[n]·h_i[n] + D·u_i; (b, d, M)."""
+    Cd = channel_groups(x["C"], dim)                                  # (b, d, N, M)
+    y = np.einsum("bdmn,bdnm->bdm", h, Cd)
+    if x["D"] is not None:
+        y = y + x["D"][None, :, None] * x["u"]
+    return y
+
+
+def _last_state(h, Delta, x, args):
+    """State at original position seqlen-1: the last h advanced over the trailing gap."""
+    b, d, _, n = h.shape
+    if h.shape[2] == 0:
+        return np.zeros((b, d, n))
+    last = h[:, :, -1]
+    if args.alignment == "none":
+        return last.copy()
+    steps = trailing_steps(args.positions, args.seqlen_rows)[:, None, None]     # (b, 1, 1)
+    return np.exp(steps * Delta[:, :, -1, None] * x["A"][None]) * last
+
+
+def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                   return_last_state=False, *, positions=None, seqlen=None, alignment="prev"):
+    """The position-map selective scan (SPEC §1), computed in float64.
+
+    Args:
+        u, delta: (batch, dim, M) the remaining tokens in scan order and their raw timescale.
+        A: (dim, N).  B, C: (batch, N, M) or (batch, G, N, M).  D, delta_bias: (dim,) or None.
+        z: (batch, dim, M) gate or None.  delta_softplus: apply softplus to delta + bias.
+        positions: (batch, M) or (M,) original index of each remaining token, or None.
+        seqlen: length of the unpruned path, or None (each row ends at its last token).
+        alignment: "prev" (the paper, Eq. 5/6), "self" (ablation) or "none" (relabel).
+
+    Returns:
+        out (batch, dim, M) float64, and last_state (batch, dim, N) if return_last_state.
+    """
+    args = validate_scan_args(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
+                              positions=positions, seqlen=seqlen, alignment=alignment)
+    x = _float64_inputs(args)
+    Delta, _, deltaA, deltaB_u = _scan_terms(x, args)
+    h = _recurrence(deltaA, deltaB_u)
+    y = _readout(h, x, args.dim)
+    out = y * silu(x["z"]) if x["z"] is not None else y
+    if return_last_state:
+        return out, _last_state(h, Delta, x, args)
+    return out
+
+
+def _sum_to_groups(dBC_channels, groups, grouped):
+    """(b, d, N, M) per-channel gradient -> (b, G, N, M), or (b, N, M) when B/C came in 3-D."""
+    b, d, n, m = dBC_channels.shape
+    dBC = dBC_channels.reshape(b, groups, d // groups, n, m).sum(axis=2)
+    return dBC if grouped else dBC[:, 0]
+
+
+def selective_scan_backward(dout, u, delta, A, B, C, D=None, z=None, delta_bias=None,
+                            delta_softplus=False, return_last_state=False, *, positions=None,
+                            seqlen=None, alignment="prev"):
+    """The adjoint of ``selective_scan``: a reverse scan, derived by hand (SPEC §2 oracle 6).
+
+    Args:
+        dout: (batch, dim, M) gradient of the output. last_state carries no gradient.
+        the rest: as ``selective_scan``.
+
+    Returns:
+        (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias), float64, each shaped like its input,
+        None where the input was None.
+    """
+    args = validate_scan_args(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
+                              positions=positions, seqlen=seqlen, alignment=alignment)
+    x = _float64_inputs(args)
+    dout = np.asarray(dout, dtype=np.float64)
+    if dout.shape != x["u"].shape:
+        raise ValueError(f"dout must have shape (batch, dim, M) = {x['u'].shape}, got {dout.shape}")
+    b, d, m = x["u"].shape
+    Delta, E, deltaA, deltaB_u = _scan_terms(x, args)
+    h = _recurrence(deltaA, deltaB_u)
+    Bd = channel_groups(x["B"], d).transpose(0, 1, 3, 2)    # (b, d, M, N)
+    Cd = channel_groups(x["C"], d).transpose(0, 1, 3, 2)    # (b, d, M, N)
+
+    # Gate: out = y·silu(z).
+    dz = None
+    if x["z"] is not None:
+        y = _readout(h, x, d)
+        dz = dout * y * silu_grad(x["z"])
+        dy = dout * silu(x["z"])
+    else:
+        dy = dout
+
+    # Readout: y_i = Σ_n C_i h_i + D u_i.
+    du = dy * x["D"][None, :, None] if x["D"] is not None else np.zeros_like(dy)
+    dD = (dy * x["u"]).sum(axis=(0, 2)) if x["D"] is not None else None
+    dC_channels = (dy[..., None] * h)                                  # (b, d, M, N)
+
+    # Reverse scan: dh_i = dy_i·C_i + deltaA_{i+1}·dh_{i+1}.
+    dh = np.zeros((b, d, m, deltaA.shape[-1]))
+    carry = np.zeros((b, d, deltaA.shape[-1]))
+    for i in reversed(range(m)):
+        carry = dy[:, :, i, None] * Cd[:, :, i] + carry
+        dh[:, :, i] = carry
+        carry = deltaA[:, :, i] * carry
+    h_prev = np.concatenate([np.zeros_like(h[:, :, :1]), h[:, :, :-1]], axis=2)
+    d_deltaA = dh * h_prev                                             # ∂/∂deltaA_i
+
+    # deltaB_u_i = Δ_i·B_i·u_i.
+    dDelta = (dh * Bd).sum(axis=-1) * x["u"]
+    du += (dh * Bd).sum(axis=-1) * Delta
+    dB_channels = dh * (Delta * x["u"])[..., None]
+
+    # deltaA_i = exp(E_i·A): dE_i = Σ_n ∂deltaA_i·deltaA_i·A, dA = Σ_{b,i} ∂deltaA_i·deltaA_i·E_i.
+    grad_exponent = d_deltaA * deltaA                                  # (b, d, M, N)
+    dE = (grad_exponent * x["A"][None, :, None, :]).sum(axis=-1)
+    dA = (grad_exponent * E[..., None]).sum(axis=(0, 2))
+
+    # E_i as a function of Δ (SPEC §1): the gap term sends (g_i - 1)·dE_i to token i-1.
+    gap = token_gaps(args.positions)[:, None, :]
+    if args.alignment == "prev":
+        dDelta += dE
+        dDelta[..., :-1] += (gap[..., 1:] - 1.0) * dE[..., 1:]
+    elif args.alignment == "self":
+        dDelta += gap * dE   # g_0 = 1
+    else:
+        dDelta += dE
+
+    # Δ = softplus(delta + bias) or delta + bias.
+    pre = x["delta"] if x["delta_bias"] is None else x["delta"] + x["delta_bias"][None, :, None]
+    ddelta = dDelta * softplus_grad(pre) if args.delta_softplus else dDelta
+    ddelta_bias = ddelta.sum(axis=(0, 2)) if x["delta_bias"] is not None else None
+
+    groups = args.groups
+    dB = _sum_to_groups(dB_channels.transpose(0, 1, 3, 2), groups, args.B_grouped)
+    dC = _sum_to_groups(dC_channels.transpose(0, 1, 3, 2), groups, args.C_grouped)
+    return du, ddelta, dA, dB, dC, dD, dz, ddelta_bias

@@ -1,0 +1,47 @@
+"""The one tolerance table: how close a fast path must come to the float64 reference.
+
+Keyed by the dtype the kernel computes in. float32 is at least as tight as mamba_ssm's
+own test of its CUDA kernel (rtol 6e-4, atol 2e-3); float64 kernels must agree to 1e-10.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["TOLERANCES", "tolerance", "max_deviation", "within_tolerance"]
+
+TOLERANCES = {
+    np.dtype(np.float64): {"rtol": 1e-10, "atol": 1e-12},
+    np.dtype(np.float32): {"rtol": 6e-4, "atol": 2e-3},
+    # float16/bfloat16 inputs compute in float32 but their inputs and outputs are rounded.
+    np.dtype(np.float16): {"rtol": 3e-3, "atol": 5e-3},
+    "bfloat16": {"rtol": 3e-2, "atol": 5e-2},
+}
+
+
+def tolerance(dtype):
+    """{"rtol": ..., "atol": ...} for a NumPy dtype, or the string "bfloat16"."""
+    key = dtype if isinstance(dtype, str) else np.dtype(dtype)
+    if key not in TOLERANCES:
+        raise ValueError(f"no tolerance for dtype {dtype!r}; known: {list(TOLERANCES)}")
+    return TOLERANCES[key]
+
+
+def max_deviation(actual, expected):
+    """(max |actual - expected|, the same divided by max |expected|) as floats; 0.0 when empty.
+
+    The relative figure is normwise (max-norm), so elements near zero do not dominate it.
+    """
+    actual = np.asarray(actual, dtype=np.float64)
+    expected = np.asarray(expected, dtype=np.float64)
+    if actual.size == 0:
+        return 0.0, 0.0
+    diff = np.abs(actual - expected)
+    scale = float(np.abs(expected).max())
+    return float(diff.max()), float(diff.max() / scale) if scale > 0 else float(diff.max())
+
+
+def within_tolerance(actual, expected, dtype):
+    """numpy.allclose with the table's rtol/atol for this dtype."""
+    tol = tolerance(dtype)
+    return bool(np.allclose(np.asarray(actual, np.float64), np.asarray(expected, np.float64),
+                            rtol=tol["rtol"], atol=tol["atol"]))
