@@ -1,0 +1,1 @@
+"""bridges (later issue)."""

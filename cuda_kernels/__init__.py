@@ -1,0 +1,1 @@
+"""Fast kernels (front door added below)."""
