@@ -26,8 +26,9 @@ import numpy as np
 from numba import prange
 
 from ._numba_support import cached_njit, cast_like, fast_exp, sigmoid, softplus, softplus_grad
+from .layout import compute_dtype, gap_coefficients
 
-__all__ = ["forward", "backward", "gap_coefficients"]
+__all__ = ["forward", "backward"]
 
 _PAIRS_PER_TASK = 16   # (batch, channel) pairs per forward task: amortises the state buffer
 _CHANNEL_BLOCK = 32    # channels the backward processes side by side (its SIMD dimension)
@@ -206,42 +207,13 @@ def _backward_kernel(dout, u, delta, A, Bt, Ct, D, z, delta_bias, softplus, coef
                     dA_part[b, d, n] = dAT[n, w]
 
 
-def gap_coefficients(positions, seqlen_rows, alignment, dtype):
-    """Per-token coefficients that make E_i = coef_self_i·Δ_i + coef_prev_i·Δ_{i-1} for every
-    alignment (SPEC §1), and the pruned steps after the last token that last_state advances:
-
-        "prev": (1, g_i - 1)    "self": (g_i, 0)    "none": (1, 0), no trailing steps
-        token 0: (1, 0) always.
-
-    With these the kernels run the same code, at the same cost, for every alignment.
-    """
-    batch, length = positions.shape
-    gap = np.ones((batch, length), dtype=np.int64)
-    gap[:, 1:] = np.diff(positions, axis=1)
-    coef_self = np.ones((batch, length), dtype=dtype)
-    coef_prev = np.zeros((batch, length), dtype=dtype)
-    if alignment == "prev":
-        coef_prev[:] = gap - 1
-    elif alignment == "self":
-        coef_self[:] = gap
-    if alignment == "none" or length == 0:
-        trailing = np.zeros(batch, dtype=dtype)
-    else:
-        trailing = (seqlen_rows - 1 - positions[:, -1]).astype(dtype)
-    return coef_self, coef_prev, trailing
-
-
 def _dummy(dtype):
     return np.zeros(1, dtype=dtype)
 
 
-def _compute_dtype(args):
-    return np.dtype(np.float64) if np.dtype(args.u.dtype) == np.float64 else np.dtype(np.float32)
-
-
 def _prepared(args):
     """Inputs in the compute dtype, B/C transposed to (batch, G, M, N), dummies for None."""
-    dt = _compute_dtype(args)
+    dt = compute_dtype(args)
     c = lambda x: np.ascontiguousarray(x, dtype=dt)
     return dict(
         u=c(args.u), delta=c(args.delta), A=c(args.A),

@@ -26,7 +26,7 @@ from .oracles import delta_rewrite, expand_to_dense
 from .positions import (compose, flip_positions, gaps, mask_to_positions, path_positions,
                         positions_to_mask, snake_paths, validate_positions)
 from .scan import hidden_states, selective_scan, selective_scan_backward
-from .tolerances import TOLERANCES, max_deviation, tolerance, within_tolerance
+from .tolerances import TOLERANCES, assert_within_tolerance, max_deviation, tolerance, within_tolerance
 
 __all__ = [
     "ALIGNMENTS", "METRICS", "TOLERANCES", "ScanArgs",
@@ -35,5 +35,5 @@ __all__ = [
     "gaps", "flip_positions", "compose", "snake_paths", "path_positions",
     "token_importance", "select_tokens", "keep_count",
     "expand_to_dense", "delta_rewrite",
-    "tolerance", "max_deviation", "within_tolerance",
+    "tolerance", "max_deviation", "within_tolerance", "assert_within_tolerance",
 ]

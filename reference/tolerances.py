@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["TOLERANCES", "tolerance", "max_deviation", "within_tolerance"]
+__all__ = ["TOLERANCES", "tolerance", "max_deviation", "within_tolerance", "assert_within_tolerance"]
 
 TOLERANCES = {
     np.dtype(np.float64): {"rtol": 1e-10, "atol": 1e-12},
@@ -40,8 +40,31 @@ def max_deviation(actual, expected):
     return float(diff.max()), float(diff.max() / scale) if scale > 0 else float(diff.max())
 
 
-def within_tolerance(actual, expected, dtype):
-    """numpy.allclose with the table's rtol/atol for this dtype."""
+def _bounds(expected, dtype):
     tol = tolerance(dtype)
-    return bool(np.allclose(np.asarray(actual, np.float64), np.asarray(expected, np.float64),
-                            rtol=tol["rtol"], atol=tol["atol"]))
+    # atol scales with the array's magnitude once it exceeds 1 (gradients summed over a batch).
+    scale = max(1.0, float(np.abs(expected).max())) if expected.size else 1.0
+    return tol["atol"] * scale + tol["rtol"] * np.abs(expected)
+
+
+def within_tolerance(actual, expected, dtype):
+    """|actual - expected| <= atol·max(1, max|expected|) + rtol·|expected| everywhere."""
+    actual = np.asarray(actual, np.float64)
+    expected = np.asarray(expected, np.float64)
+    if actual.shape != expected.shape:
+        return False
+    return bool(np.all(np.abs(actual - expected) <= _bounds(expected, dtype)))
+
+
+def assert_within_tolerance(actual, expected, dtype, what="value"):
+    """AssertionError with the worst element when ``within_tolerance`` fails."""
+    actual = np.asarray(actual, np.float64)
+    expected = np.asarray(expected, np.float64)
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != expected {expected.shape}"
+    if not within_tolerance(actual, expected, dtype):
+        excess = np.abs(actual - expected) / _bounds(expected, dtype)
+        worst = np.unravel_index(np.argmax(excess), excess.shape)
+        max_abs, max_rel = max_deviation(actual, expected)
+        raise AssertionError(f"{what} ({np.dtype(dtype) if not isinstance(dtype, str) else dtype}): "
+                             f"{excess.max():.2f}x over tolerance at {worst}: {actual[worst]!r} vs "
+                             f"{expected[worst]!r} (max abs dev {max_abs:.3e}, max rel {max_rel:.3e})")

@@ -1,0 +1,544 @@
+"""numba.cuda kernels of the position-map selective scan (SPEC §1), forward and backward.
+
+How the work maps to threads, and why:
+
+- One thread per (batch, channel): the recurrence over tokens is sequential per channel,
+  while channels are independent. A block holds CH channels of one (batch, group), so every
+  thread of a block reads the same B and C rows; grid = (groups x channel blocks, batch).
+- Tokens go in tiles of T. Per tile the block stages B and C (T x N, loaded once for all its
+  channels) and u, delta, z (CH x T) in shared memory with consecutive threads reading
+  consecutive tokens, so global loads are coalesced; outputs are staged the same way and
+  written back coalesced. The state h (N values) and the row A[d] live in each thread's
+  local memory.
+- The gap is fused (SPEC §1, "Cost"): token i advances h by exp(E_i·A) with
+  E_i = coef_self_i·Δ_i + coef_prev_i·Δ_{i-1} (``layout.gap_coefficients``), one exp per
+  (token, channel, state), whatever the gaps.
+- Backward: a first sweep saves the state at the start of every tile (b, d, tiles, N);
+  the reverse sweep recomputes each tile's states from its checkpoint and runs the adjoint.
+  dB and dC sum over the channels of a block with a shared-memory tree reduction per token
+  (no atomics, no warp shuffles: the CUDA simulator has none, and the result is the same
+  run to run), then over the blocks of a group, and dA, dD, ddelta_bias over the batch, in
+  small kernels that add in a fixed order.
+
+Inputs may be NumPy arrays (copied to the device and back) or device arrays (anything with
+``__cuda_array_interface__``: numba, CuPy, torch), which are used in place; device arrays
+must already be C-contiguous and in the compute dtype (float32, or float64).
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import numpy as np
+from numba import cuda, types
+
+from .layout import compute_dtype, gap_coefficients
+
+__all__ = ["forward", "backward", "kernel_functions", "kernel_signatures", "launch_config"]
+
+
+def launch_config(dstate, per_group, tile=None):
+    """(channels per block CH, tokens per tile T): shared memory stays below 48 KiB for N up
+    to 256; CH is a power of two (for the tree reduction), no larger than a group needs."""
+    ch = 1
+    while ch < min(32 if dstate <= 32 else 16, per_group):
+        ch *= 2
+    if tile is None:
+        tile = max(4, min(32, 1024 // dstate))
+    return ch, tile
+
+
+def _is_device(x):
+    """A numba device array (real or simulated) or anything with __cuda_array_interface__."""
+    return x is not None and (hasattr(x, "copy_to_host") or hasattr(x, "__cuda_array_interface__"))
+
+
+def _device_view(x):
+    """A numba device array over x's memory (zero-copy)."""
+    return x if hasattr(x, "copy_to_host") else cuda.as_cuda_array(x)
+
+
+@functools.lru_cache(maxsize=None)
+def kernel_functions(dstate, ch, tile, dtype_name):
+    """The Python kernel functions for one (N, CH, T, dtype) specialisation (to cuda.jit or
+    to compile_ptx): {"forward", "backward", "reduce_blocks", "reduce_batch"}."""
+    NS, CH, T = int(dstate), int(ch), int(tile)
+    TP, TNS = T + 1, T * NS     # shared/local array shapes must be compile-time constants
+    DT = np.dtype(dtype_name).type
+    nbt = types.float32 if dtype_name == "float32" else types.float64
+    ZERO, ONE, THRESH = DT(0.0), DT(1.0), DT(20.0)
+
+    @cuda.jit(device=True, inline=True)
+    def softplus(x):
+        return math.log1p(math.exp(x)) if x <= THRESH else x
+
+    @cuda.jit(device=True, inline=True)
+    def sigmoid(x):
+        return ONE / (ONE + math.exp(-x))
+
+    def forward_kernel(u, delta, A, B, C, D, z, bias, coef_self, coef_prev, trailing,
+                       use_softplus, has_D, has_z, has_bias, want_last, out, last):
+        tid = cuda.threadIdx.x
+        b = cuda.blockIdx.y
+        groups = B.shape[1]
+        dim = u.shape[1]
+        M = u.shape[2]
+        per_group = dim // groups
+        bpg = (per_group + CH - 1) // CH
+        g = cuda.blockIdx.x // bpg
+        c0 = g * per_group + (cuda.blockIdx.x % bpg) * CH
+        nch = min(CH, (g + 1) * per_group - c0)
+        active = tid < nch
+        d = c0 + tid if active else c0
+        sB = cuda.shared.array((T, NS), nbt)
+        sC = cuda.shared.array((T, NS), nbt)
+        sU = cuda.shared.array((CH, TP), nbt)    # u, then the outputs
+        sX = cuda.shared.array((CH, TP), nbt)    # raw delta
+        sZ = cuda.shared.array((CH, TP), nbt)
+        h = cuda.local.array(NS, nbt)
+        a_row = cuda.local.array(NS, nbt)
+        for n in range(NS):
+            h[n] = ZERO
+            a_row[n] = A[d, n]
+        bias_d = bias[d] if has_bias else ZERO
+        D_d = D[d] if has_D else ZERO
+        Delta_prev = ZERO
+        for t0 in range(0, M, T):
+            tn = min(T, M - t0)
+            for idx in range(tid, NS * T, CH):
+                n = idx // T
+                t = idx % T
+                if t < tn:
+                    sB[t, n] = B[b, g, n, t0 + t]
+                    sC[t, n] = C[b, g, n, t0 + t]
+            for idx in range(tid, CH * T, CH):
+                c = idx // T
+                t = idx % T
+                if c < nch and t < tn:
+                    sU[c, t] = u[b, c0 + c, t0 + t]
+                    sX[c, t] = delta[b, c0 + c, t0 + t]
+                    if has_z:
+                        sZ[c, t] = z[b, c0 + c, t0 + t]
+            cuda.syncthreads()
+            if active:
+                for t in range(tn):
+                    i = t0 + t
+                    x = sX[tid, t] + bias_d
+                    Delta = softplus(x) if use_softplus else x
+                    E = coef_self[b, i] * Delta + coef_prev[b, i] * Delta_prev
+                    du = Delta * sU[tid, t]
+                    y = ZERO
+                    for n in range(NS):
+                        hn = math.exp(E * a_row[n]) * h[n] + du * sB[t, n]
+                        h[n] = hn
+                        y += sC[t, n] * hn
+                    y += D_d * sU[tid, t]
+                    if has_z:
+                        y *= sZ[tid, t] * sigmoid(sZ[tid, t])
+                    sU[tid, t] = y
+                    Delta_prev = Delta
+            cuda.syncthreads()
+            for idx in range(tid, CH * T, CH):
+                c = idx // T
+                t = idx % T
+                if c < nch and t < tn:
+                    out[b, c0 + c, t0 + t] = sU[c, t]
+            cuda.syncthreads()
+        if want_last and active:
+            for n in range(NS):
+                decay = math.exp(trailing[b] * Delta_prev * a_row[n]) if M > 0 else ZERO
+                last[b, d, n] = decay * h[n]
+
+    def backward_kernel(dout, u, delta, A, B, C, D, z, bias, coef_self, coef_prev,
+                        use_softplus, has_D, has_z, has_bias, ckpt,
+                        du_out, ddelta_out, dz_out, dB_part, dC_part, dA_part, dD_part, dbias_part):
+        tid = cuda.threadIdx.x
+        b = cuda.blockIdx.y
+        blk = cuda.blockIdx.x
+        groups = B.shape[1]
+        dim = u.shape[1]
+        M = u.shape[2]
+        per_group = dim // groups
+        bpg = (per_group + CH - 1) // CH
+        g = blk // bpg
+        c0 = g * per_group + (blk % bpg) * CH
+        nch = min(CH, (g + 1) * per_group - c0)
+        active = tid < nch
+        d = c0 + tid if active else c0
+        ntiles = (M + T - 1) // T
+        sB = cuda.shared.array((T, NS), nbt)
+        sC = cuda.shared.array((T, NS), nbt)
+        sU = cuda.shared.array((CH, TP), nbt)
+        sX = cuda.shared.array((CH, TP), nbt)
+        sZ = cuda.shared.array((CH, TP), nbt)     # z, then dz
+        sG = cuda.shared.array((CH, TP), nbt)     # dout, then du
+        sDd = cuda.shared.array((CH, TP), nbt)    # ddelta
+        sRed = cuda.shared.array((NS, CH), nbt)      # per-token reduction over channels
+        sOutB = cuda.shared.array((NS, T), nbt)
+        sOutC = cuda.shared.array((NS, T), nbt)
+        h = cuda.local.array(NS, nbt)
+        a_row = cuda.local.array(NS, nbt)
+        hs = cuda.local.array(TNS, nbt)           # states of the current tile
+        h0 = cuda.local.array(NS, nbt)               # state before the tile
+        dh = cuda.local.array(NS, nbt)
+        dA_loc = cuda.local.array(NS, nbt)
+        Dl = cuda.local.array(T, nbt)
+        El = cuda.local.array(T, nbt)
+        for n in range(NS):
+            h[n] = ZERO
+            a_row[n] = A[d, n]
+            dh[n] = ZERO
+            dA_loc[n] = ZERO
+        bias_d = bias[d] if has_bias else ZERO
+        D_d = D[d] if has_D else ZERO
+
+        # Sweep 1: forward, keeping the state at the start of every tile.
+        Delta_prev = ZERO
+        for k in range(ntiles):
+            t0 = k * T
+            tn = min(T, M - t0)
+            for idx in range(tid, NS * T, CH):
+                n = idx // T
+                t = idx % T
+                if t < tn:
+                    sB[t, n] = B[b, g, n, t0 + t]
+            for idx in range(tid, CH * T, CH):
+                c = idx // T
+                t = idx % T
+                if c < nch and t < tn:
+                    sU[c, t] = u[b, c0 + c, t0 + t]
+                    sX[c, t] = delta[b, c0 + c, t0 + t]
+            cuda.syncthreads()
+            if active:
+                for n in range(NS):
+                    ckpt[b, d, k, n] = h[n]
+                for t in range(tn):
+                    i = t0 + t
+                    x = sX[tid, t] + bias_d
+                    Delta = softplus(x) if use_softplus else x
+                    E = coef_self[b, i] * Delta + coef_prev[b, i] * Delta_prev
+                    du = Delta * sU[tid, t]
+                    for n in range(NS):
+                        h[n] = math.exp(E * a_row[n]) * h[n] + du * sB[t, n]
+                    Delta_prev = Delta
+            cuda.syncthreads()
+
+        # Sweep 2: reverse, tile by tile, recomputing each tile from its checkpoint.
+        pending = ZERO       # coef_prev_{i+1}·dE_{i+1}: the "prev" gap term owed to token i
+        dD_acc = ZERO
+        dbias_acc = ZERO
+        for kk in range(ntiles):
+            k = ntiles - 1 - kk
+            t0 = k * T
+            tn = min(T, M - t0)
+            for idx in range(tid, NS * T, CH):
+                n = idx // T
+                t = idx % T
+                if t < tn:
+                    sB[t, n] = B[b, g, n, t0 + t]
+                    sC[t, n] = C[b, g, n, t0 + t]
+            for idx in range(tid, CH * T, CH):
+                c = idx // T
+                t = idx % T
+                if c < nch and t < tn:
+                    sU[c, t] = u[b, c0 + c, t0 + t]
+                    sX[c, t] = delta[b, c0 + c, t0 + t]
+                    sG[c, t] = dout[b, c0 + c, t0 + t]
+                    if has_z:
+                        sZ[c, t] = z[b, c0 + c, t0 + t]
+            cuda.syncthreads()
+            if active:
+                if t0 > 0:
+                    xp = delta[b, d, t0 - 1] + bias_d
+                    Delta_prev = softplus(xp) if use_softplus else xp
+                else:
+                    Delta_prev = ZERO
+                for n in range(NS):
+                    h0[n] = ckpt[b, d, k, n]
+                    h[n] = h0[n]
+                for t in range(tn):
+                    i = t0 + t
+                    x = sX[tid, t] + bias_d
+                    Delta = softplus(x) if use_softplus else x
+                    E = coef_self[b, i] * Delta + coef_prev[b, i] * Delta_prev
+                    Dl[t] = Delta
+                    El[t] = E
+                    du = Delta * sU[tid, t]
+                    for n in range(NS):
+                        h[n] = math.exp(E * a_row[n]) * h[n] + du * sB[t, n]
+                        hs[t * NS + n] = h[n]
+                    Delta_prev = Delta
+            for tt in range(tn):
+                t = tn - 1 - tt
+                i = t0 + t
+                dy = ZERO
+                if active:
+                    g_out = sG[tid, t]
+                    dy = g_out
+                    if has_z:
+                        y = D_d * sU[tid, t]
+                        for n in range(NS):
+                            y += sC[t, n] * hs[t * NS + n]
+                        zz = sZ[tid, t]
+                        sig = sigmoid(zz)
+                        dy = g_out * zz * sig
+                        sZ[tid, t] = g_out * y * sig * (ONE + zz * (ONE - sig))
+                    dD_acc += dy * sU[tid, t]
+                    Delta = Dl[t]
+                    E = El[t]
+                    dBu = Delta * sU[tid, t]
+                    s = ZERO
+                    dE = ZERO
+                    for n in range(NS):
+                        hprev = hs[(t - 1) * NS + n] if t > 0 else h0[n]
+                        a = math.exp(E * a_row[n])
+                        dhn = dh[n] + dy * sC[t, n]
+                        s += dhn * sB[t, n]
+                        ge = dhn * hprev * a
+                        dE += ge * a_row[n]
+                        dA_loc[n] += ge * E
+                        sRed[n, tid] = dhn * dBu
+                        dh[n] = dhn * a
+                    sG[tid, t] = dy * D_d + s * Delta
+                    dDelta = s * sU[tid, t] + coef_self[b, i] * dE + pending
+                    pending = coef_prev[b, i] * dE
+                    if use_softplus:
+                        x = sX[tid, t] + bias_d
+                        if x <= THRESH:
+                            dDelta *= sigmoid(x)
+                    sDd[tid, t] = dDelta
+                    dbias_acc += dDelta
+                else:
+                    for n in range(NS):
+                        sRed[n, tid] = ZERO
+                cuda.syncthreads()
+                # dB_i = Σ_channels dh·Δ·u: tree reduction over the block's channels.
+                step = CH // 2
+                while step > 0:
+                    for idx in range(tid, NS * step, CH):
+                        n = idx // step
+                        j = idx % step
+                        sRed[n, j] += sRed[n, j + step]
+                    cuda.syncthreads()
+                    step //= 2
+                if tid == 0:
+                    for n in range(NS):
+                        sOutB[n, t] = sRed[n, 0]
+                cuda.syncthreads()
+                # dC_i = Σ_channels dy·h_i.
+                for n in range(NS):
+                    sRed[n, tid] = dy * hs[t * NS + n] if active else ZERO
+                cuda.syncthreads()
+                step = CH // 2
+                while step > 0:
+                    for idx in range(tid, NS * step, CH):
+                        n = idx // step
+                        j = idx % step
+                        sRed[n, j] += sRed[n, j + step]
+                    cuda.syncthreads()
+                    step //= 2
+                if tid == 0:
+                    for n in range(NS):
+                        sOutC[n, t] = sRed[n, 0]
+                cuda.syncthreads()
+            for idx in range(tid, NS * T, CH):
+                n = idx // T
+                t = idx % T
+                if t < tn:
+                    dB_part[b, blk, n, t0 + t] = sOutB[n, t]
+                    dC_part[b, blk, n, t0 + t] = sOutC[n, t]
+            for idx in range(tid, CH * T, CH):
+                c = idx // T
+                t = idx % T
+                if c < nch and t < tn:
+                    du_out[b, c0 + c, t0 + t] = sG[c, t]
+                    ddelta_out[b, c0 + c, t0 + t] = sDd[c, t]
+                    if has_z:
+                        dz_out[b, c0 + c, t0 + t] = sZ[c, t]
+            cuda.syncthreads()
+        if active:
+            for n in range(NS):
+                dA_part[b, d, n] = dA_loc[n]
+            dD_part[b, d] = dD_acc
+            dbias_part[b, d] = dbias_acc
+
+    def reduce_blocks(part, bpg, out):
+        """out[b, g, n, i] = Σ_k part[b, g·bpg + k, n, i], k in order."""
+        idx = cuda.grid(1)
+        batch, groups, nstate, M = out.shape
+        if idx < batch * groups * nstate * M:
+            i = idx % M
+            n = (idx // M) % nstate
+            g = (idx // (M * nstate)) % groups
+            b = idx // (M * nstate * groups)
+            acc = ZERO
+            for k in range(bpg):
+                acc += part[b, g * bpg + k, n, i]
+            out[b, g, n, i] = acc
+
+    def reduce_batch(part, out):
+        """out[x] = Σ_b part[b, x], b in order (part flattened to (batch, X))."""
+        x = cuda.grid(1)
+        if x < out.shape[0]:
+            acc = ZERO
+            for b in range(part.shape[0]):
+                acc += part[b, x]
+            out[x] = acc
+
+    return {"forward": forward_kernel, "backward": backward_kernel,
+            "reduce_blocks": reduce_blocks, "reduce_batch": reduce_batch}
+
+
+def kernel_signatures(dtype_name):
+    """numba type signatures of every kernel (for ``cuda.compile_ptx`` without a GPU)."""
+    f = types.float32 if dtype_name == "float32" else types.float64
+    a1, a2, a3, a4 = (types.Array(f, n, "C") for n in (1, 2, 3, 4))
+    flag = types.boolean
+    return {
+        "forward": (a3, a3, a2, a4, a4, a1, a3, a1, a2, a2, a1, flag, flag, flag, flag, flag, a3, a3),
+        "backward": (a3, a3, a3, a2, a4, a4, a1, a3, a1, a2, a2, flag, flag, flag, flag, a4,
+                     a3, a3, a3, a4, a4, a3, a2, a2),
+        "reduce_blocks": (a4, types.int64, a4),
+        "reduce_batch": (a2, a1),
+    }
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled(dstate, ch, tile, dtype_name):
+    return {name: cuda.jit(fn) for name, fn in kernel_functions(dstate, ch, tile, dtype_name).items()}
+
+
+def _stream(stream):
+    if stream is None:
+        return cuda.default_stream()
+    if isinstance(stream, int):
+        return cuda.external_stream(stream) if stream else cuda.default_stream()
+    return stream
+
+
+class _Staging:
+    """Moves host inputs to the device (in the compute dtype) and leaves device ones alone."""
+
+    def __init__(self, dtype, stream):
+        self.dtype, self.stream = dtype, stream
+        self.on_host = False
+
+    def __call__(self, x, name, shape=None):
+        if x is None:
+            return cuda.to_device(np.zeros(shape or (1,), self.dtype), stream=self.stream)
+        if _is_device(x):
+            arr = _device_view(x)
+            if np.dtype(arr.dtype) != self.dtype or not arr.is_c_contiguous():
+                raise TypeError(f"{name}: device arrays must be C-contiguous {self.dtype}, "
+                                f"got {arr.dtype}{'' if arr.is_c_contiguous() else ' (non-contiguous)'}")
+            return arr
+        self.on_host = True
+        return cuda.to_device(np.ascontiguousarray(x, dtype=self.dtype), stream=self.stream)
+
+
+def _inputs(args, stage):
+    return dict(u=stage(args.u, "u"), delta=stage(args.delta, "delta"), A=stage(args.A, "A"),
+                B=stage(args.B, "B"), C=stage(args.C, "C"), D=stage(args.D, "D"),
+                z=stage(args.z, "z", (1, 1, 1)), bias=stage(args.delta_bias, "delta_bias"))
+
+
+def _output(given, name, shape, stage):
+    if given is not None:
+        arr = _device_view(given) if _is_device(given) else None
+        if arr is None or tuple(arr.shape) != tuple(shape) or np.dtype(arr.dtype) != stage.dtype \
+                or not arr.is_c_contiguous():
+            raise ValueError(f"{name} must be a C-contiguous {stage.dtype} device array of shape {tuple(shape)}")
+        return arr
+    return cuda.device_array(shape, dtype=stage.dtype, stream=stage.stream)
+
+
+def _grid(args, ch):
+    per_group = args.dim // args.groups
+    return (args.groups * ((per_group + ch - 1) // ch), args.batch)
+
+
+def forward(args, out=None, last_state=None, stream=None, tile=None):
+    """Forward on validated ``ScanArgs``; NumPy in gives NumPy out, device in gives device out.
+    ``stream``: a numba stream or a raw CUDA stream handle; ``tile``: tokens per tile (tests)."""
+    dt = compute_dtype(args)
+    st = _stream(stream)
+    stage = _Staging(dt, st)
+    x = _inputs(args, stage)
+    batch, dim, M = args.u.shape
+    N = args.dstate
+    ch, tile = launch_config(N, dim // args.groups, tile)
+    coef_self, coef_prev, trailing = (cuda.to_device(a, stream=st) for a in
+                                      gap_coefficients(args.positions, args.seqlen_rows, args.alignment, dt))
+    out_d = _output(out, "out", (batch, dim, M), stage)
+    want_last = args.return_last_state
+    last_d = _output(last_state, "last_state", (batch, dim, N), stage) if want_last \
+        else cuda.device_array((1, 1, 1), dtype=dt, stream=st)
+    if batch * dim:
+        k = _compiled(N, ch, tile, dt.name)["forward"]
+        k[_grid(args, ch), ch, st](x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"], x["bias"],
+                                   coef_self, coef_prev, trailing, args.delta_softplus, args.D is not None,
+                                   args.z is not None, args.delta_bias is not None, want_last, out_d, last_d)
+    if stage.on_host and out is None:
+        result = out_d.copy_to_host(stream=st)
+        last_h = last_d.copy_to_host(stream=st) if want_last else None
+        st.synchronize()
+        return (result, last_h) if want_last else result
+    return (out_d, last_d) if want_last else out_d
+
+
+def backward(dout, args, grads_out=None, stream=None, tile=None):
+    """(du, ddelta, dA, dB, dC, dD, dz, ddelta_bias); host in gives host out."""
+    dt = compute_dtype(args)
+    st = _stream(stream)
+    stage = _Staging(dt, st)
+    x = _inputs(args, stage)
+    dout_d = stage(dout, "dout")
+    batch, dim, M = args.u.shape
+    N, G = args.dstate, args.groups
+    ch, tile = launch_config(N, dim // args.groups, tile)
+    grid = _grid(args, ch)
+    nblk = grid[0]
+    ntiles = (M + tile - 1) // tile
+    coef_self, coef_prev, _ = (cuda.to_device(a, stream=st) for a in
+                               gap_coefficients(args.positions, args.seqlen_rows, args.alignment, dt))
+    grads_out = grads_out or {}
+    du = _output(grads_out.get("du"), "du", (batch, dim, M), stage)
+    ddelta = _output(grads_out.get("ddelta"), "ddelta", (batch, dim, M), stage)
+    dz = _output(grads_out.get("dz"), "dz", (batch, dim, M), stage) if args.z is not None \
+        else cuda.device_array((1, 1, 1), dtype=dt, stream=st)
+    ckpt = cuda.device_array((batch, dim, max(ntiles, 1), N), dtype=dt, stream=st)
+    dB_part = cuda.device_array((batch, nblk, N, M), dtype=dt, stream=st)
+    dC_part = cuda.device_array((batch, nblk, N, M), dtype=dt, stream=st)
+    dA_part = cuda.device_array((batch, dim, N), dtype=dt, stream=st)
+    dD_part = cuda.device_array((batch, dim), dtype=dt, stream=st)
+    dbias_part = cuda.device_array((batch, dim), dtype=dt, stream=st)
+    dB = cuda.device_array((batch, G, N, M), dtype=dt, stream=st)
+    dC = cuda.device_array((batch, G, N, M), dtype=dt, stream=st)
+    dA = cuda.device_array((dim, N), dtype=dt, stream=st)
+    dD = cuda.device_array((dim,), dtype=dt, stream=st)
+    dbias = cuda.device_array((dim,), dtype=dt, stream=st)
+    kernels = _compiled(N, ch, tile, dt.name)
+    if batch * dim:
+        kernels["backward"][grid, ch, st](
+            dout_d, x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"], x["bias"], coef_self, coef_prev,
+            args.delta_softplus, args.D is not None, args.z is not None, args.delta_bias is not None, ckpt,
+            du, ddelta, dz, dB_part, dC_part, dA_part, dD_part, dbias_part)
+    threads = 128
+    total = batch * G * N * M
+    if total:
+        blocks = (total + threads - 1) // threads
+        kernels["reduce_blocks"][blocks, threads, st](dB_part, nblk // G, dB)
+        kernels["reduce_blocks"][blocks, threads, st](dC_part, nblk // G, dC)
+    for part, target in ((dA_part.reshape(batch, dim * N), dA.reshape(dim * N)),
+                         (dD_part, dD), (dbias_part, dbias)):
+        n_out = target.shape[0]
+        if n_out:
+            kernels["reduce_batch"][(n_out + threads - 1) // threads, threads, st](part, target)
+    dB = dB if args.B_grouped else dB.reshape(batch, N, M)
+    dC = dC if args.C_grouped else dC.reshape(batch, N, M)
+    grads = [du, ddelta, dA, dB, dC, dD if args.D is not None else None,
+             dz if args.z is not None else None, dbias if args.delta_bias is not None else None]
+    if stage.on_host:
+        grads = [g.copy_to_host(stream=st) if g is not None else None for g in grads]
+        st.synchronize()
+    return tuple(grads)

@@ -1,0 +1,131 @@
+"""numba-cpu against the float64 reference: forward, last_state, backward, every option."""
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numba
+import numpy as np
+import pytest
+from hypothesis import given
+
+import cuda_kernels as K
+import reference as R
+from bench.problems import make_problem, vim_layer_problem
+from tests.kernels.equivalence import check_backward, check_forward
+from tests.strategies import scan_problems
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def fwd(**kw):
+    return K.selective_scan_fwd(**kw, backend="numba-cpu")
+
+
+def bwd(dout, **kw):
+    return K.selective_scan_bwd(dout, **kw, backend="numba-cpu")
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@given(p=scan_problems(max_dim=8, max_dstate=5, max_length=12))
+def test_forward_matches_reference(dtype, p):
+    check_forward(p if dtype == np.float64 else _as(p, dtype), fwd)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@given(p=scan_problems(max_dim=8, max_dstate=5, max_length=12))
+def test_backward_matches_reference(dtype, p):
+    check_backward(p if dtype == np.float64 else _as(p, dtype), bwd)
+
+
+def _as(p, dtype):
+    """The same problem in another input dtype (parameters A, D, bias follow)."""
+    cast = lambda x: None if x is None else x.astype(dtype)
+    return type(p)(**{**p.__dict__, **{n: cast(getattr(p, n)) for n in
+                                      ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")}})
+
+
+@pytest.mark.parametrize("alignment", R.ALIGNMENTS)
+def test_vim_layer_shape_float32_matches_reference(alignment):
+    """The benchmark shape (one ViM-S layer, 197 tokens, keep 0.7), float32 vs float64."""
+    p = vim_layer_problem(batch=2, keep_ratio=0.7, alignment=alignment, dtype=np.float32)
+    p.return_last_state = True
+    check_forward(p, fwd)
+    check_backward(p, bwd)
+
+
+def test_huge_gaps_cost_nothing():
+    """The gap is fused: positions a billion apart finish as fast as contiguous ones."""
+    rng = np.random.default_rng(3)
+    p = make_problem(rng, batch=2, dim=4, dstate=3, length=5, positions=np.arange(5) * 10**9 + 7,
+                     seqlen=5 * 10**9 + 11, delta_softplus=False)
+    p.delta = np.full_like(p.delta, 1e-10)    # keep exp(E·A) away from zero over such gaps
+    check_forward(p, fwd)
+    check_backward(p, bwd)
+
+
+def test_empty_sequence():
+    p = make_problem(np.random.default_rng(0), batch=2, dim=4, dstate=3, length=0,
+                     positions=np.zeros((2, 0), np.int64), seqlen=5)
+    out, last = fwd(**p.kwargs())
+    assert out.shape == (2, 4, 0) and last.shape == (2, 4, 3) and not last.any()
+    grads = bwd(p.dout(), **p.kwargs())
+    assert grads[0].shape == (2, 4, 0) and not grads[2].any() and grads[3].shape == p.B.shape
+
+
+def test_backward_is_deterministic_across_thread_counts():
+    p = vim_layer_problem(batch=4, dim=96, keep_ratio=0.7, dtype=np.float32)
+    dout = p.dout()
+    results = []
+    for threads in sorted({1, numba.config.NUMBA_NUM_THREADS}):
+        numba.set_num_threads(threads)
+        try:
+            for _ in range(2):
+                results.append(bwd(dout, **p.kwargs()))
+        finally:
+            numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            if a is not None:
+                np.testing.assert_array_equal(a, b)
+
+
+def test_front_door_validates_once_with_the_reference_validator():
+    p = make_problem(np.random.default_rng(0), batch=1, dim=2, dstate=2, length=3)
+    with pytest.raises(ValueError, match="increasing"):
+        fwd(**p.kwargs(positions=np.array([0, 2, 1])))
+    with pytest.raises(ValueError, match="backend"):
+        K.selective_scan_fwd(**p.kwargs(), backend="numba-gpu")
+    with pytest.raises(ValueError, match="dout"):
+        bwd(np.zeros((1, 2, 4)), **p.kwargs())
+
+
+def test_available_backends_explains_what_cannot_run():
+    status = K.available_backends()
+    assert set(status) == set(K.BACKENDS) and status["numba-cpu"] is None
+    for name, reason in status.items():
+        assert reason is None or len(reason) > 10, name
+
+
+def test_read_only_cache_directory_still_works(tmp_path):
+    """No writable cache anywhere (in-tree __pycache__ and NUMBA_CACHE_DIR both blocked): the
+    kernels compile without caching and give the same answer."""
+    for pkg in ("reference", "cuda_kernels", "bench"):
+        shutil.copytree(REPO / pkg, tmp_path / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    (tmp_path / "cuda_kernels" / "__pycache__").write_text("not a directory")
+    blocker = tmp_path / "blocked"
+    blocker.write_text("a file, so nothing can be created below it")
+    script = textwrap.dedent("""
+        import numpy as np, reference as R, cuda_kernels as K
+        from bench.problems import make_problem
+        p = make_problem(np.random.default_rng(0), batch=1, dim=2, dstate=2, length=4, dtype=np.float32)
+        out = K.selective_scan_fwd(**p.kwargs(return_last_state=False))
+        assert R.within_tolerance(out, R.selective_scan(**p.kwargs(return_last_state=False)), np.float32)
+        print("ok")
+    """)
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(blocker / "cache"), "PYTHONPATH": str(tmp_path)}
+    run = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == 0 and "ok" in run.stdout, run.stderr[-3000:]
