@@ -1,0 +1,371 @@
+// The position-map selective scan (SPEC §1) in CUDA C++: forward and backward kernels,
+// templated on the input type T (float or double; float16/bfloat16 tensors are converted to
+// float by the caller). Loaded by cuda_kernels/cupy_raw.py through cupy.RawModule.
+//
+// Design, after mamba_ssm's selective_scan_fwd_kernel.cuh:
+// - One block per (batch, channel): grid = (dim, batch), SCAN_THREADS threads per block.
+//   The channel's sequence is processed in chunks of SCAN_THREADS x SCAN_ITEMS tokens; each
+//   thread owns SCAN_ITEMS consecutive tokens of a chunk, so a warp reads 32 x SCAN_ITEMS
+//   consecutive elements of u, delta, z, dout and of each B/C row: coalesced loads.
+// - The recurrence h_i = a_i·h_{i-1} + b_i is linear, so it is a scan of (a, b) pairs under
+//   (a1, b1) ∘ (a0, b0) = (a1·a0, a1·b0 + b1). Per state n a thread composes its items,
+//   a block-wide scan (Hillis–Steele in shared memory) gives each thread the pair of
+//   everything before it, and the running prefix (the state at the chunk's start) is carried
+//   across chunks: long sequences are parallel along L.
+// - The gap is fused: a_i = exp(E_i·A[n]) with E_i = coef_self_i·Δ_i + coef_prev_i·Δ_{i-1}
+//   (see layout.gap_coefficients): one exp per (token, channel, state), whatever the gaps;
+//   pruned positions are never visited. Δ_{i-1} of a thread's first item comes from its
+//   neighbour through shared memory, or from the previous chunk.
+// - Backward: the forward kernel, run first with write_out = 0, saves only the state at the
+//   start of every chunk (batch, dim, chunks, N). The backward walks the chunks in reverse,
+//   recomputes each chunk's states from its saved start state with the same block scan,
+//   and runs the adjoint as a second scan in reverse thread order on the carried quantity
+//   G_i = deltaA_i·dh_i (G_{i} = a_i·(G_{i+1} + dy_i·C_i): again a linear pair scan).
+//   dA, dD and ddelta_bias are reduced per block (fixed order) and summed over the batch by
+//   the caller; dB and dC sum over the channels of a group with atomicAdd, as mamba_ssm
+//   does, so their last bits may differ run to run.
+// - Accumulation is in float for float inputs and in double for double inputs.
+
+#ifndef SCAN_THREADS
+#define SCAN_THREADS 128   // set by cupy_raw.COMPILE_OPTIONS
+#endif
+#ifndef SCAN_ITEMS
+#define SCAN_ITEMS 4
+#endif
+#define SCAN_CHUNK (SCAN_THREADS * SCAN_ITEMS)
+#define SCAN_MAX_DSTATE 256
+
+template <typename T> struct AccType { typedef float type; };
+template <> struct AccType<double> { typedef double type; };
+
+__device__ __forceinline__ float exp_acc(float x) { return expf(x); }
+__device__ __forceinline__ double exp_acc(double x) { return exp(x); }
+__device__ __forceinline__ float log1p_acc(float x) { return log1pf(x); }
+__device__ __forceinline__ double log1p_acc(double x) { return log1p(x); }
+
+template <typename A>
+__device__ __forceinline__ A softplus_acc(A x) {
+    return x <= A(20) ? log1p_acc(exp_acc(x)) : x;   // the mamba kernel's threshold
+}
+
+template <typename A>
+__device__ __forceinline__ A sigmoid_acc(A x) { return A(1) / (A(1) + exp_acc(-x)); }
+
+// Exclusive block scan of (a, b) pairs in the order given by rank (0 .. SCAN_THREADS-1).
+// On return (a, b) holds the composition of every pair of lower rank ((1, 0) for rank 0)
+// and (tot_a, tot_b) the composition of all of them.
+template <typename A>
+__device__ __forceinline__ void block_scan(A& a, A& b, int rank, A* s_a, A* s_b, A& tot_a, A& tot_b) {
+    s_a[rank] = a;
+    s_b[rank] = b;
+    __syncthreads();
+    for (int off = 1; off < SCAN_THREADS; off <<= 1) {
+        A pa = A(1), pb = A(0);
+        if (rank >= off) { pa = s_a[rank - off]; pb = s_b[rank - off]; }
+        __syncthreads();
+        if (rank >= off) { b = a * pb + b; a = a * pa; }
+        s_a[rank] = a;
+        s_b[rank] = b;
+        __syncthreads();
+    }
+    tot_a = s_a[SCAN_THREADS - 1];
+    tot_b = s_b[SCAN_THREADS - 1];
+    A ea = A(1), eb = A(0);
+    if (rank > 0) { ea = s_a[rank - 1]; eb = s_b[rank - 1]; }
+    __syncthreads();
+    a = ea;
+    b = eb;
+}
+
+// Sum of v over the block (fixed order: a tree in shared memory); valid in every thread.
+template <typename A>
+__device__ __forceinline__ A block_sum(A v, A* s) {
+    s[threadIdx.x] = v;
+    __syncthreads();
+    for (int off = SCAN_THREADS / 2; off > 0; off >>= 1) {
+        if (threadIdx.x < off) s[threadIdx.x] += s[threadIdx.x + off];
+        __syncthreads();
+    }
+    A total = s[0];
+    __syncthreads();
+    return total;
+}
+
+// Forward. write_out = 0 computes only chunk_states (the backward's first sweep).
+template <typename T>
+__global__ void
+selective_scan_fwd(const T* __restrict__ u, const T* __restrict__ delta,
+                   const typename AccType<T>::type* __restrict__ A,
+                   const T* __restrict__ B, const T* __restrict__ C,
+                   const typename AccType<T>::type* __restrict__ D, const T* __restrict__ z,
+                   const typename AccType<T>::type* __restrict__ delta_bias,
+                   const typename AccType<T>::type* __restrict__ coef_self,
+                   const typename AccType<T>::type* __restrict__ coef_prev,
+                   const typename AccType<T>::type* __restrict__ trailing,
+                   int dim, int dstate, int groups, int length,
+                   int use_softplus, int has_D, int has_z, int has_bias, int write_out, int want_last,
+                   T* __restrict__ out, typename AccType<T>::type* __restrict__ last_state,
+                   typename AccType<T>::type* __restrict__ chunk_states) {
+    typedef typename AccType<T>::type acc_t;
+    __shared__ acc_t s_a[SCAN_THREADS], s_b[SCAN_THREADS], s_dl[SCAN_THREADS];
+    __shared__ acc_t s_hc[SCAN_MAX_DSTATE];
+    __shared__ acc_t s_delta_last;
+    const int rank = threadIdx.x;
+    const int d = blockIdx.x, b = blockIdx.y;
+    const int g = d / (dim / groups);
+    const long row = ((long)b * dim + d) * length;               // u, delta, z, out
+    const long bc_row = ((long)b * groups + g) * dstate;          // B, C: + n, then * length
+    const int nchunks = (length + SCAN_CHUNK - 1) / SCAN_CHUNK;
+    const acc_t bias = has_bias ? delta_bias[d] : acc_t(0);
+    for (int n = rank; n < dstate; n += SCAN_THREADS) s_hc[n] = acc_t(0);
+    if (rank == 0) s_delta_last = acc_t(0);
+    acc_t delta_carry = acc_t(0);
+    __syncthreads();
+
+    for (int c = 0; c < nchunks; ++c) {
+        const int first = c * SCAN_CHUNK + rank * SCAN_ITEMS;
+        acc_t uv[SCAN_ITEMS], dl[SCAN_ITEMS], E[SCAN_ITEMS], y[SCAN_ITEMS];
+        bool valid[SCAN_ITEMS];
+#pragma unroll
+        for (int j = 0; j < SCAN_ITEMS; ++j) {
+            const int i = first + j;
+            valid[j] = i < length;
+            uv[j] = valid[j] ? acc_t(u[row + i]) : acc_t(0);
+            acc_t x = valid[j] ? acc_t(delta[row + i]) + bias : acc_t(0);
+            dl[j] = use_softplus ? softplus_acc(x) : x;
+            y[j] = has_D ? D[d] * uv[j] : acc_t(0);
+        }
+        s_dl[rank] = dl[SCAN_ITEMS - 1];
+        __syncthreads();
+        acc_t prev = rank > 0 ? s_dl[rank - 1] : delta_carry;
+#pragma unroll
+        for (int j = 0; j < SCAN_ITEMS; ++j) {
+            const int i = first + j;
+            E[j] = valid[j] ? coef_self[(long)b * length + i] * dl[j] + coef_prev[(long)b * length + i] * prev
+                            : acc_t(0);
+            prev = dl[j];
+            if (i == length - 1) s_delta_last = dl[j];
+        }
+        delta_carry = s_dl[SCAN_THREADS - 1];
+        __syncthreads();
+
+        for (int n = 0; n < dstate; ++n) {
+            const acc_t An = A[(long)d * dstate + n];
+            const long brow = (bc_row + n) * length;
+            acc_t a[SCAN_ITEMS], bb[SCAN_ITEMS];
+            acc_t ta = acc_t(1), tb = acc_t(0);
+#pragma unroll
+            for (int j = 0; j < SCAN_ITEMS; ++j) {
+                const int i = first + j;
+                a[j] = valid[j] ? exp_acc(E[j] * An) : acc_t(1);
+                bb[j] = valid[j] ? dl[j] * uv[j] * acc_t(B[brow + i]) : acc_t(0);
+                tb = a[j] * tb + bb[j];
+                ta = a[j] * ta;
+            }
+            const acc_t h_start = s_hc[n];
+            if (chunk_states != nullptr && rank == 0)
+                chunk_states[(((long)b * dim + d) * nchunks + c) * dstate + n] = h_start;
+            acc_t tot_a, tot_b;
+            block_scan(ta, tb, rank, s_a, s_b, tot_a, tot_b);
+            if (write_out) {
+                acc_t h = ta * h_start + tb;
+#pragma unroll
+                for (int j = 0; j < SCAN_ITEMS; ++j) {
+                    h = a[j] * h + bb[j];
+                    if (valid[j]) y[j] += acc_t(C[brow + first + j]) * h;
+                }
+            }
+            if (rank == 0) s_hc[n] = tot_a * h_start + tot_b;
+            // s_hc[n] is read again only after the next chunk's __syncthreads.
+        }
+        if (write_out) {
+#pragma unroll
+            for (int j = 0; j < SCAN_ITEMS; ++j) {
+                const int i = first + j;
+                if (!valid[j]) continue;
+                acc_t o = y[j];
+                if (has_z) {
+                    const acc_t zz = acc_t(z[row + i]);
+                    o *= zz * sigmoid_acc(zz);
+                }
+                out[row + i] = T(o);
+            }
+        }
+        __syncthreads();
+    }
+    if (want_last) {
+        __syncthreads();
+        for (int n = rank; n < dstate; n += SCAN_THREADS) {
+            const acc_t decay = length > 0 ? exp_acc(trailing[b] * s_delta_last * A[(long)d * dstate + n]) : acc_t(0);
+            last_state[((long)b * dim + d) * dstate + n] = decay * s_hc[n];
+        }
+    }
+}
+
+// Backward: gradients of sum(dout · out). Needs chunk_states from selective_scan_fwd with
+// write_out = 0. dB, dC (acc type, zeroed by the caller) receive atomicAdds.
+template <typename T>
+__global__ void
+selective_scan_bwd(const T* __restrict__ dout, const T* __restrict__ u, const T* __restrict__ delta,
+                   const typename AccType<T>::type* __restrict__ A,
+                   const T* __restrict__ B, const T* __restrict__ C,
+                   const typename AccType<T>::type* __restrict__ D, const T* __restrict__ z,
+                   const typename AccType<T>::type* __restrict__ delta_bias,
+                   const typename AccType<T>::type* __restrict__ coef_self,
+                   const typename AccType<T>::type* __restrict__ coef_prev,
+                   int dim, int dstate, int groups, int length,
+                   int use_softplus, int has_D, int has_z, int has_bias,
+                   const typename AccType<T>::type* __restrict__ chunk_states,
+                   T* __restrict__ du, T* __restrict__ ddelta, T* __restrict__ dz,
+                   typename AccType<T>::type* __restrict__ dB, typename AccType<T>::type* __restrict__ dC,
+                   typename AccType<T>::type* __restrict__ dA_part,
+                   typename AccType<T>::type* __restrict__ dD_part,
+                   typename AccType<T>::type* __restrict__ dbias_part) {
+    typedef typename AccType<T>::type acc_t;
+    __shared__ acc_t s_a[SCAN_THREADS], s_b[SCAN_THREADS], s_x[SCAN_THREADS];
+    __shared__ acc_t s_gc[SCAN_MAX_DSTATE], s_dA[SCAN_MAX_DSTATE];
+    const int rank = threadIdx.x;
+    const int rev = SCAN_THREADS - 1 - rank;
+    const int d = blockIdx.x, b = blockIdx.y;
+    const int g = d / (dim / groups);
+    const long row = ((long)b * dim + d) * length;
+    const long bc_row = ((long)b * groups + g) * dstate;
+    const long crow = (long)b * length;
+    const int nchunks = (length + SCAN_CHUNK - 1) / SCAN_CHUNK;
+    const acc_t bias = has_bias ? delta_bias[d] : acc_t(0);
+    const acc_t Dd = has_D ? D[d] : acc_t(0);
+    for (int n = rank; n < dstate; n += SCAN_THREADS) { s_gc[n] = acc_t(0); s_dA[n] = acc_t(0); }
+    acc_t dD_acc = acc_t(0), dbias_acc = acc_t(0);
+    acc_t dE_next_chunk = acc_t(0);     // dE of the first token of the chunk after this one
+    __syncthreads();
+
+    for (int c = nchunks - 1; c >= 0; --c) {
+        const int first = c * SCAN_CHUNK + rank * SCAN_ITEMS;
+        acc_t uv[SCAN_ITEMS], xv[SCAN_ITEMS], dl[SCAN_ITEMS], E[SCAN_ITEMS], dy[SCAN_ITEMS], y[SCAN_ITEMS];
+        acc_t s[SCAN_ITEMS], dE[SCAN_ITEMS];
+        bool valid[SCAN_ITEMS];
+#pragma unroll
+        for (int j = 0; j < SCAN_ITEMS; ++j) {
+            const int i = first + j;
+            valid[j] = i < length;
+            uv[j] = valid[j] ? acc_t(u[row + i]) : acc_t(0);
+            xv[j] = valid[j] ? acc_t(delta[row + i]) + bias : acc_t(0);
+            dl[j] = use_softplus ? softplus_acc(xv[j]) : xv[j];
+            const acc_t go = valid[j] ? acc_t(dout[row + i]) : acc_t(0);
+            if (has_z && valid[j]) {
+                const acc_t zz = acc_t(z[row + i]);
+                dy[j] = go * zz * sigmoid_acc(zz);
+            } else {
+                dy[j] = go;
+            }
+            y[j] = Dd * uv[j];
+            s[j] = acc_t(0);
+            dE[j] = acc_t(0);
+        }
+        s_x[rank] = dl[SCAN_ITEMS - 1];
+        __syncthreads();
+        acc_t prev;
+        if (rank > 0) {
+            prev = s_x[rank - 1];
+        } else if (c > 0) {
+            const acc_t xp = acc_t(delta[row + c * SCAN_CHUNK - 1]) + bias;
+            prev = use_softplus ? softplus_acc(xp) : xp;
+        } else {
+            prev = acc_t(0);
+        }
+#pragma unroll
+        for (int j = 0; j < SCAN_ITEMS; ++j) {
+            const int i = first + j;
+            E[j] = valid[j] ? coef_self[crow + i] * dl[j] + coef_prev[crow + i] * prev : acc_t(0);
+            prev = dl[j];
+        }
+        __syncthreads();
+
+        for (int n = 0; n < dstate; ++n) {
+            const acc_t An = A[(long)d * dstate + n];
+            const long brow = (bc_row + n) * length;
+            acc_t a[SCAN_ITEMS], bb[SCAN_ITEMS], Bv[SCAN_ITEMS], Cv[SCAN_ITEMS], hp[SCAN_ITEMS];
+            // Recompute this chunk's states from its saved start state.
+            acc_t ta = acc_t(1), tb = acc_t(0);
+#pragma unroll
+            for (int j = 0; j < SCAN_ITEMS; ++j) {
+                const int i = first + j;
+                Bv[j] = valid[j] ? acc_t(B[brow + i]) : acc_t(0);
+                Cv[j] = valid[j] ? acc_t(C[brow + i]) : acc_t(0);
+                a[j] = valid[j] ? exp_acc(E[j] * An) : acc_t(1);
+                bb[j] = dl[j] * uv[j] * Bv[j];
+                tb = a[j] * tb + bb[j];
+                ta = a[j] * ta;
+            }
+            acc_t tot_a, tot_b;
+            block_scan(ta, tb, rank, s_a, s_b, tot_a, tot_b);
+            acc_t h = ta * chunk_states[(((long)b * dim + d) * nchunks + c) * dstate + n] + tb;
+#pragma unroll
+            for (int j = 0; j < SCAN_ITEMS; ++j) {
+                hp[j] = h;                       // h_{i-1}
+                h = a[j] * h + bb[j];
+                y[j] += Cv[j] * h;
+                if (valid[j]) atomicAdd(&dC[brow + first + j], dy[j] * h);   // dC_i += dy_i·h_i
+            }
+            // Adjoint, in reverse thread order: G_i = a_i·(G_{i+1} + dy_i·C_i).
+            ta = acc_t(1);
+            tb = acc_t(0);
+#pragma unroll
+            for (int j = SCAN_ITEMS - 1; j >= 0; --j) {
+                tb = a[j] * (tb + dy[j] * Cv[j]);
+                ta = a[j] * ta;
+            }
+            const acc_t g_end = s_gc[n];
+            block_scan(ta, tb, rev, s_a, s_b, tot_a, tot_b);
+            acc_t G = ta * g_end + tb;           // G_{i+1} for this thread's last item
+            acc_t dA_acc = acc_t(0);
+#pragma unroll
+            for (int j = SCAN_ITEMS - 1; j >= 0; --j) {
+                const acc_t dh = G + dy[j] * Cv[j];             // dh_i
+                const acc_t t = dh * a[j] * hp[j];
+                s[j] += dh * Bv[j];
+                dE[j] += t * An;
+                dA_acc += t * E[j];
+                if (valid[j]) atomicAdd(&dB[brow + first + j], dh * dl[j] * uv[j]);
+                G = a[j] * dh;
+            }
+            if (rank == 0) s_gc[n] = tot_a * g_end + tot_b;
+            const acc_t dA_block = block_sum(dA_acc, s_x);
+            if (rank == 0) s_dA[n] += dA_block;
+        }
+
+        // Per token: du, dz, and ddelta with the gap term that E_{i+1} sends to token i.
+        s_x[rank] = dE[0];
+        __syncthreads();
+        acc_t dE_after = rank < SCAN_THREADS - 1 ? s_x[rank + 1] : dE_next_chunk;
+#pragma unroll
+        for (int j = SCAN_ITEMS - 1; j >= 0; --j) {
+            const int i = first + j;
+            if (valid[j]) {
+                acc_t dDelta = s[j] * uv[j] + coef_self[crow + i] * dE[j];
+                if (i + 1 < length) dDelta += coef_prev[crow + i + 1] * dE_after;
+                if (use_softplus && xv[j] <= acc_t(20)) dDelta *= sigmoid_acc(xv[j]);
+                du[row + i] = T(dy[j] * Dd + s[j] * dl[j]);
+                ddelta[row + i] = T(dDelta);
+                if (has_z) {
+                    const acc_t zz = acc_t(z[row + i]);
+                    const acc_t sg = sigmoid_acc(zz);
+                    dz[row + i] = T(acc_t(dout[row + i]) * y[j] * sg * (acc_t(1) + zz * (acc_t(1) - sg)));
+                }
+                dD_acc += dy[j] * uv[j];
+                dbias_acc += dDelta;
+            }
+            dE_after = dE[j];
+        }
+        dE_next_chunk = s_x[0];
+        __syncthreads();
+    }
+    const acc_t dD_total = block_sum(dD_acc, s_a);
+    const acc_t dbias_total = block_sum(dbias_acc, s_a);
+    if (rank == 0) {
+        dD_part[(long)b * dim + d] = dD_total;
+        dbias_part[(long)b * dim + d] = dbias_total;
+    }
+    for (int n = rank; n < dstate; n += SCAN_THREADS)
+        dA_part[((long)b * dim + d) * dstate + n] = s_dA[n];
+}
