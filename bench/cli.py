@@ -38,10 +38,23 @@ def run_kernels(args):
             print(f"  (not run: {name}: {reason})")
     # At --quick sizes a call takes microseconds and overhead decides the ratios: no checks.
     checks = [] if quick else performance_checks(rows, exp_floor_seconds(**shape))
+    results = {"kernels": rows, "performance_checks": checks,
+               "backends": {k: v or "available" for k, v in status.items()}}
+    if not quick:
+        import torch
+
+        from bench.bridges_bench import bridge_checks, bridge_rows
+        torch.set_num_threads(numba.get_num_threads())
+        print("\nThe torch op (bridges.selective_scan_fn, numba-cpu) against its autograd twin and the bare kernel...")
+        bridge = bridge_rows()
+        for name, seconds in bridge["seconds"].items():
+            print(f"  {name:<16} {1e3 * seconds:10.2f} ms")
+        results["bridge"] = bridge
+        results["performance_checks"] = checks + bridge_checks(bridge)
     args.out.mkdir(parents=True, exist_ok=True)
     plot = plot_times(rows, args.out / "kernels_time_vs_keep.png")
     print(f"Plot: {plot.resolve()}")
-    return {"kernels": rows, "performance_checks": checks, "backends": {k: v or "available" for k, v in status.items()}}
+    return results
 
 
 def verdicts(results):

@@ -79,22 +79,23 @@ def _backend_module(name):
 
 def selective_scan_fwd(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                        return_last_state=False, *, positions=None, seqlen=None, alignment="prev",
-                       backend="numba-cpu", out=None, last_state_out=None):
+                       backend="numba-cpu", out=None, last_state_out=None, stream=None):
     """The position-map scan (SPEC §1) on a fast backend.
 
     ``out`` (batch, dim, M) and ``last_state_out`` (batch, dim, N), arrays of the compute
     dtype on the backend's device, are filled in place when given (zero-copy callers).
+    ``stream``: a raw CUDA stream handle for the GPU backends (ignored on the CPU).
     Returns out, or (out, last_state) with return_last_state.
     """
     module = _backend_module(backend)
     args = validate_scan_args(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
                               positions=positions, seqlen=seqlen, alignment=alignment)
-    return module.forward(args, out=out, last_state=last_state_out)
+    return module.forward(args, out=out, last_state=last_state_out, stream=stream)
 
 
 def selective_scan_bwd(dout, u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                        return_last_state=False, *, positions=None, seqlen=None, alignment="prev",
-                       backend="numba-cpu", grads_out=None):
+                       backend="numba-cpu", grads_out=None, stream=None):
     """Gradients (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias) of sum(dout · out); None where
     the input was None. last_state carries no gradient. ``grads_out`` may map "du", "ddelta",
     "dz" to arrays to fill in place."""
@@ -103,4 +104,4 @@ def selective_scan_bwd(dout, u, delta, A, B, C, D=None, z=None, delta_bias=None,
                               positions=positions, seqlen=seqlen, alignment=alignment)
     if tuple(dout.shape) != tuple(args.u.shape):
         raise ValueError(f"dout must have shape (batch, dim, M) = {tuple(args.u.shape)}, got {tuple(dout.shape)}")
-    return module.backward(dout, args, grads_out=grads_out)
+    return module.backward(dout, args, grads_out=grads_out, stream=stream)

@@ -235,11 +235,12 @@ def _check_out(arr, name, shape, dtype):
     return arr
 
 
-def forward(args, out=None, last_state=None):
+def forward(args, out=None, last_state=None, stream=None):
     """Run the forward kernel on validated ``ScanArgs``.
 
     ``out`` (batch, dim, M) and ``last_state`` (batch, dim, N) may be given (C-contiguous,
-    compute dtype) to be filled in place. Returns out, or (out, last_state).
+    compute dtype) to be filled in place (``stream`` is ignored: CPU). Returns out, or
+    (out, last_state).
     """
     x, dt = _prepared(args)
     batch, dim, length = x["u"].shape
@@ -254,7 +255,7 @@ def forward(args, out=None, last_state=None):
     return (out, last) if want_last else out
 
 
-def backward(dout, args, grads_out=None):
+def backward(dout, args, grads_out=None, stream=None):
     """Run the backward kernel: (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias), None where the
     input was None. ``grads_out`` may map names ("du", "ddelta", "dz") to arrays to fill."""
     x, dt = _prepared(args)

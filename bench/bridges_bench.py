@@ -1,0 +1,54 @@
+"""The torch op's cost: against its autograd twin (what users have today) and against
+calling the numba kernel directly (what the bridge adds), at the ViM-S layer shape."""
+from __future__ import annotations
+
+import numpy as np
+
+from bench.problems import vim_layer_problem
+from bench.timing import median_time
+
+NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
+
+
+def bridge_rows(batch=8, dim=768, keep_ratio=0.7, alignment="prev", repeats=5, twin_repeats=1):
+    import torch
+
+    import cuda_kernels as K
+    from bridges import selective_scan_fn, selective_scan_ref
+    p = vim_layer_problem(batch=batch, dim=dim, keep_ratio=keep_ratio, alignment=alignment, dtype=np.float32)
+    kw = p.kwargs(return_last_state=False)
+    dout_np = p.dout()
+    leaves = {n: torch.from_numpy(getattr(p, n)).requires_grad_() for n in NAMES}
+    dout = torch.from_numpy(dout_np)
+    positions = torch.from_numpy(p.positions)
+
+    def op(fn):
+        return fn(*(leaves[n] for n in NAMES), True, positions=positions, seqlen=p.seqlen, alignment=alignment)
+
+    def op_fb(fn):
+        torch.autograd.grad(op(fn), list(leaves.values()), dout)
+
+    def direct_fb():
+        K.selective_scan_fwd(**kw)
+        K.selective_scan_bwd(dout_np, **kw)
+
+    with torch.no_grad():
+        rows = {"op_fwd": median_time(lambda: op(selective_scan_fn), repeats),
+                "direct_fwd": median_time(lambda: K.selective_scan_fwd(**kw), repeats),
+                "twin_fwd": median_time(lambda: op(selective_scan_ref), max(1, twin_repeats), warmup=0)}
+    rows.update(op_fwd_bwd=median_time(lambda: op_fb(selective_scan_fn), repeats),
+                direct_fwd_bwd=median_time(direct_fb, repeats),
+                twin_fwd_bwd=median_time(lambda: op_fb(selective_scan_ref), twin_repeats, warmup=0))
+    return {"shape": f"batch {batch}, dim {dim}, N 16, L 197, keep {keep_ratio}, {alignment}", "seconds": rows}
+
+
+def bridge_checks(result):
+    s = result["seconds"]
+    checks = [("op forward speed-up over the torch twin", s["twin_fwd"] / s["op_fwd"], ">= 5", lambda v: v >= 5),
+              ("op forward+backward speed-up over the torch twin", s["twin_fwd_bwd"] / s["op_fwd_bwd"], ">= 50",
+               lambda v: v >= 50),
+              ("op forward / direct kernel call", s["op_fwd"] / s["direct_fwd"], "<= 1.10", lambda v: v <= 1.10),
+              ("op forward+backward / direct kernel calls", s["op_fwd_bwd"] / s["direct_fwd_bwd"], "<= 1.10",
+               lambda v: v <= 1.10)]
+    return [{"check": f"torch op: {name}", "value": v, "goal": goal, "passed": bool(ok(v))}
+            for name, v, goal, ok in checks]
