@@ -1,0 +1,201 @@
+"""PlainMamba (ChenhongyiYang/PlainMamba, L1/L2/L3) with token pruning (SPEC §3-5).
+
+Built as the official code builds it, quirks included, so the released mmcls checkpoints
+(keys ``backbone.*`` and ``head.fc.*``, ../shared/models/plainmamba_l*.json) load strictly:
+four snake-path scans share every parameter; scan k gets u = xc permuted to path k but
+delta, B and C in raster order, B plus direction_Bs[the arrival move of the path position],
+and dt_proj's bias a second time as delta_bias; the four outputs are un-permuted, summed,
+gated by SiLU(z) and projected. Under pruning the compact kept tokens play the raster
+sequence and ``reference.path_positions`` gives each path's order and position map.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import reference as R
+from bridges import selective_scan_fn
+
+from .pruning import PruningConfig, select_kept
+
+__all__ = ["PlainMamba", "PlainMamba2D", "plainmamba_l1", "plainmamba_l2", "plainmamba_l3", "PLAINMAMBA_CONFIGS"]
+
+PLAINMAMBA_CONFIGS = {
+    "plainmamba_l1": dict(embed_dim=192, depth=24, stem_convs=1, dw_after_first=True),
+    "plainmamba_l2": dict(embed_dim=384, depth=24, stem_convs=2, dw_after_first=False),
+    "plainmamba_l3": dict(embed_dim=448, depth=36, stem_convs=2, dw_after_first=False),
+}
+
+
+class PathPlan:
+    """Per snake path, for the current kept tokens: the compact order along the path, the
+    inverse permutation, the position map and the direction label of each path position."""
+
+    def __init__(self, kept, height, width, device):
+        orders, labels = R.snake_paths(height, width)
+        kept_np = kept.cpu().numpy()
+        self.paths = []
+        for order, label in zip(orders, labels):
+            index, positions = R.path_positions(kept_np, order)
+            inverse = np.argsort(index, axis=1)
+            self.paths.append(tuple(torch.as_tensor(a, device=device) for a in
+                                    (index, inverse, positions, label[positions])))
+        self.seqlen = height * width
+
+
+class PlainMamba2D(nn.Module):
+    def __init__(self, d_model, d_state=16, expand=2, d_conv=7):
+        super().__init__()
+        self.d_inner = expand * d_model
+        self.d_state = d_state
+        self.dt_rank = math.ceil(d_model / 16)
+        E, N, Rk = self.d_inner, d_state, self.dt_rank
+        self.A_log = nn.Parameter(torch.log(torch.arange(1, N + 1, dtype=torch.float32).repeat(E, 1)))
+        self.D = nn.Parameter(torch.ones(E))
+        self.direction_Bs = nn.Parameter(torch.zeros(5, N))
+        self.in_proj = nn.Linear(d_model, 2 * E)
+        self.conv2d = nn.Conv2d(E, E, d_conv, padding=d_conv // 2, groups=E)
+        self.x_proj = nn.Linear(E, Rk + 2 * N, bias=False)
+        self.dt_proj = nn.Linear(Rk, E)
+        self.out_proj = nn.Linear(E, d_model)
+        nn.init.trunc_normal_(self.direction_Bs, std=0.02)
+
+    def forward(self, x, kept, plan, grid, alignment="none"):
+        """x (b, K, D) kept tokens in raster order; kept (b, K) their raster indices.
+        Returns (out (b, K, D), y (b, E, K) merged gated SSM output)."""
+        b, K, _ = x.shape
+        H, W = grid
+        E = self.d_inner
+        xs, z = self.in_proj(x).chunk(2, dim=-1)                                        # (b, K, E)
+        # 7x7 depthwise conv on the grid: kept tokens scattered back, pruned cells zero.
+        full = xs.new_zeros(b, H * W, E).scatter(1, kept[..., None].expand(-1, -1, E), xs)
+        conv = self.conv2d(full.transpose(1, 2).reshape(b, E, H, W)).flatten(2)         # (b, E, HW)
+        xc = F.silu(torch.gather(conv, 2, kept[:, None, :].expand(-1, E, -1)))          # (b, E, K)
+        dbl = self.x_proj(xc.transpose(1, 2))
+        dt, Bm, Cm = torch.split(dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        delta = self.dt_proj(dt).transpose(1, 2).contiguous()                            # bias included once
+        Bm, Cm = Bm.transpose(1, 2), Cm.transpose(1, 2).contiguous()                     # (b, N, K), raster order
+        A = -torch.exp(self.A_log.float())
+        pruned = K < plan.seqlen
+        y = 0
+        for index, inverse, positions, labels in plan.paths:
+            u = torch.gather(xc, 2, index[:, None, :].expand(-1, E, -1))                # u in path order
+            B_k = (Bm + self.direction_Bs[labels].transpose(1, 2)).contiguous()          # quirk: B in raster order
+            y_k = selective_scan_fn(u, delta, A, B_k, Cm, self.D.float(), None, self.dt_proj.bias.float(), True,
+                                    positions=positions if pruned else None, seqlen=plan.seqlen if pruned else None,
+                                    alignment=alignment)
+            y = y + torch.gather(y_k, 2, inverse[:, None, :].expand(-1, E, -1))          # back to raster order
+        y = y * F.silu(z.transpose(1, 2))
+        return self.out_proj(y.transpose(1, 2)), y
+
+
+class PlainMambaLayer(nn.Module):
+    def __init__(self, dim, with_dw=False):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, eps=1e-5)
+        self.mamba = PlainMamba2D(dim)
+        if with_dw:   # PlainMamba-L1, layer 0: depthwise 3x3 + BN + GELU replaces the output
+            self.dw = nn.Sequential(nn.Conv2d(dim, dim, 3, padding=1, groups=dim, bias=False), nn.BatchNorm2d(dim),
+                                    nn.GELU())
+
+    def forward(self, x, kept, plan, grid, alignment):
+        out, y = self.mamba(self.norm(x), kept, plan, grid, alignment)
+        x = x + out
+        if hasattr(self, "dw"):
+            b, L, D = x.shape
+            x = self.dw(x.transpose(1, 2).reshape(b, D, *grid)).flatten(2).transpose(1, 2)
+        return x, y
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, dim, stem_convs, channels=3, mid=64):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(channels, mid, 7, 2, 3, bias=False), nn.BatchNorm2d(mid), nn.ReLU())
+        convs = []
+        for _ in range(stem_convs):
+            convs += [nn.Conv2d(mid, mid, 3, 1, 1, bias=False), nn.BatchNorm2d(mid), nn.ReLU()]
+        self.convs = nn.Sequential(*convs)
+        self.projection = nn.Conv2d(mid, dim, 8, 8)
+
+    def forward(self, x):
+        return self.projection(self.convs(self.stem(x)))                                 # (b, D, H, W)
+
+
+class Backbone(nn.Module):
+    def __init__(self, embed_dim, depth, stem_convs, dw_after_first, img_size=224, channels=3):
+        super().__init__()
+        self.grid = (img_size // 16, img_size // 16)
+        self.patch_embed = PatchEmbed(embed_dim, stem_convs, channels)
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.grid[0] * self.grid[1], embed_dim))
+        self.layers = nn.ModuleList(PlainMambaLayer(embed_dim, with_dw=(dw_after_first and i == 0))
+                                    for i in range(depth))
+        self.ln1 = nn.LayerNorm(embed_dim, eps=1e-6)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+
+
+class Head(nn.Module):
+    def __init__(self, dim, num_classes):
+        super().__init__()
+        self.fc = nn.Linear(dim, num_classes)
+
+
+class PlainMamba(nn.Module):
+    """PlainMamba backbone + linear head on the mean token, with token pruning."""
+
+    def __init__(self, embed_dim=192, depth=24, stem_convs=1, dw_after_first=True, num_classes=1000, img_size=224,
+                 channels=3, pruning=None):
+        super().__init__()
+        self.embed_dim = embed_dim
+        self.pruning = pruning if pruning is not None else PruningConfig()
+        self.backbone = Backbone(embed_dim, depth, stem_convs, dw_after_first, img_size, channels)
+        self.head = Head(embed_dim, num_classes)
+
+    @property
+    def grid(self):
+        return self.backbone.grid
+
+    def forward(self, images, return_kept=False):
+        cfg = self.pruning
+        bb = self.backbone
+        x = bb.patch_embed(images).flatten(2).transpose(1, 2) + bb.pos_embed               # (b, HW, D)
+        b, L, _ = x.shape
+        kept = torch.arange(L, device=x.device).expand(b, L)
+        plan = PathPlan(kept, *self.grid, x.device)
+        active = torch.ones(b, L, dtype=torch.bool, device=x.device) if cfg.mode == "mask" else None
+        kept_per_stage = []
+        for i, layer in enumerate(bb.layers):
+            x, y = layer(x, kept, plan, self.grid, cfg.alignment if kept.shape[1] < L else "none")
+            stage = cfg.stage_after(i)
+            if stage is None:
+                continue
+            sel = select_kept(y, cfg, stage, active=active)
+            if cfg.mode == "mask":
+                active = torch.zeros_like(active).scatter(1, sel, True)
+                x = x * active[..., None].to(x.dtype)
+                kept_per_stage.append(sel)
+                continue
+            x = torch.gather(x, 1, sel[..., None].expand(-1, -1, x.shape[-1]))
+            kept = torch.gather(kept, 1, sel)                                             # compose (SPEC §3)
+            plan = PathPlan(kept, *self.grid, x.device)
+            kept_per_stage.append(kept)
+        logits = self.head.fc(bb.ln1(x).mean(dim=1))
+        return (logits, kept_per_stage) if return_kept else logits
+
+
+def _make(name):
+    def build(pruning=None, num_classes=1000, **kwargs):
+        model = PlainMamba(**{**PLAINMAMBA_CONFIGS[name], **kwargs}, num_classes=num_classes, pruning=pruning)
+        model.arch_name = name
+        return model
+    build.__name__ = name
+    build.__doc__ = f"PlainMamba-{name[-2:].upper()} as the official code builds it (SPEC §5)."
+    return build
+
+
+plainmamba_l1 = _make("plainmamba_l1")
+plainmamba_l2 = _make("plainmamba_l2")
+plainmamba_l3 = _make("plainmamba_l3")

@@ -1,0 +1,139 @@
+"""Token pruning for ViM and PlainMamba (paper Sec. 4, SPEC §3-5).
+
+A ``PruningConfig`` says how (mode), where (after which 1-based layers), how much (keep
+ratio per stage), by which importance metric and count rule. The models call
+``select_kept`` after each scheduled layer with the layer's merged gated SSM output y; the
+importance and the selection themselves are ``reference.token_importance`` and
+``reference.select_tokens`` (one implementation, shared with everything else).
+
+Modes:
+    "dense"    no pruning
+    "align"    compact tokens + position map, alignment "prev" (the paper)
+    "self"     compact tokens + position map, alignment "self" (ablation)
+    "relabel"  compact tokens, gaps closed (alignment "none"): the ViT / EViT baseline
+    "mask"     tokens stay in place, pruned ones are zeroed: no compute saved
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+import reference as R
+
+__all__ = ["MODES", "PruningConfig", "paper_preset", "select_kept", "alignment_of", "PAPER_PRESETS"]
+
+MODES = ("dense", "align", "self", "relabel", "mask")
+_ALIGNMENT = {"dense": "none", "align": "prev", "self": "self", "relabel": "none", "mask": "none"}
+CONV_MODES = ("compact", "position_aware")
+
+
+def alignment_of(mode):
+    """The scan alignment a pruning mode runs with."""
+    return _ALIGNMENT[mode]
+
+
+@dataclass(frozen=True)
+class PruningConfig:
+    """How a model prunes tokens.
+
+    Args:
+        mode: one of MODES.
+        schedule: 1-based layer indices after which tokens are pruned ("after layer 5":
+            layers 1-5 see every token).
+        keep_ratio: one ratio for every stage, or one per stage.
+        metric: importance metric of SPEC §4 ("clip", "raw", "l1", "l2").
+        count_rule: "ceil" (SPEC §4) or "vim" (the released ViM code: ceil((n-1)·r), odd).
+        conv: ViM's conv1d over the compact sequence ("compact", as the paper) or with pruned
+            neighbours read as zero ("position_aware", an extension).
+    """
+
+    mode: str = "dense"
+    schedule: tuple = ()
+    keep_ratio: object = 1.0
+    metric: str = "clip"
+    count_rule: str = "ceil"
+    conv: str = "compact"
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.metric not in R.METRICS:
+            raise ValueError(f"metric must be one of {R.METRICS}, got {self.metric!r}")
+        if self.count_rule not in R.importance.COUNT_RULES:
+            raise ValueError(f"count_rule must be one of {R.importance.COUNT_RULES}, got {self.count_rule!r}")
+        if self.conv not in CONV_MODES:
+            raise ValueError(f"conv must be one of {CONV_MODES}, got {self.conv!r}")
+        schedule = tuple(self.schedule)
+        if any(not isinstance(s, (int, np.integer)) or s < 1 for s in schedule) or list(schedule) != sorted(set(schedule)):
+            raise ValueError(f"schedule must be strictly increasing 1-based layer indices, got {self.schedule!r}")
+        object.__setattr__(self, "schedule", schedule)
+        ratios = self.keep_ratio if isinstance(self.keep_ratio, (tuple, list)) else (self.keep_ratio,) * len(schedule)
+        if len(ratios) != len(schedule):
+            raise ValueError(f"keep_ratio must be one number or one per stage ({len(schedule)}), got {self.keep_ratio!r}")
+        for r in ratios:
+            if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 < r <= 1:
+                raise ValueError(f"keep_ratio must be in (0, 1], got {r!r}")
+        object.__setattr__(self, "keep_ratio", tuple(float(r) for r in ratios) if isinstance(self.keep_ratio, (tuple, list))
+                           else float(self.keep_ratio))
+
+    @property
+    def active(self):
+        return self.mode != "dense" and bool(self.schedule)
+
+    @property
+    def alignment(self):
+        return alignment_of(self.mode)
+
+    def ratio(self, stage):
+        return self.keep_ratio[stage] if isinstance(self.keep_ratio, tuple) else self.keep_ratio
+
+    def stage_after(self, layer_index):
+        """The stage (0-based) that prunes after 0-based layer ``layer_index``, or None."""
+        if not self.active:
+            return None
+        return self.schedule.index(layer_index + 1) if (layer_index + 1) in self.schedule else None
+
+
+# SPEC §5: schedules of the released code and keep ratios that reproduce the paper's FLOPs.
+PAPER_PRESETS = {
+    "vim_tiny": dict(schedule=(10, 20), keep_ratio=0.8, count_rule="vim"),
+    "vim_small": dict(schedule=(5, 10, 15), keep_ratio=0.8, count_rule="vim"),
+    "plainmamba_l1": dict(schedule=(5, 10), keep_ratio=0.8),
+    "plainmamba_l2": dict(schedule=(5, 10, 15), keep_ratio=0.82),
+    "plainmamba_l3": dict(schedule=(5, 11, 17, 23), keep_ratio=0.74),
+}
+
+
+def paper_preset(name, mode="align", **overrides):
+    """The PruningConfig that reproduces the paper's Table 1 for a model name."""
+    if name not in PAPER_PRESETS:
+        raise ValueError(f"name must be one of {sorted(PAPER_PRESETS)}, got {name!r}")
+    return PruningConfig(mode=mode, **{**PAPER_PRESETS[name], **overrides})
+
+
+def select_kept(y, config, stage, active=None, protected=None):
+    """Indices (batch, K) into the current token axis of the tokens to keep, ascending.
+
+    Args:
+        y: (batch, dim, L) merged gated SSM output of the pruning layer (detached here).
+        active: (batch, L) bool, tokens still alive ("mask" mode keeps pruned ones in place);
+            None means all.
+        protected: (batch, P) indices that are always kept (ViM's class token).
+    """
+    scores = R.token_importance(y.detach().to(torch.float64).cpu().numpy(), config.metric)
+    ratio = config.ratio(stage)
+    if active is None:
+        kept = R.select_tokens(scores, ratio, protected=None if protected is None else protected.cpu().numpy(),
+                               rule=config.count_rule)
+        return torch.as_tensor(kept, device=y.device)
+    # "mask": choose among the live tokens only (the same number in every row).
+    live = R.mask_to_positions(active.cpu().numpy())
+    sub_scores = np.take_along_axis(scores, live, axis=1)
+    sub_protected = None
+    if protected is not None:
+        prot = protected.cpu().numpy()
+        sub_protected = np.stack([np.searchsorted(row, p) for row, p in zip(live, prot)])
+    sub = R.select_tokens(sub_scores, ratio, protected=sub_protected, rule=config.count_rule)
+    return torch.as_tensor(np.take_along_axis(live, sub, axis=1), device=y.device)

@@ -1,0 +1,213 @@
+"""ViM (hustvl/Vim, "bimambav2 ... midclstok div2") with token pruning (SPEC §3-5).
+
+The module tree matches the official state dict key for key (../shared/models/vim_*.json),
+so the released checkpoints load with strict=True. Every scan goes through
+``bridges.selective_scan_fn`` with the position map of the remaining tokens.
+
+Shapes: b batch, L tokens (197 with the class token in the middle), D width, E = 2D inner
+width, N = 16 state size, R = ceil(D / 16) dt rank.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bridges import selective_scan_fn
+
+from .pruning import PruningConfig, select_kept
+
+__all__ = ["VisionMamba", "RMSNorm", "BiMambaMixer", "vim_tiny", "vim_small", "VIM_CONFIGS"]
+
+VIM_CONFIGS = {"vim_tiny": dict(embed_dim=192, depth=24), "vim_small": dict(embed_dim=384, depth=24)}
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) · weight (eps 1e-5, weight only), computed in float32."""
+
+    def __init__(self, dim, eps=1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.float()).to(x.dtype)
+
+
+def _flip_positions(positions, seqlen):
+    """reference.flip_positions for tensors: seqlen - 1 - flip(positions) (SPEC §3)."""
+    return seqlen - 1 - positions.flip(-1)
+
+
+def _causal_conv(x, conv, positions=None, seqlen=None):
+    """Depthwise causal conv1d (width 4) + SiLU over (b, E, L).
+
+    With ``positions`` the conv reads the original neighbours: tokens are scattered into a
+    zero sequence of length ``seqlen``, convolved and gathered back (pruned neighbours read
+    as zero): the position-aware option. Without, it runs over the compact sequence.
+    """
+    length = x.shape[-1]
+    if positions is None:
+        return F.silu(conv(x)[..., :length])
+    idx = positions[:, None, :].expand(-1, x.shape[1], -1)
+    full = x.new_zeros(x.shape[0], x.shape[1], seqlen).scatter(2, idx, x)
+    return F.silu(torch.gather(conv(full)[..., :seqlen], 2, idx))
+
+
+class BiMambaMixer(nn.Module):
+    """Mamba with bimamba v2: a forward and a backward branch, each with its own conv1d,
+    x_proj, dt_proj, A and D; ``out_proj((y_fwd + flip(y_bwd)) / 2)``."""
+
+    def __init__(self, d_model, d_state=16, expand=2, d_conv=4):
+        super().__init__()
+        self.d_inner = expand * d_model
+        self.d_state = d_state
+        self.dt_rank = math.ceil(d_model / 16)
+        E, N, Rk = self.d_inner, d_state, self.dt_rank
+        A = torch.arange(1, N + 1, dtype=torch.float32).repeat(E, 1)
+        self.A_log = nn.Parameter(torch.log(A))
+        self.D = nn.Parameter(torch.ones(E))
+        self.A_b_log = nn.Parameter(torch.log(A.clone()))
+        self.D_b = nn.Parameter(torch.ones(E))
+        self.in_proj = nn.Linear(d_model, 2 * E, bias=False)
+        self.conv1d = nn.Conv1d(E, E, d_conv, groups=E, padding=d_conv - 1)
+        self.x_proj = nn.Linear(E, Rk + 2 * N, bias=False)
+        self.dt_proj = nn.Linear(Rk, E)
+        self.conv1d_b = nn.Conv1d(E, E, d_conv, groups=E, padding=d_conv - 1)
+        self.x_proj_b = nn.Linear(E, Rk + 2 * N, bias=False)
+        self.dt_proj_b = nn.Linear(Rk, E)
+        self.out_proj = nn.Linear(E, d_model, bias=False)
+        with torch.no_grad():   # mamba's dt init: softplus^-1 of dt in [1e-3, 1e-1]
+            for proj in (self.dt_proj, self.dt_proj_b):
+                dt = torch.exp(torch.rand(E) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
+                proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+
+    def _branch(self, x, z, conv, x_proj, dt_proj, A_log, D, positions, seqlen, alignment, position_aware):
+        xc = _causal_conv(x, conv, positions if position_aware else None, seqlen)          # (b, E, L)
+        dbl = x_proj(xc.transpose(1, 2))                                                  # (b, L, R+2N)
+        dt, B, C = torch.split(dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        delta = (dt @ dt_proj.weight.t()).transpose(1, 2)                                 # (b, E, L)
+        return selective_scan_fn(xc, delta, -torch.exp(A_log.float()), B.transpose(1, 2).contiguous(),
+                                 C.transpose(1, 2).contiguous(), D.float(), z, dt_proj.bias.float(), True,
+                                 positions=positions, seqlen=seqlen, alignment=alignment)
+
+    def forward(self, h, positions=None, seqlen=None, alignment="none", position_aware=False):
+        """h (b, L, D) -> (out (b, L, D), y (b, E, L) merged gated SSM output for importance).
+
+        positions (b, L) are the tokens' indices on the unpruned path of length seqlen; the
+        backward branch scans the flipped sequence with flipped positions (SPEC §3)."""
+        xz = self.in_proj(h).transpose(1, 2)                                              # (b, 2E, L)
+        x, z = xz.chunk(2, dim=1)
+        y_f = self._branch(x, z, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D, positions, seqlen,
+                           alignment, position_aware)
+        flipped = None if positions is None else _flip_positions(positions, seqlen)
+        y_b = self._branch(x.flip(-1), z.flip(-1), self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log,
+                           self.D_b, flipped, seqlen, alignment, position_aware)
+        y = y_f + y_b.flip(-1)
+        return self.out_proj((y / 2).transpose(1, 2)), y
+
+
+class Block(nn.Module):
+    """``residual = residual + hidden`` (hidden alone at the first block), then
+    ``hidden = mixer(norm(residual))``; the residual stream is kept in float32."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.mixer = BiMambaMixer(dim)
+        self.norm = RMSNorm(dim)
+
+    def forward(self, hidden, residual, **scan):
+        residual = hidden.float() if residual is None else residual + hidden.float()
+        out, y = self.mixer(self.norm(residual.to(self.norm.weight.dtype)), **scan)
+        return out, residual, y
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, dim, patch=16, channels=3):
+        super().__init__()
+        self.proj = nn.Conv2d(channels, dim, patch, patch)
+
+    def forward(self, x):
+        return self.proj(x).flatten(2).transpose(1, 2)                                   # (b, HW, D)
+
+
+class VisionMamba(nn.Module):
+    """ViM with the class token in the middle and token pruning (``pruning=``)."""
+
+    def __init__(self, embed_dim=192, depth=24, img_size=224, patch_size=16, num_classes=1000, channels=3,
+                 pruning=None):
+        super().__init__()
+        self.embed_dim = embed_dim
+        self.grid = img_size // patch_size
+        self.num_patches = self.grid ** 2
+        self.cls_index = self.num_patches // 2
+        self.num_tokens = self.num_patches + 1
+        self.pruning = pruning if pruning is not None else PruningConfig()
+        self.patch_embed = PatchEmbed(embed_dim, patch_size, channels)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.num_tokens, embed_dim))
+        self.layers = nn.ModuleList(Block(embed_dim) for _ in range(depth))
+        self.norm_f = RMSNorm(embed_dim)
+        self.head = nn.Linear(embed_dim, num_classes)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+
+    def embed(self, images):
+        x = self.patch_embed(images)
+        b = x.shape[0]
+        c = self.cls_index
+        x = torch.cat([x[:, :c], self.cls_token.expand(b, -1, -1), x[:, c:]], dim=1)
+        return x + self.pos_embed
+
+    def forward(self, images, return_kept=False):
+        """logits (b, classes); with return_kept also the kept positions (b, K) after each
+        pruning stage (indices into the 197 tokens, the class token at index 98)."""
+        cfg = self.pruning
+        hidden = self.embed(images)
+        b, L, _ = hidden.shape
+        device = hidden.device
+        positions = torch.arange(L, device=device).expand(b, L)
+        cls_at = torch.full((b, 1), self.cls_index, device=device, dtype=torch.long)   # index in the compact axis
+        active = torch.ones(b, L, dtype=torch.bool, device=device) if cfg.mode == "mask" else None
+        residual, kept_per_stage = None, []
+        for i, layer in enumerate(self.layers):
+            pruned = cfg.active and cfg.mode != "mask" and positions.shape[1] < L
+            scan = dict(positions=positions if pruned else None, seqlen=L if pruned else None,
+                        alignment=cfg.alignment if pruned else "none",
+                        position_aware=pruned and cfg.conv == "position_aware")
+            hidden, residual, y = layer(hidden, residual, **scan)
+            stage = cfg.stage_after(i)
+            if stage is None:
+                continue
+            kept = select_kept(y, cfg, stage, active=active, protected=cls_at)
+            if cfg.mode == "mask":
+                active = torch.zeros_like(active).scatter(1, kept, True)
+                keep = active[..., None].to(hidden.dtype)
+                hidden, residual = hidden * keep, residual * keep.to(residual.dtype)
+                kept_per_stage.append(kept)
+                continue
+            gather = lambda t: torch.gather(t, 1, kept[..., None].expand(-1, -1, t.shape[-1]))
+            hidden, residual = gather(hidden), gather(residual)
+            positions = torch.gather(positions, 1, kept)                                # compose (SPEC §3)
+            cls_at = (kept == cls_at).long().argmax(dim=1, keepdim=True)
+            kept_per_stage.append(positions)
+        final = self.norm_f((residual + hidden.float()).to(self.norm_f.weight.dtype))
+        logits = self.head(torch.gather(final, 1, cls_at[..., None].expand(-1, -1, final.shape[-1]))[:, 0])
+        return (logits, kept_per_stage) if return_kept else logits
+
+
+def vim_tiny(pruning=None, num_classes=1000, **kwargs):
+    """ViM-T (dim 192, depth 24) as the official code builds it (SPEC §5)."""
+    model = VisionMamba(**{**VIM_CONFIGS["vim_tiny"], **kwargs}, num_classes=num_classes, pruning=pruning)
+    model.arch_name = "vim_tiny"
+    return model
+
+
+def vim_small(pruning=None, num_classes=1000, **kwargs):
+    """ViM-S (dim 384, depth 24) as the official code builds it (SPEC §5)."""
+    model = VisionMamba(**{**VIM_CONFIGS["vim_small"], **kwargs}, num_classes=num_classes, pruning=pruning)
+    model.arch_name = "vim_small"
+    return model
