@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import math
 
+import torch
+
 import reference as R
 
 from .plainmamba import PLAINMAMBA_CONFIGS
@@ -73,15 +75,11 @@ def _plainmamba_flops(dim, depth, stem_convs, dw_after_first, pruning, mid=64, N
 def flops(name_or_model, pruning=None):
     """GFLOPs (MACs, as the paper counts them) of a model name or model, with its (or the
     given) pruning config."""
-    if isinstance(name_or_model, str):
-        name = name_or_model
-    else:
-        name = getattr(name_or_model, "arch_name", None)
-        pruning = pruning if pruning is not None else getattr(name_or_model, "pruning", None)
-        if name is None:
-            raise ValueError("models.flops needs a model built by models.create (or a model name)")
     if pruning is not None and not isinstance(pruning, PruningConfig):
         raise TypeError(f"pruning must be a PruningConfig or None, got {type(pruning).__name__}")
+    if not isinstance(name_or_model, str):
+        return _model_flops(name_or_model, pruning)
+    name = name_or_model
     if pruning is not None and not pruning.active:
         pruning = None
     if name in VIM_CONFIGS:
@@ -91,3 +89,22 @@ def flops(name_or_model, pruning=None):
         c = PLAINMAMBA_CONFIGS[name]
         return _plainmamba_flops(c["embed_dim"], c["depth"], c["stem_convs"], c["dw_after_first"], pruning) / 1e9
     raise ValueError(f"unknown model {name!r}; known: {sorted(VIM_CONFIGS) + sorted(PLAINMAMBA_CONFIGS)}")
+
+
+def _model_flops(model, pruning):
+    """The same recipes, read off a built model (its width, depth, head and pruning)."""
+    from .plainmamba import PlainMamba
+    from .vim import VisionMamba
+    pruning = pruning if pruning is not None else getattr(model, "pruning", None)
+    if pruning is not None and not pruning.active:
+        pruning = None
+    if isinstance(model, VisionMamba):
+        patch = model.patch_embed.proj.kernel_size[0]
+        return _vim_flops(model.embed_dim, len(model.layers), pruning, model.head.out_features,
+                          model.num_patches, patch) / 1e9
+    if isinstance(model, PlainMamba):
+        bb = model.backbone
+        stem_convs = sum(isinstance(m, torch.nn.Conv2d) for m in bb.patch_embed.convs)
+        return _plainmamba_flops(model.embed_dim, len(bb.layers), stem_convs, hasattr(bb.layers[0], "dw"), pruning,
+                                 img=bb.grid[0] * 16) / 1e9
+    raise TypeError(f"name_or_model must be a model name or a VisionMamba/PlainMamba, got {type(model).__name__}")
