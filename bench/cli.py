@@ -57,6 +57,29 @@ def run_kernels(args):
     return results
 
 
+def run_flops(args):
+    from bench.models_bench import flops_checks, flops_rows, format_flops
+    rows = flops_rows()
+    print("\nFLOPs (GMACs as the paper counts them; pruned = paper preset) beside the paper's Table 1:")
+    print(format_flops(rows))
+    return {"flops": rows, "performance_checks": flops_checks(rows)}
+
+
+def run_models(args):
+    import numba
+    import torch
+
+    from bench.models_bench import format_throughput, throughput, throughput_checks
+    numba.set_num_threads(max(1, min(args.threads, numba.config.NUMBA_NUM_THREADS)))
+    torch.set_num_threads(numba.get_num_threads())
+    img, batch, repeats = (64, 2, 1) if args.quick else (224, args.batch, 5)
+    rows = throughput(batch=batch, img=img, repeats=repeats, backend=args.backend)
+    print(f"\nThroughput ({'cuda' if args.backend == 'cupy' else 'cpu'}, float32, {img}x{img}, batch {batch}, "
+          f"{numba.get_num_threads()} thread(s), median of {repeats} interleaved rounds):")
+    print(format_throughput(rows))
+    return {"throughput": rows, "performance_checks": [] if args.quick else throughput_checks(rows)}
+
+
 def verdicts(results):
     lines = []
     for row in results.get("kernels", []):
@@ -83,17 +106,34 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m bench", parents=[common], description=(
         "alignscan benchmarks. With no subcommand, the main job: the kernel table for every "
         "backend that runs here, a verdict per check, results JSON and plots in --out."))
-    sub = parser.add_subparsers(dest="command", metavar="{kernels}")
+    sub = parser.add_subparsers(dest="command", metavar="{kernels,flops,models}")
     sub.add_parser("kernels", parents=[common],
                    help="backend x alignment x keep ratio: time, speed-up over keep 1.0, deviation from the reference",
-                   description="The kernel table and the numba-cpu performance checks at the ViM-S layer shape.")
+                   description="The kernel table, the numba-cpu performance checks at the ViM-S layer shape, and "
+                               "the torch op against its autograd twin and the bare kernel.")
+    sub.add_parser("flops", parents=[common], help="FLOPs of the five models, dense and pruned, beside the paper",
+                   description="GFLOPs by the paper's two counting recipes with real per-layer token counts.")
+    m = sub.add_parser("models", parents=[common], help="images/s of dense, align and relabel (ViM-S, PlainMamba-L3)",
+                       description="Model throughput with the paper presets; on a GPU use --backend cupy --batch 64.")
+    m.add_argument("--batch", type=int, default=8, help="batch size (default 8)")
+    m.add_argument("--backend", default=None, help="scan backend (default: by device); cupy runs on CUDA")
     args = parser.parse_args(argv)
 
-    results = run_kernels(args)
+    if args.command == "flops":
+        results = run_flops(args)
+    elif args.command == "models":
+        results = run_models(args)
+    elif args.command == "kernels":
+        results = run_kernels(args)
+    else:   # the main job: kernels, then FLOPs
+        results = run_kernels(args)
+        flops = run_flops(args)
+        results["flops"] = flops["flops"]
+        results["performance_checks"] = results["performance_checks"] + flops["performance_checks"]
     lines = verdicts(results)
     print("\nVerdicts:")
     print("\n".join(text for _, text in lines))
-    path = _write(results, args.out, "kernels.json" if args.command == "kernels" else "results.json")
+    path = _write(results, args.out, f"{args.command}.json" if args.command else "results.json")
     print(f"\nResults written to {path.resolve()}")
     return 0 if all(ok for ok, _ in lines) else 1
 

@@ -41,3 +41,32 @@ def test_every_subcommand_has_help():
         run = subprocess.run([sys.executable, "-m", "bench", *args], cwd=REPO, capture_output=True, text=True,
                              timeout=120)
         assert run.returncode == 0 and "usage" in run.stdout
+
+
+def test_flops_subcommand_prints_the_library_numbers(tmp_path):
+    import models
+    run = subprocess.run([sys.executable, "-m", "bench", "flops", "--out", str(tmp_path)], cwd=REPO,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    rows = json.loads((tmp_path / "flops.json").read_text())["flops"]
+    assert [r["model"] for r in rows] == list(models.NAMES)
+    for r in rows:
+        assert r["dense_gflops"] == models.flops(r["model"])
+        assert r["pruned_gflops"] == models.flops(r["model"], models.paper_preset(r["model"]))
+
+
+def test_models_subcommand_quick(tmp_path):
+    run = subprocess.run([sys.executable, "-m", "bench", "models", "--quick", "--out", str(tmp_path)], cwd=REPO,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    rows = json.loads((tmp_path / "models.json").read_text())["throughput"]
+    assert {(r["model"], r["mode"]) for r in rows} == {(m, k) for m in ("vim_small", "plainmamba_l3")
+                                                      for k in ("dense", "align", "relabel")}
+    assert all(r["images_per_s"] > 0 for r in rows)
+
+
+def test_every_subcommand_help():
+    for sub in ("flops", "models"):
+        run = subprocess.run([sys.executable, "-m", "bench", sub, "--help"], cwd=REPO, capture_output=True,
+                             text=True, timeout=120)
+        assert run.returncode == 0 and "usage" in run.stdout
