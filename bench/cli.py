@@ -80,6 +80,30 @@ def run_models(args):
     return {"throughput": rows, "performance_checks": [] if args.quick else throughput_checks(rows)}
 
 
+def run_zero_shot(args):
+    import numba
+    import torch
+
+    from bench import zero_shot
+    numba.set_num_threads(max(1, min(args.threads, numba.config.NUMBA_NUM_THREADS)))
+    torch.set_num_threads(numba.get_num_threads())
+    result = zero_shot.run(args.out, quick=args.quick, cache_dir=args.cache)
+    print()
+    print((args.out / "zero_shot.md").read_text())
+    print(f"Table: {(args.out / 'zero_shot.md').resolve()}  plot: {(args.out / 'zero_shot.png').resolve()}")
+    return {"zero_shot": result}
+
+
+def run_visualize(args):
+    from bench import visualize
+    result = visualize.run(args.out, image_path=args.image, model_name=args.model, checkpoint=args.checkpoint,
+                           quick=args.quick, cache_dir=args.cache)
+    print("Figures (" + result["weights"] + "):")
+    for path in result["figures"]:
+        print(f"  {Path(path).resolve()}")
+    return {"visualize": result}
+
+
 def verdicts(results):
     lines = []
     for row in results.get("kernels", []):
@@ -106,7 +130,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m bench", parents=[common], description=(
         "alignscan benchmarks. With no subcommand, the main job: the kernel table for every "
         "backend that runs here, a verdict per check, results JSON and plots in --out."))
-    sub = parser.add_subparsers(dest="command", metavar="{kernels,flops,models}")
+    sub = parser.add_subparsers(dest="command", metavar="{kernels,flops,models,zero-shot,visualize}")
     sub.add_parser("kernels", parents=[common],
                    help="backend x alignment x keep ratio: time, speed-up over keep 1.0, deviation from the reference",
                    description="The kernel table, the numba-cpu performance checks at the ViM-S layer shape, and "
@@ -117,12 +141,28 @@ def main(argv=None):
                        description="Model throughput with the paper presets; on a GPU use --backend cupy --batch 64.")
     m.add_argument("--batch", type=int, default=8, help="batch size (default 8)")
     m.add_argument("--backend", default=None, help="scan backend (default: by device); cupy runs on CUDA")
+    z = sub.add_parser("zero-shot", parents=[common], help="train a small ViM on digits, prune without fine-tuning",
+                       description="The paper's claim at a scale this machine trains: a ViM on scikit-learn's digits "
+                                   "(cached), test top-1 of dense / align / relabel / self / mask at keep 0.9..0.3 and "
+                                   "four importance metrics, then align and relabel fine-tuned briefly; fidelity of "
+                                   "remaining tokens on the trained model and on random-init ViM-S and PlainMamba-L3.")
+    z.add_argument("--cache", type=Path, default=None, help="weights cache folder (default OUT/cache)")
+    v = sub.add_parser("visualize", parents=[common], help="kept tokens per stage and class-token attention maps",
+                       description="Figures like the paper's Fig. A1 and Fig. 3 (dense / align / relabel).")
+    v.add_argument("--image", default=None, help="an image file (default: digits test images)")
+    v.add_argument("--model", default=None, help="vim_tiny or vim_small (default: the trained digits ViM)")
+    v.add_argument("--checkpoint", default=None, help="official weights for --model")
+    v.add_argument("--cache", type=Path, default=None, help="weights cache folder (default OUT/cache)")
     args = parser.parse_args(argv)
 
     if args.command == "flops":
         results = run_flops(args)
     elif args.command == "models":
         results = run_models(args)
+    elif args.command == "zero-shot":
+        results = run_zero_shot(args)
+    elif args.command == "visualize":
+        results = run_visualize(args)
     elif args.command == "kernels":
         results = run_kernels(args)
     else:   # the main job: kernels, then FLOPs
@@ -133,7 +173,8 @@ def main(argv=None):
     lines = verdicts(results)
     print("\nVerdicts:")
     print("\n".join(text for _, text in lines))
-    path = _write(results, args.out, f"{args.command}.json" if args.command else "results.json")
+    name = {"zero-shot": "zero_shot_run.json", "visualize": "visualize.json"}.get(args.command, f"{args.command}.json")
+    path = _write(results, args.out, name if args.command else "results.json")
     print(f"\nResults written to {path.resolve()}")
     return 0 if all(ok for ok, _ in lines) else 1
 

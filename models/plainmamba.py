@@ -158,7 +158,10 @@ class PlainMamba(nn.Module):
     def grid(self):
         return self.backbone.grid
 
-    def forward(self, images, return_kept=False):
+    def forward(self, images, return_kept=False, trace=None):
+        """logits (b, classes); with return_kept also the kept raster indices (b, K) after
+        each pruning stage. A list passed as ``trace`` receives, per layer, (kept raster
+        indices (b, K), layer output (b, K, D))."""
         cfg = self.pruning
         bb = self.backbone
         x = bb.patch_embed(images).flatten(2).transpose(1, 2) + bb.pos_embed               # (b, HW, D)
@@ -169,6 +172,8 @@ class PlainMamba(nn.Module):
         kept_per_stage = []
         for i, layer in enumerate(bb.layers):
             x, y = layer(x, kept, plan, self.grid, cfg.alignment if kept.shape[1] < L else "none")
+            if trace is not None:
+                trace.append((kept, x))
             stage = cfg.stage_after(i)
             if stage is None:
                 continue

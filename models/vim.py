@@ -162,9 +162,10 @@ class VisionMamba(nn.Module):
         x = torch.cat([x[:, :c], self.cls_token.expand(b, -1, -1), x[:, c:]], dim=1)
         return x + self.pos_embed
 
-    def forward(self, images, return_kept=False):
+    def forward(self, images, return_kept=False, trace=None):
         """logits (b, classes); with return_kept also the kept positions (b, K) after each
-        pruning stage (indices into the 197 tokens, the class token at index 98)."""
+        pruning stage (indices into the 197 tokens, the class token at index 98). A list
+        passed as ``trace`` receives, per layer, (positions (b, L), residual stream (b, L, D))."""
         cfg = self.pruning
         hidden = self.embed(images)
         b, L, _ = hidden.shape
@@ -179,6 +180,8 @@ class VisionMamba(nn.Module):
                         alignment=cfg.alignment if pruned else "none",
                         position_aware=pruned and cfg.conv == "position_aware")
             hidden, residual, y = layer(hidden, residual, **scan)
+            if trace is not None:
+                trace.append((positions, residual + hidden.float()))
             stage = cfg.stage_after(i)
             if stage is None:
                 continue

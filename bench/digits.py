@@ -1,0 +1,175 @@
+"""A small ViM trained on scikit-learn's digits, for experiments that need trained weights.
+
+The data set ships inside scikit-learn (1,797 grey 8x8 images, no download); images are
+upsampled to 32x32 and cut into 4x4 patches (64 patches + the middle class token = 65
+tokens). The split (80/20, stratified) and the seed are fixed. Trained weights are cached
+with their configuration and a SHA-256 digest of the weights: a corrupt file or one whose
+configuration or digest does not match is reported and retrained, never used.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+__all__ = ["DigitsConfig", "load_digits_split", "build_model", "train", "evaluate", "trained_model",
+           "weights_digest"]
+
+
+@dataclass(frozen=True)
+class DigitsConfig:
+    embed_dim: int = 96
+    depth: int = 8
+    img_size: int = 32
+    patch_size: int = 4
+    epochs: int = 15
+    batch_size: int = 64
+    lr: float = 2e-3
+    weight_decay: float = 0.05
+    seed: int = 0
+    train_subset: int = 0          # 0: the whole training split (tests use a few images)
+
+    @property
+    def key(self):
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def load_digits_split(img_size=32, seed=0):
+    """(x_train, y_train, x_test, y_test) as float32 tensors (N, 1, img, img) in [0, 1]
+    (bilinear upsampling of the 8x8 images) and int64 labels; a fixed stratified 80/20 split."""
+    import torch
+    import torch.nn.functional as F
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+    digits = load_digits()
+    images = torch.tensor(digits.images, dtype=torch.float32)[:, None] / 16.0
+    images = F.interpolate(images, size=(img_size, img_size), mode="bilinear", align_corners=False)
+    labels = torch.tensor(digits.target, dtype=torch.long)
+    idx_train, idx_test = train_test_split(np.arange(len(labels)), test_size=0.2, random_state=seed,
+                                           stratify=digits.target)
+    return images[idx_train], labels[idx_train], images[idx_test], labels[idx_test]
+
+
+def build_model(cfg, pruning=None):
+    from models.vim import VisionMamba
+    model = VisionMamba(embed_dim=cfg.embed_dim, depth=cfg.depth, img_size=cfg.img_size, patch_size=cfg.patch_size,
+                        num_classes=10, channels=1, pruning=pruning)
+    model.arch_name = None
+    return model
+
+
+def _augment(x, generator):
+    """Random shifts of up to 2 pixels (the digits are small; this is all the augmentation)."""
+    import torch
+    shifts = torch.randint(-2, 3, (2,), generator=generator).tolist()
+    return torch.roll(x, shifts=shifts, dims=(2, 3))
+
+
+def train(model, x, y, cfg, epochs=None, desc="train"):
+    """AdamW with cosine decay; returns the per-epoch mean losses."""
+    import torch
+    epochs = cfg.epochs if epochs is None else epochs
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps = epochs * ((len(x) + cfg.batch_size - 1) // cfg.batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=max(steps, 1), pct_start=0.15)
+    losses = []
+    model.train()
+    with tqdm(total=steps, desc=desc, leave=False) as bar:
+        for _ in range(epochs):
+            order = torch.randperm(len(x), generator=gen)
+            total = 0.0
+            for start in range(0, len(x), cfg.batch_size):
+                idx = order[start:start + cfg.batch_size]
+                loss = torch.nn.functional.cross_entropy(model(_augment(x[idx], gen)), y[idx])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                sched.step()
+                total += loss.item() * len(idx)
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+            losses.append(total / len(x))
+    model.eval()
+    return losses
+
+
+def evaluate(model, x, y, batch_size=256):
+    """(top-1 accuracy, per-image correctness as a bool array)."""
+    import torch
+    model.eval()
+    correct = []
+    with torch.no_grad():
+        for start in range(0, len(x), batch_size):
+            correct.append((model(x[start:start + batch_size]).argmax(1) == y[start:start + batch_size]).numpy())
+    correct = np.concatenate(correct)
+    return float(correct.mean()), correct
+
+
+def weights_digest(state_dict):
+    """SHA-256 over the weights' names, shapes and bytes."""
+    h = hashlib.sha256()
+    for name in sorted(state_dict):
+        t = state_dict[name].detach().cpu().contiguous()
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+def _load_cached(path, cfg):
+    """The cached weights if the file is intact and was trained with this configuration;
+    otherwise None and the reason."""
+    import torch
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:       # truncated, not a torch file, ...
+        return None, f"unreadable ({type(exc).__name__}: {str(exc)[:80]})"
+    if not isinstance(blob, dict) or "state_dict" not in blob or "config" not in blob or "digest" not in blob:
+        return None, "not an alignscan digits checkpoint"
+    if blob["config"] != asdict(cfg):
+        return None, "trained with another configuration"
+    if weights_digest(blob["state_dict"]) != blob["digest"]:
+        return None, "weights do not match their digest (corrupt)"
+    return blob, None
+
+
+def trained_model(cfg=DigitsConfig(), cache_dir=Path("bench_out") / "cache", log=print):
+    """(model, info): the cached model if valid, else a freshly trained one (then cached).
+    info: {"path", "source": "cache" | "trained", "train_seconds", "losses", "reason"}."""
+    import torch
+    cache_dir = Path(cache_dir)
+    path = cache_dir / f"digits_vim_{cfg.key}.pt"
+    model = build_model(cfg)
+    info = {"path": str(path), "config": asdict(cfg)}
+    if path.exists():
+        blob, reason = _load_cached(path, cfg)
+        if blob is not None:
+            model.load_state_dict(blob["state_dict"])
+            model.eval()
+            return model, {**info, "source": "cache", "train_seconds": blob.get("train_seconds"),
+                           "losses": blob.get("losses")}
+        log(f"cached digits weights at {path} rejected: {reason}; retraining")
+        info["reason"] = reason
+    x_train, y_train, _, _ = load_digits_split(cfg.img_size, cfg.seed)
+    if cfg.train_subset:
+        x_train, y_train = x_train[:cfg.train_subset], y_train[:cfg.train_subset]
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg)
+    start = time.perf_counter()
+    losses = train(model, x_train, y_train, cfg, desc="train digits ViM")
+    seconds = time.perf_counter() - start
+    state = model.state_dict()
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    torch.save({"state_dict": state, "config": asdict(cfg), "digest": weights_digest(state),
+                "train_seconds": seconds, "losses": losses}, buffer)
+    path.write_bytes(buffer.getvalue())
+    return model, {**info, "source": "trained", "train_seconds": seconds, "losses": losses}

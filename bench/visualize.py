@@ -1,0 +1,178 @@
+"""Pictures: the kept tokens after each pruning stage on the image (the paper's Fig. A1) and
+the class token's hidden attention (``reference.hidden_attention``, averaged over channels,
+both scan directions) for dense, "align" and "relabel" side by side (the paper's Fig. 3).
+
+    python -m bench visualize [--image PATH] [--model NAME] [--checkpoint PATH] [--quick]
+
+Default: digits test images with the trained digits ViM (bench.digits, cached). With
+--model, a ViM from ``models`` (random weights unless --checkpoint), its paper preset.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def _load_image(path, size, channels):
+    import matplotlib.image as mpimg
+    import torch
+    import torch.nn.functional as F
+    img = np.asarray(mpimg.imread(path), dtype=np.float32)
+    if img.max() > 1.5:
+        img = img / 255.0
+    if img.ndim == 2:
+        img = img[..., None]
+    img = img[..., :3]
+    if channels == 1:
+        img = img.mean(-1, keepdims=True)
+    elif img.shape[-1] == 1:
+        img = np.repeat(img, 3, axis=-1)
+    t = torch.tensor(img).permute(2, 0, 1)[None]
+    return F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False)
+
+
+class _ScanRecorder:
+    """Records the arguments of every scan call the model makes (to rebuild α with the reference)."""
+
+    def __init__(self, module):
+        self.module, self.calls = module, []
+
+    def __enter__(self):
+        self.real = self.module.selective_scan_fn
+
+        def record(*args, **kwargs):
+            self.calls.append((args, kwargs))
+            return self.real(*args, **kwargs)
+        self.module.selective_scan_fn = record
+        return self
+
+    def __exit__(self, *exc):
+        self.module.selective_scan_fn = self.real
+
+
+def class_token_attention(model, image):
+    """(kept positions (M,), attention of the class token to each kept token (M,)) at the
+    last layer: |α[cls, j]| averaged over channels, forward plus backward branch."""
+    import torch
+
+    import models.vim as vim_module
+    import reference as R
+    with _ScanRecorder(vim_module) as rec, torch.no_grad():
+        _, kept = model(image, return_kept=True)
+    (fa, fk), (ba, bk) = rec.calls[-2], rec.calls[-1]             # last layer: forward, backward branch
+    L = model.num_tokens
+    positions = kept[-1][0].numpy() if kept else np.arange(L)
+    cls_at = int(np.flatnonzero(positions == model.cls_index)[0])
+    attention = np.zeros(len(positions))
+    for (args, kw), flipped in (((fa, fk), False), ((ba, bk), True)):
+        np_args = [None if a is None else (a.detach().double().numpy() if hasattr(a, "detach") else a) for a in args]
+        u, delta, A, B, C, D, z, bias, softplus = np_args[:9]
+        pos = kw.get("positions")
+        alpha = R.hidden_attention(u, delta, A, B, C, D, None, bias, softplus,
+                                   positions=None if pos is None else pos.numpy(), seqlen=kw.get("seqlen"),
+                                   alignment=kw.get("alignment", "none"))
+        row = len(positions) - 1 - cls_at if flipped else cls_at
+        a = np.abs(alpha[0, :, row, :]).mean(axis=0)
+        attention += a[::-1] if flipped else a
+    return positions, attention
+
+
+def _grid_map(model, positions, values):
+    """Values of tokens (class token dropped) on the patch grid; pruned patches NaN."""
+    g = model.grid
+    out = np.full(g * g, np.nan)
+    for p, v in zip(positions, values):
+        if p == model.cls_index:
+            continue
+        out[p if p < model.cls_index else p - 1] = v
+    return out.reshape(g, g)
+
+
+def figure(model_factory, image, title, path):
+    """Kept tokens per stage (align) and class-token attention for dense / align / relabel."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch
+    align = model_factory("align")
+    with torch.no_grad():
+        _, kept = align(image, return_kept=True)
+    shown = image[0].permute(1, 2, 0).numpy()
+    shown = shown[..., 0] if shown.shape[-1] == 1 else np.clip(shown, 0, 1)
+    cmap = "gray" if shown.ndim == 2 else None
+    stages = len(kept)
+    fig, axes = plt.subplots(2, max(stages + 1, 3), figsize=(3.2 * max(stages + 1, 3), 6.4))
+    for ax in axes.ravel():
+        ax.axis("off")
+    axes[0, 0].imshow(shown, cmap=cmap)
+    axes[0, 0].set_title("input")
+    g = align.grid
+    extent = (-0.5, shown.shape[1] - 0.5, shown.shape[0] - 0.5, -0.5)
+    for s, positions in enumerate(kept, start=1):
+        mask = _grid_map(align, positions[0].numpy(), np.ones(positions.shape[1]))
+        axes[0, s].imshow(shown, cmap=cmap)
+        axes[0, s].imshow(np.where(np.isnan(mask), 0.75, np.nan).reshape(g, g), cmap="Greys", vmin=0, vmax=1,
+                          alpha=0.85, extent=extent, interpolation="nearest")
+        axes[0, s].set_title(f"after stage {s}: {positions.shape[1]} tokens")
+    for col, mode in enumerate(("dense", "align", "relabel")):
+        positions, attention = class_token_attention(model_factory(mode), image)
+        axes[1, col].imshow(_grid_map(align, positions, attention), cmap="inferno", interpolation="nearest")
+        axes[1, col].set_title(f"{mode}: class-token attention (last layer)")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def run(out_dir, image_path=None, model_name=None, checkpoint=None, quick=False, cache_dir=None, log=print):
+    import torch
+
+    import models
+    from bench.digits import DigitsConfig, build_model, load_digits_split, trained_model
+    from models.pruning import PruningConfig
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if model_name is None:
+        cfg = DigitsConfig(epochs=1, train_subset=128, embed_dim=32) if quick else DigitsConfig()
+        base, info = trained_model(cfg, cache_dir or out_dir / "cache", log=log)
+        weights = f"digits ViM trained here ({info['path']})"
+
+        def factory(mode):
+            pruning = None if mode == "dense" else PruningConfig(mode=mode, schedule=(2, 4, 6), keep_ratio=0.6)
+            m = build_model(cfg, pruning=pruning)
+            m.load_state_dict(base.state_dict())
+            return m.eval()
+        if image_path:
+            images = [_load_image(image_path, cfg.img_size, 1)]
+        else:
+            _, _, x_test, _ = load_digits_split(cfg.img_size, cfg.seed)
+            images = [x_test[i:i + 1] for i in (0, 1, 2)]
+    else:
+        if not model_name.startswith("vim"):
+            raise ValueError(f"model must be a ViM (the class-token attention needs one): vim_tiny or vim_small, "
+                             f"got {model_name!r}")
+        kwargs = dict(img_size=64) if quick else {}
+        torch.manual_seed(0)
+        base = models.create(model_name, **kwargs)
+        if checkpoint:
+            models.load_checkpoint(base, checkpoint)
+        weights = f"{model_name} with {'weights from ' + str(checkpoint) if checkpoint else 'random weights'}"
+
+        def factory(mode):
+            m = models.create(model_name, pruning=None if mode == "dense" else models.paper_preset(model_name, mode=mode),
+                              **kwargs)
+            m.load_state_dict(base.state_dict())
+            return m.eval()
+        size = kwargs.get("img_size", 224)
+        if image_path:
+            images = [_load_image(image_path, size, 3)]
+        else:
+            rng = torch.Generator().manual_seed(0)
+            images = [torch.rand(1, 3, size, size, generator=rng)]
+    paths = []
+    for i, image in enumerate(images):
+        paths.append(figure(factory, image, f"weights: {weights}; image: {image_path or f'test image {i}'}",
+                            out_dir / f"visualize_{i}.png"))
+    return {"figures": [str(p) for p in paths], "weights": weights}
