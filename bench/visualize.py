@@ -118,8 +118,10 @@ def figure(model_factory, image, title, path):
     for col, mode in enumerate(("dense", "align", "relabel")):
         positions, attention = class_token_attention(model_factory(mode), image)
         axes[1, col].imshow(_grid_map(align, positions, attention), cmap="inferno", interpolation="nearest")
-        axes[1, col].set_title(f"{mode}: class-token attention (last layer)")
-    fig.suptitle(title, fontsize=10)
+        axes[1, col].set_title(f"{mode}: class-token attention")
+    fig.suptitle(f"{title}\ntop: kept tokens after each stage (align; pruned patches greyed); bottom: the class "
+                 "token's hidden attention at the last layer, |alpha| averaged over channels, both scan directions "
+                 "(white: pruned)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

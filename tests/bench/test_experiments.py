@@ -1,0 +1,112 @@
+"""The digits data path, the weights cache (corrupt or mismatched files are retrained, never
+used), and the zero-shot and visualize subcommands end to end in --quick mode."""
+import json
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bench.digits import DigitsConfig, load_digits_split, trained_model, weights_digest
+from bench.zero_shot import bootstrap_interval, fidelity
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = DigitsConfig(embed_dim=16, depth=2, epochs=1, train_subset=64, batch_size=32)
+
+
+def test_digits_split_is_fixed_and_well_formed():
+    x_tr, y_tr, x_te, y_te = load_digits_split(32, 0)
+    assert x_tr.shape == (1437, 1, 32, 32) and x_te.shape == (360, 1, 32, 32)
+    assert 0.0 <= float(x_tr.min()) and float(x_tr.max()) <= 1.0
+    assert sorted(set(y_te.tolist())) == list(range(10))
+    again = load_digits_split(32, 0)
+    assert torch.equal(again[3], y_te)
+
+
+def test_weights_are_cached_and_reused(tmp_path):
+    model, info = trained_model(TINY, tmp_path, log=lambda *_: None)
+    assert info["source"] == "trained" and Path(info["path"]).exists()
+    again, info2 = trained_model(TINY, tmp_path, log=lambda *_: None)
+    assert info2["source"] == "cache"
+    assert weights_digest(again.state_dict()) == weights_digest(model.state_dict())
+
+
+def test_corrupt_or_mismatched_cache_is_retrained_not_used(tmp_path):
+    _, info = trained_model(TINY, tmp_path, log=lambda *_: None)
+    path = Path(info["path"])
+    messages = []
+    path.write_bytes(path.read_bytes()[:200])                     # truncated file
+    _, info = trained_model(TINY, tmp_path, log=messages.append)
+    assert info["source"] == "trained" and "unreadable" in info["reason"] and messages
+    blob = torch.load(path, weights_only=True)                    # tampered weights, digest kept
+    blob["state_dict"]["head.bias"] += 1.0
+    torch.save(blob, path)
+    _, info = trained_model(TINY, tmp_path, log=messages.append)
+    assert info["source"] == "trained" and "digest" in info["reason"]
+    blob = torch.load(path, weights_only=True)                    # another configuration under this name
+    blob["config"]["epochs"] = 99
+    torch.save(blob, path)
+    _, info = trained_model(TINY, tmp_path, log=messages.append)
+    assert info["source"] == "trained" and "configuration" in info["reason"]
+
+
+def test_bootstrap_interval_brackets_the_accuracy():
+    correct = np.array([True] * 80 + [False] * 20)
+    lo, hi = bootstrap_interval(correct)
+    assert lo < 0.8 < hi and hi - lo < 0.25
+
+
+def test_fidelity_is_zero_at_keep_one_and_positive_when_pruned():
+    from models.pruning import PruningConfig
+    from bench.digits import build_model
+    cfg = replace(TINY, depth=3)
+    torch.manual_seed(0)
+    dense = build_model(cfg).eval()
+    x = torch.rand(2, 1, 32, 32)
+    for ratio, check in ((1.0, lambda v: v < 1e-6), (0.5, lambda v: v > 0)):
+        pruned = build_model(cfg, pruning=PruningConfig(mode="align", schedule=(1,), keep_ratio=ratio))
+        pruned.load_state_dict(dense.state_dict())
+        rows = fidelity(dense, pruned.eval(), x)
+        if ratio < 1:
+            assert [r["layer"] for r in rows] == [2, 3] and all(check(r["rel_dev"]) for r in rows)
+        else:
+            assert all(check(r["rel_dev"]) for r in rows)
+
+
+def _run(*args, tmp_path):
+    run = subprocess.run([sys.executable, "-m", "bench", *args, "--quick", "--out", str(tmp_path)], cwd=REPO,
+                         capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    return run
+
+
+def test_zero_shot_quick_writes_table_plot_and_numbers(tmp_path):
+    _run("zero-shot", tmp_path=tmp_path)
+    result = json.loads((tmp_path / "zero_shot.json").read_text())
+    modes = {r["mode"] for r in result["rows"]}
+    assert modes == {"dense", "align", "relabel", "self", "mask"}
+    assert any(r["finetuned"] for r in result["rows"])
+    assert set(result["fidelity"]) == {"digits ViM (trained)", "vim_small (random init)",
+                                       "plainmamba_l3 (random init)"}
+    assert (tmp_path / "zero_shot.png").stat().st_size > 1000
+    table = (tmp_path / "zero_shot.md").read_text()
+    dense = result["rows"][0]["top1"]
+    assert f"dense {100 * dense:.1f}" in table
+
+
+def test_visualize_quick_writes_figures(tmp_path):
+    _run("visualize", tmp_path=tmp_path)
+    figures = sorted(tmp_path.glob("visualize_*.png"))
+    assert len(figures) == 3 and all(f.stat().st_size > 5000 for f in figures)
+
+
+def test_visualize_with_a_vim_model_and_an_image(tmp_path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    image = tmp_path / "in.png"
+    plt.imsave(image, np.random.default_rng(0).random((40, 40, 3)))
+    _run("visualize", "--model", "vim_tiny", "--image", str(image), tmp_path=tmp_path)
+    assert (tmp_path / "visualize_0.png").exists()
