@@ -130,10 +130,15 @@ def sigmoid(x):
     raise NotImplementedError("only callable from numba-compiled code")
 
 
+@njit(inline="always", fastmath={"contract"})
+def _sigmoid32(x):
+    return np.float32(1.0) / (np.float32(1.0) + _expf32(-x))
+
+
 @overload(sigmoid, inline="always")
 def _sigmoid(x):
     if x == types.float32:
-        return lambda x: np.float32(1.0) / (np.float32(1.0) + _expf32(-x))
+        return lambda x: _sigmoid32(x)
     return lambda x: 1.0 / (1.0 + math.exp(-x))
 
 
@@ -146,5 +151,5 @@ def softplus_grad(x):
 @overload(softplus_grad, inline="always")
 def _softplus_grad(x):
     if x == types.float32:
-        return lambda x: np.float32(1.0) / (np.float32(1.0) + _expf32(-x))
+        return lambda x: _sigmoid32(x)
     return lambda x: 1.0 / (1.0 + math.exp(-x)) if x <= 20.0 else 1.0

@@ -76,20 +76,74 @@ def kernel_functions(dstate, ch, tile, dtype_name):
     def sigmoid(x):
         return ONE / (ONE + math.exp(-x))
 
-    def forward_kernel(u, delta, A, B, C, D, z, bias, coef_self, coef_prev, trailing,
-                       use_softplus, has_D, has_z, has_bias, want_last, out, last):
+    @cuda.jit(device=True, inline=True)
+    def block_channels(u, B):
+        """(batch b, group g, first channel c0, channels nch, this thread's channel d, active)."""
         tid = cuda.threadIdx.x
-        b = cuda.blockIdx.y
-        groups = B.shape[1]
-        dim = u.shape[1]
-        M = u.shape[2]
-        per_group = dim // groups
+        per_group = u.shape[1] // B.shape[1]
         bpg = (per_group + CH - 1) // CH
         g = cuda.blockIdx.x // bpg
         c0 = g * per_group + (cuda.blockIdx.x % bpg) * CH
         nch = min(CH, (g + 1) * per_group - c0)
         active = tid < nch
-        d = c0 + tid if active else c0
+        return cuda.blockIdx.y, g, c0, nch, (c0 + tid if active else c0), active
+
+    @cuda.jit(device=True, inline=True)
+    def stage_states(src, dst, b, g, t0, tn):
+        """dst[t, n] = src[b, g, n, t0 + t] (a B or C tile): consecutive threads, consecutive tokens."""
+        for idx in range(cuda.threadIdx.x, NS * T, CH):
+            t = idx % T
+            if t < tn:
+                dst[t, idx // T] = src[b, g, idx // T, t0 + t]
+
+    @cuda.jit(device=True, inline=True)
+    def stage_channels(src, dst, b, c0, nch, t0, tn):
+        """dst[c, t] = src[b, c0 + c, t0 + t] (a (channels x tokens) tile), coalesced along tokens."""
+        for idx in range(cuda.threadIdx.x, CH * T, CH):
+            c = idx // T
+            t = idx % T
+            if c < nch and t < tn:
+                dst[c, t] = src[b, c0 + c, t0 + t]
+
+    @cuda.jit(device=True, inline=True)
+    def unstage_channels(src, dst, b, c0, nch, t0, tn):
+        """dst[b, c0 + c, t0 + t] = src[c, t]: the way back, coalesced along tokens."""
+        for idx in range(cuda.threadIdx.x, CH * T, CH):
+            c = idx // T
+            t = idx % T
+            if c < nch and t < tn:
+                dst[b, c0 + c, t0 + t] = src[c, t]
+
+    @cuda.jit(device=True, inline=True)
+    def sum_over_channels(sRed, out, t):
+        """out[n, t] = Σ_c sRed[n, c]: a tree over the block's channels, in a fixed order (no
+        atomics, no warp shuffles). Every thread of the block must call it."""
+        tid = cuda.threadIdx.x
+        cuda.syncthreads()
+        step = CH // 2
+        while step > 0:
+            for idx in range(tid, NS * step, CH):
+                n = idx // step
+                j = idx % step
+                sRed[n, j] += sRed[n, j + step]
+            cuda.syncthreads()
+            step //= 2
+        if tid == 0:
+            for n in range(NS):
+                out[n, t] = sRed[n, 0]
+        cuda.syncthreads()
+
+    @cuda.jit(device=True, inline=True)
+    def timescales(x, use_softplus, cs, cp, Delta_prev):
+        """(Δ, E) of a token from its raw delta + bias x (SPEC §1, layout.gap_coefficients)."""
+        Delta = softplus(x) if use_softplus else x
+        return Delta, cs * Delta + cp * Delta_prev
+
+    def forward_kernel(u, delta, A, B, C, D, z, bias, coef_self, coef_prev, trailing,
+                       use_softplus, has_D, has_z, has_bias, want_last, out, last):
+        tid = cuda.threadIdx.x
+        M = u.shape[2]
+        b, g, c0, nch, d, active = block_channels(u, B)
         sB = cuda.shared.array((T, NS), nbt)
         sC = cuda.shared.array((T, NS), nbt)
         sU = cuda.shared.array((CH, TP), nbt)    # u, then the outputs
@@ -105,27 +159,18 @@ def kernel_functions(dstate, ch, tile, dtype_name):
         Delta_prev = ZERO
         for t0 in range(0, M, T):
             tn = min(T, M - t0)
-            for idx in range(tid, NS * T, CH):
-                n = idx // T
-                t = idx % T
-                if t < tn:
-                    sB[t, n] = B[b, g, n, t0 + t]
-                    sC[t, n] = C[b, g, n, t0 + t]
-            for idx in range(tid, CH * T, CH):
-                c = idx // T
-                t = idx % T
-                if c < nch and t < tn:
-                    sU[c, t] = u[b, c0 + c, t0 + t]
-                    sX[c, t] = delta[b, c0 + c, t0 + t]
-                    if has_z:
-                        sZ[c, t] = z[b, c0 + c, t0 + t]
+            stage_states(B, sB, b, g, t0, tn)
+            stage_states(C, sC, b, g, t0, tn)
+            stage_channels(u, sU, b, c0, nch, t0, tn)
+            stage_channels(delta, sX, b, c0, nch, t0, tn)
+            if has_z:
+                stage_channels(z, sZ, b, c0, nch, t0, tn)
             cuda.syncthreads()
             if active:
                 for t in range(tn):
                     i = t0 + t
-                    x = sX[tid, t] + bias_d
-                    Delta = softplus(x) if use_softplus else x
-                    E = coef_self[b, i] * Delta + coef_prev[b, i] * Delta_prev
+                    Delta, E = timescales(sX[tid, t] + bias_d, use_softplus, coef_self[b, i], coef_prev[b, i],
+                                          Delta_prev)
                     du = Delta * sU[tid, t]
                     y = ZERO
                     for n in range(NS):
@@ -138,11 +183,7 @@ def kernel_functions(dstate, ch, tile, dtype_name):
                     sU[tid, t] = y
                     Delta_prev = Delta
             cuda.syncthreads()
-            for idx in range(tid, CH * T, CH):
-                c = idx // T
-                t = idx % T
-                if c < nch and t < tn:
-                    out[b, c0 + c, t0 + t] = sU[c, t]
+            unstage_channels(sU, out, b, c0, nch, t0, tn)
             cuda.syncthreads()
         if want_last and active:
             for n in range(NS):
@@ -153,18 +194,9 @@ def kernel_functions(dstate, ch, tile, dtype_name):
                         use_softplus, has_D, has_z, has_bias, ckpt,
                         du_out, ddelta_out, dz_out, dB_part, dC_part, dA_part, dD_part, dbias_part):
         tid = cuda.threadIdx.x
-        b = cuda.blockIdx.y
         blk = cuda.blockIdx.x
-        groups = B.shape[1]
-        dim = u.shape[1]
         M = u.shape[2]
-        per_group = dim // groups
-        bpg = (per_group + CH - 1) // CH
-        g = blk // bpg
-        c0 = g * per_group + (blk % bpg) * CH
-        nch = min(CH, (g + 1) * per_group - c0)
-        active = tid < nch
-        d = c0 + tid if active else c0
+        b, g, c0, nch, d, active = block_channels(u, B)
         ntiles = (M + T - 1) // T
         sB = cuda.shared.array((T, NS), nbt)
         sC = cuda.shared.array((T, NS), nbt)
@@ -197,26 +229,17 @@ def kernel_functions(dstate, ch, tile, dtype_name):
         for k in range(ntiles):
             t0 = k * T
             tn = min(T, M - t0)
-            for idx in range(tid, NS * T, CH):
-                n = idx // T
-                t = idx % T
-                if t < tn:
-                    sB[t, n] = B[b, g, n, t0 + t]
-            for idx in range(tid, CH * T, CH):
-                c = idx // T
-                t = idx % T
-                if c < nch and t < tn:
-                    sU[c, t] = u[b, c0 + c, t0 + t]
-                    sX[c, t] = delta[b, c0 + c, t0 + t]
+            stage_states(B, sB, b, g, t0, tn)
+            stage_channels(u, sU, b, c0, nch, t0, tn)
+            stage_channels(delta, sX, b, c0, nch, t0, tn)
             cuda.syncthreads()
             if active:
                 for n in range(NS):
                     ckpt[b, d, k, n] = h[n]
                 for t in range(tn):
                     i = t0 + t
-                    x = sX[tid, t] + bias_d
-                    Delta = softplus(x) if use_softplus else x
-                    E = coef_self[b, i] * Delta + coef_prev[b, i] * Delta_prev
+                    Delta, E = timescales(sX[tid, t] + bias_d, use_softplus, coef_self[b, i], coef_prev[b, i],
+                                          Delta_prev)
                     du = Delta * sU[tid, t]
                     for n in range(NS):
                         h[n] = math.exp(E * a_row[n]) * h[n] + du * sB[t, n]
@@ -231,21 +254,13 @@ def kernel_functions(dstate, ch, tile, dtype_name):
             k = ntiles - 1 - kk
             t0 = k * T
             tn = min(T, M - t0)
-            for idx in range(tid, NS * T, CH):
-                n = idx // T
-                t = idx % T
-                if t < tn:
-                    sB[t, n] = B[b, g, n, t0 + t]
-                    sC[t, n] = C[b, g, n, t0 + t]
-            for idx in range(tid, CH * T, CH):
-                c = idx // T
-                t = idx % T
-                if c < nch and t < tn:
-                    sU[c, t] = u[b, c0 + c, t0 + t]
-                    sX[c, t] = delta[b, c0 + c, t0 + t]
-                    sG[c, t] = dout[b, c0 + c, t0 + t]
-                    if has_z:
-                        sZ[c, t] = z[b, c0 + c, t0 + t]
+            stage_states(B, sB, b, g, t0, tn)
+            stage_states(C, sC, b, g, t0, tn)
+            stage_channels(u, sU, b, c0, nch, t0, tn)
+            stage_channels(delta, sX, b, c0, nch, t0, tn)
+            stage_channels(dout, sG, b, c0, nch, t0, tn)
+            if has_z:
+                stage_channels(z, sZ, b, c0, nch, t0, tn)
             cuda.syncthreads()
             if active:
                 if t0 > 0:
@@ -258,9 +273,8 @@ def kernel_functions(dstate, ch, tile, dtype_name):
                     h[n] = h0[n]
                 for t in range(tn):
                     i = t0 + t
-                    x = sX[tid, t] + bias_d
-                    Delta = softplus(x) if use_softplus else x
-                    E = coef_self[b, i] * Delta + coef_prev[b, i] * Delta_prev
+                    Delta, E = timescales(sX[tid, t] + bias_d, use_softplus, coef_self[b, i], coef_prev[b, i],
+                                          Delta_prev)
                     Dl[t] = Delta
                     El[t] = E
                     du = Delta * sU[tid, t]
@@ -311,50 +325,20 @@ def kernel_functions(dstate, ch, tile, dtype_name):
                 else:
                     for n in range(NS):
                         sRed[n, tid] = ZERO
-                cuda.syncthreads()
-                # dB_i = Σ_channels dh·Δ·u: tree reduction over the block's channels.
-                step = CH // 2
-                while step > 0:
-                    for idx in range(tid, NS * step, CH):
-                        n = idx // step
-                        j = idx % step
-                        sRed[n, j] += sRed[n, j + step]
-                    cuda.syncthreads()
-                    step //= 2
-                if tid == 0:
-                    for n in range(NS):
-                        sOutB[n, t] = sRed[n, 0]
-                cuda.syncthreads()
-                # dC_i = Σ_channels dy·h_i.
+                sum_over_channels(sRed, sOutB, t)        # dB_i = Σ_channels dh·Δ·u
                 for n in range(NS):
                     sRed[n, tid] = dy * hs[t * NS + n] if active else ZERO
-                cuda.syncthreads()
-                step = CH // 2
-                while step > 0:
-                    for idx in range(tid, NS * step, CH):
-                        n = idx // step
-                        j = idx % step
-                        sRed[n, j] += sRed[n, j + step]
-                    cuda.syncthreads()
-                    step //= 2
-                if tid == 0:
-                    for n in range(NS):
-                        sOutC[n, t] = sRed[n, 0]
-                cuda.syncthreads()
+                sum_over_channels(sRed, sOutC, t)        # dC_i = Σ_channels dy·h_i
             for idx in range(tid, NS * T, CH):
                 n = idx // T
                 t = idx % T
                 if t < tn:
                     dB_part[b, blk, n, t0 + t] = sOutB[n, t]
                     dC_part[b, blk, n, t0 + t] = sOutC[n, t]
-            for idx in range(tid, CH * T, CH):
-                c = idx // T
-                t = idx % T
-                if c < nch and t < tn:
-                    du_out[b, c0 + c, t0 + t] = sG[c, t]
-                    ddelta_out[b, c0 + c, t0 + t] = sDd[c, t]
-                    if has_z:
-                        dz_out[b, c0 + c, t0 + t] = sZ[c, t]
+            unstage_channels(sG, du_out, b, c0, nch, t0, tn)
+            unstage_channels(sDd, ddelta_out, b, c0, nch, t0, tn)
+            if has_z:
+                unstage_channels(sZ, dz_out, b, c0, nch, t0, tn)
             cuda.syncthreads()
         if active:
             for n in range(NS):
