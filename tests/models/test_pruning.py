@@ -4,6 +4,7 @@ is what the head reads, positions compose."""
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 
 import models
 import reference as R
@@ -158,3 +159,23 @@ def test_paper_presets_and_names():
         models.paper_preset("vit_b")
     with pytest.raises(ValueError, match="name"):
         models.create("vim_base")
+
+
+@settings(max_examples=12, deadline=None)
+@given(st.lists(st.integers(1, 4), min_size=1, max_size=3, unique=True),
+       st.lists(st.floats(0.1, 1.0), min_size=3, max_size=3), st.sampled_from(["align", "relabel", "self"]),
+       st.sampled_from(["clip", "raw", "l1", "l2"]), st.integers(0, 1000))
+def test_any_schedule_keeps_the_class_token_and_composes(schedule, ratios, mode, metric, seed):
+    schedule = tuple(sorted(schedule))
+    model = _vim(mode, schedule=schedule, keep_ratio=tuple(ratios[:len(schedule)]), metric=metric)
+    with torch.no_grad():
+        logits, kept = model(_images(seed), return_kept=True)
+    assert torch.isfinite(logits).all() and len(kept) == len(schedule)
+    previous = torch.arange(17).expand(2, 17)
+    for stage, positions in enumerate(kept):
+        expected = R.keep_count(previous.shape[1], ratios[stage], n_protected=1)
+        assert positions.shape == (2, expected)
+        assert (positions == 8).any(dim=1).all()
+        assert (positions[:, 1:] > positions[:, :-1]).all()
+        assert all(set(r.tolist()) <= set(p.tolist()) for r, p in zip(positions, previous))
+        previous = positions
