@@ -5,7 +5,8 @@
 1. the GPU tests (``pytest -m gpu``), 2. the device-to-device copy bandwidth, 3. forward
 and forward+backward of cupy and numba-cuda at the ViM-S layer shape with batch 64, keep
 1.0 / 0.7 / 0.5, every alignment, with effective bandwidth (bytes of inputs read and
-outputs written / time) and the issue's goals. Writes one JSON named after the device,
+outputs written / time) and the issue's goals, 4. if time is left, images/s of ViM-S and
+PlainMamba-L3 (dense, align, relabel) at batch 64 on the cupy backend. Writes one JSON named after the device,
 e.g. bench/results/gpu_NVIDIA_H100_80GB_HBM3.json, and stays inside the 8-minute budget
 (it stops starting new work when the budget is spent and says what it skipped).
 """
@@ -149,6 +150,17 @@ def main(argv=None):
             rows += bench_backend(backend, end)
     result["kernels"] = rows
     result["goals"] = goals(rows, result["copy_bandwidth_bytes_per_s"])
+    if time.monotonic() < end - 60:
+        # Model throughput with the cupy backend (issue: models), batch 64.
+        from bench.models_bench import throughput, throughput_checks
+        try:
+            tp = throughput(batch=64, repeats=3, backend="cupy", progress=False)
+            result["throughput"] = tp
+            result["goals"] += throughput_checks(tp)
+        except Exception as exc:       # report, do not lose the kernel results
+            result["throughput_error"] = f"{type(exc).__name__}: {exc}"
+    else:
+        result["throughput_skipped"] = "budget"
     result["wall_s"] = time.monotonic() - start
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"gpu_{re.sub(r'[^A-Za-z0-9]+', '_', device).strip('_')}.json"
