@@ -22,3 +22,18 @@ def median_time(fn, repeats=5, warmup=1, min_seconds=0.0):
         times.append(dt)
         spent += dt
     return statistics.median(times)
+
+
+def interleaved_medians(fns, repeats=9, warmup=1):
+    """Median seconds of each callable in ``fns`` (a dict), timed in interleaved rounds
+    (A, B, A, B, ...) so that drift in the machine's speed hits them alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
