@@ -87,7 +87,7 @@ def run_zero_shot(args):
     from bench import zero_shot
     numba.set_num_threads(max(1, min(args.threads, numba.config.NUMBA_NUM_THREADS)))
     torch.set_num_threads(numba.get_num_threads())
-    result = zero_shot.run(args.out, quick=args.quick, cache_dir=args.cache)
+    result = zero_shot.run(args.out, quick=args.quick, cache_dir=args.cache, seed=args.seed)
     print()
     print((args.out / "zero_shot.md").read_text())
     print(f"Table: {(args.out / 'zero_shot.md').resolve()}  plot: {(args.out / 'zero_shot.png').resolve()}")
@@ -147,6 +147,7 @@ def main(argv=None):
                                    "four importance metrics, then align and relabel fine-tuned briefly; fidelity of "
                                    "remaining tokens on the trained model and on random-init ViM-S and PlainMamba-L3.")
     z.add_argument("--cache", type=Path, default=None, help="weights cache folder (default OUT/cache)")
+    z.add_argument("--seed", type=int, default=0, help="training seed (the train/test split stays fixed; default 0)")
     v = sub.add_parser("visualize", parents=[common], help="kept tokens per stage and class-token attention maps",
                        description="Figures like the paper's Fig. A1 and Fig. 3 (dense / align / relabel).")
     v.add_argument("--image", default=None, help="an image file (default: digits test images)")

@@ -32,7 +32,8 @@ class DigitsConfig:
     batch_size: int = 64
     lr: float = 2e-3
     weight_decay: float = 0.05
-    seed: int = 0
+    seed: int = 0                  # initialisation, shuffling and augmentation
+    split_seed: int = 0            # the train/test split (fixed across training seeds)
     train_subset: int = 0          # 0: the whole training split (tests use a few images)
 
     @property
@@ -158,7 +159,7 @@ def trained_model(cfg=DigitsConfig(), cache_dir=Path("bench_out") / "cache", log
                            "losses": blob.get("losses")}
         log(f"cached digits weights at {path} rejected: {reason}; retraining")
         info["reason"] = reason
-    x_train, y_train, _, _ = load_digits_split(cfg.img_size, cfg.seed)
+    x_train, y_train, _, _ = load_digits_split(cfg.img_size, cfg.split_seed)
     if cfg.train_subset:
         x_train, y_train = x_train[:cfg.train_subset], y_train[:cfg.train_subset]
     torch.manual_seed(cfg.seed)

@@ -149,7 +149,7 @@ def run(out_dir, image_path=None, model_name=None, checkpoint=None, quick=False,
         if image_path:
             images = [_load_image(image_path, cfg.img_size, 1)]
         else:
-            _, _, x_test, _ = load_digits_split(cfg.img_size, cfg.seed)
+            _, _, x_test, _ = load_digits_split(cfg.img_size, cfg.split_seed)
             images = [x_test[i:i + 1] for i in (0, 1, 2)]
     else:
         if not model_name.startswith("vim"):
