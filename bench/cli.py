@@ -121,6 +121,25 @@ def _write(results, out, name):
     return path
 
 
+def _run(args):
+    """The results of the chosen subcommand (or of the main job: kernels, then FLOPs)."""
+    if args.command == "flops":
+        return run_flops(args)
+    if args.command == "models":
+        return run_models(args)
+    if args.command == "zero-shot":
+        return run_zero_shot(args)
+    if args.command == "visualize":
+        return run_visualize(args)
+    results = run_kernels(args)
+    if args.command == "kernels":
+        return results
+    flops = run_flops(args)
+    results["flops"] = flops["flops"]
+    results["performance_checks"] = results["performance_checks"] + flops["performance_checks"]
+    return results
+
+
 def main(argv=None):
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--quick", action="store_true", help="tiny sizes: finishes in well under a minute")
@@ -156,21 +175,10 @@ def main(argv=None):
     v.add_argument("--cache", type=Path, default=None, help="weights cache folder (default OUT/cache)")
     args = parser.parse_args(argv)
 
-    if args.command == "flops":
-        results = run_flops(args)
-    elif args.command == "models":
-        results = run_models(args)
-    elif args.command == "zero-shot":
-        results = run_zero_shot(args)
-    elif args.command == "visualize":
-        results = run_visualize(args)
-    elif args.command == "kernels":
-        results = run_kernels(args)
-    else:   # the main job: kernels, then FLOPs
-        results = run_kernels(args)
-        flops = run_flops(args)
-        results["flops"] = flops["flops"]
-        results["performance_checks"] = results["performance_checks"] + flops["performance_checks"]
+    try:
+        results = _run(args)
+    except (ValueError, TypeError) as exc:      # bad arguments: say which, no traceback
+        parser.error(str(exc))
     lines = verdicts(results)
     print("\nVerdicts:")
     print("\n".join(text for _, text in lines))

@@ -134,6 +134,8 @@ def run(out_dir, image_path=None, model_name=None, checkpoint=None, quick=False,
     import models
     from bench.digits import DigitsConfig, build_model, load_digits_split, trained_model
     from models.pruning import PruningConfig
+    if image_path is not None and not Path(image_path).is_file():
+        raise ValueError(f"image must be an existing image file (PNG or JPEG), got {str(image_path)!r}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if model_name is None:

@@ -20,7 +20,6 @@ How the work is laid out:
 """
 from __future__ import annotations
 
-import math
 
 import numpy as np
 from numba import prange

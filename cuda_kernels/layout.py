@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from reference.positions import gaps
+
 __all__ = ["compute_dtype", "gap_coefficients"]
 
 
@@ -21,8 +23,7 @@ def gap_coefficients(positions, seqlen_rows, alignment, dtype):
     With these the kernels run the same code, at the same cost, for every alignment.
     """
     batch, length = positions.shape
-    gap = np.ones((batch, length), dtype=np.int64)
-    gap[:, 1:] = np.diff(positions, axis=1)
+    gap = gaps(positions)
     coef_self = np.ones((batch, length), dtype=dtype)
     coef_prev = np.zeros((batch, length), dtype=dtype)
     if alignment == "prev":

@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from .arguments import validate_scan_args
+from .positions import gaps
 
 __all__ = [
     "softplus",
@@ -49,10 +50,8 @@ def discretized_delta(delta, delta_bias, delta_softplus):
 
 
 def token_gaps(positions):
-    """g_i = positions_i - positions_{i-1}, g_0 = 1; (b, M) int -> float64."""
-    g = np.ones(positions.shape, dtype=np.float64)
-    g[:, 1:] = np.diff(positions, axis=1)
-    return g
+    """g_i = positions_i - positions_{i-1}, g_0 = 1 (``positions.gaps``) as float64, (b, M)."""
+    return gaps(positions).astype(np.float64)
 
 
 def effective_delta(Delta, gap, alignment):

@@ -110,3 +110,10 @@ def test_visualize_with_a_vim_model_and_an_image(tmp_path):
     plt.imsave(image, np.random.default_rng(0).random((40, 40, 3)))
     _run("visualize", "--model", "vim_tiny", "--image", str(image), tmp_path=tmp_path)
     assert (tmp_path / "visualize_0.png").exists()
+
+
+def test_missing_image_is_a_clear_error(tmp_path):
+    run = subprocess.run([sys.executable, "-m", "bench", "visualize", "--image", str(tmp_path / "nope.png"),
+                          "--out", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "image must be an existing image file" in run.stderr
+    assert "Traceback" not in run.stderr

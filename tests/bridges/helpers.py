@@ -1,5 +1,4 @@
 """Calling the torch op on a drawn problem and reading results back as NumPy."""
-import numpy as np
 import torch
 
 GRAD_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")

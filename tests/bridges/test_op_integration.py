@@ -6,7 +6,7 @@ import torch
 import cuda_kernels as K
 import reference as R
 from bench.problems import make_problem
-from bridges import selective_scan_fn, selective_scan_ref
+from bridges import selective_scan_fn
 from tests.bridges.helpers import GRAD_NAMES, run, tensors
 
 
