@@ -65,6 +65,23 @@ def run_flops(args):
     return {"flops": rows, "performance_checks": flops_checks(rows)}
 
 
+def backend_and_device(requested):
+    """(backend name, "cpu" or "cuda") for --backend (else $ALIGNSCAN_BACKEND, else the CPU
+    default), checked by the one registry: an unknown name or one that cannot run here is a
+    ValueError / BackendUnavailable naming the option or the variable."""
+    import os
+
+    from cuda_kernels import backends
+    import bridges  # noqa: F401  (registers the "torch" backend)
+    name = requested if requested is not None else os.environ.get(backends.ENV_BACKEND) or None
+    if name is None:
+        return backends.resolve(None, "cpu"), "cpu"
+    what = "--backend" if requested is not None else f"the environment variable {backends.ENV_BACKEND}"
+    entry = backends.get(name, what=what)
+    device = "cuda" if entry.device == "cuda" else "cpu"
+    return backends.resolve(name, device), device
+
+
 def run_models(args):
     import numba
     import torch
@@ -72,9 +89,10 @@ def run_models(args):
     from bench.models_bench import format_throughput, throughput, throughput_checks
     numba.set_num_threads(max(1, min(args.threads, numba.config.NUMBA_NUM_THREADS)))
     torch.set_num_threads(numba.get_num_threads())
+    backend, device = backend_and_device(args.backend)
     img, batch, repeats = (64, 2, 1) if args.quick else (224, args.batch, 5)
-    rows = throughput(batch=batch, img=img, repeats=repeats, backend=args.backend)
-    print(f"\nThroughput ({'cuda' if args.backend == 'cupy' else 'cpu'}, float32, {img}x{img}, batch {batch}, "
+    rows = throughput(batch=batch, img=img, repeats=repeats, backend=backend, device=device)
+    print(f"\nThroughput ({device}, backend {backend}, float32, {img}x{img}, batch {batch}, "
           f"{numba.get_num_threads()} thread(s), median of {repeats} interleaved rounds):")
     print(format_throughput(rows))
     return {"throughput": rows, "performance_checks": [] if args.quick else throughput_checks(rows)}

@@ -154,7 +154,7 @@ def main(argv=None):
         # Model throughput with the cupy backend (issue: models), batch 64.
         from bench.models_bench import throughput, throughput_checks
         try:
-            tp = throughput(batch=64, repeats=3, backend="cupy", progress=False)
+            tp = throughput(batch=64, repeats=3, backend="cupy", device="cuda", progress=False)
             result["throughput"] = tp
             result["goals"] += throughput_checks(tp)
         except Exception as exc:       # report, do not lose the kernel results

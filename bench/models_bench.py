@@ -53,16 +53,13 @@ def flops_checks(rows, tolerance=0.015):
 
 
 def throughput(names=THROUGHPUT_MODELS, modes=THROUGHPUT_MODES, batch=8, img=224, repeats=5, backend=None,
-               progress=True, model_kwargs=None):
-    """images/s per (model, mode); float32, eval mode, no grad, paper presets for pruning."""
-    import os
-
+               device="cpu", progress=True, model_kwargs=None):
+    """images/s per (model, mode); float32, eval mode, no grad, paper presets for pruning.
+    ``backend``: the scan backend every model is built with (None: the registry's default
+    on ``device``)."""
     import torch
 
     import models
-    if backend:
-        os.environ["ALIGNSCAN_BACKEND"] = backend
-    device = "cuda" if backend == "cupy" else "cpu"
     rows = []
     for name in names:
         # The modes of one model are timed in interleaved rounds (A/B/C, A/B/C, ...), so drift
@@ -71,7 +68,8 @@ def throughput(names=THROUGHPUT_MODELS, modes=THROUGHPUT_MODES, batch=8, img=224
         for mode in modes:
             torch.manual_seed(0)
             pruning = models.paper_preset(name, mode=mode) if mode != "dense" else None
-            built[mode] = models.create(name, pruning=pruning, img_size=img, **(model_kwargs or {})).eval().to(device)
+            built[mode] = models.create(name, pruning=pruning, img_size=img, backend=backend,
+                                        **(model_kwargs or {})).eval().to(device)
         x = torch.randn(batch, 3, img, img, device=device)
         times = {mode: [] for mode in modes}
         with torch.no_grad():

@@ -32,46 +32,28 @@ def _load_image(path, size, channels):
     return F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False)
 
 
-class _ScanRecorder:
-    """Records the arguments of every scan call the model makes (to rebuild α with the reference)."""
-
-    def __init__(self, module):
-        self.module, self.calls = module, []
-
-    def __enter__(self):
-        self.real = self.module.selective_scan_fn
-
-        def record(*args, **kwargs):
-            self.calls.append((args, kwargs))
-            return self.real(*args, **kwargs)
-        self.module.selective_scan_fn = record
-        return self
-
-    def __exit__(self, *exc):
-        self.module.selective_scan_fn = self.real
-
-
 def class_token_attention(model, image):
     """(kept positions (M,), attention of the class token to each kept token (M,)) at the
-    last layer: |α[cls, j]| averaged over channels, forward plus backward branch."""
+    last layer: |α[cls, j]| averaged over channels, forward plus backward branch, rebuilt
+    with ``reference.hidden_attention`` from the scans the model records."""
     import torch
 
-    import models.vim as vim_module
     import reference as R
-    with _ScanRecorder(vim_module) as rec, torch.no_grad():
-        _, kept = model(image, return_kept=True)
-    (fa, fk), (ba, bk) = rec.calls[-2], rec.calls[-1]             # last layer: forward, backward branch
+    scans = []
+    with torch.no_grad():
+        _, kept = model(image, return_kept=True, scans=scans)
     L = model.num_tokens
     positions = kept[-1][0].numpy() if kept else np.arange(L)
     cls_at = int(np.flatnonzero(positions == model.cls_index)[0])
     attention = np.zeros(len(positions))
-    for (args, kw), flipped in (((fa, fk), False), ((ba, bk), True)):
-        np_args = [None if a is None else (a.detach().double().numpy() if hasattr(a, "detach") else a) for a in args]
-        u, delta, A, B, C, D, z, bias, softplus = np_args[:9]
-        pos = kw.get("positions")
+    for scan, flipped in ((scans[-2], False), (scans[-1], True)):     # last layer: forward, backward branch
+        u, delta, A, B, C, D, z, bias, softplus = (t.detach().double().numpy() if hasattr(t, "detach") else t
+                                                  for t in scan["args"])
+        pmap = scan["position_map"]
         alpha = R.hidden_attention(u, delta, A, B, C, D, None, bias, softplus,
-                                   positions=None if pos is None else pos.numpy(), seqlen=kw.get("seqlen"),
-                                   alignment=kw.get("alignment", "none"))
+                                   positions=None if pmap is None else pmap.positions.numpy(),
+                                   seqlen=None if pmap is None else int(pmap.seqlen_rows[0]),
+                                   alignment=scan["alignment"])
         row = len(positions) - 1 - cls_at if flipped else cls_at
         a = np.abs(alpha[0, :, row, :]).mean(axis=0)
         attention += a[::-1] if flipped else a

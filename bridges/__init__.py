@@ -3,12 +3,19 @@
     from bridges import selective_scan_fn          # drop-in for mamba_ssm's, plus positions=
     from bridges import selective_scan_ref         # the same op in plain torch (backend "torch")
     from bridges import dense_kernel_adapter       # any dense scan -> a position-map scan
+    from bridges import TorchPositionMap           # a position map on the device, made once per stage
 
-``bridges.dlpack`` owns every tensor <-> array conversion (zero-copy through DLPack).
+``bridges.dlpack`` owns every tensor <-> array conversion (zero-copy through DLPack); the
+backend "torch" joins the one registry (``cuda_kernels.backends``) here.
 """
-from .adapter import dense_kernel_adapter
-from .reference import selective_scan_ref
-from .scan_op import BACKENDS, ENV_BACKEND, resolve_backend, selective_scan_fn
+from cuda_kernels import backends as _backends
 
-__all__ = ["selective_scan_fn", "selective_scan_ref", "dense_kernel_adapter", "resolve_backend", "BACKENDS",
-           "ENV_BACKEND"]
+from .adapter import dense_kernel_adapter
+from .positions import TorchPositionMap
+from .reference import selective_scan_ref
+from .scan_op import ENV_BACKEND, resolve_backend, selective_scan_fn
+
+BACKENDS = _backends.names()
+
+__all__ = ["selective_scan_fn", "selective_scan_ref", "dense_kernel_adapter", "TorchPositionMap", "resolve_backend",
+           "BACKENDS", "ENV_BACKEND"]

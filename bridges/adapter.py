@@ -3,13 +3,17 @@ example mamba_ssm's own CUDA kernel) turned into a position-map scan, by the del
 of SPEC §2 oracle 5: a dense scan over the M tokens with Δ'_i = E_i and u'_i = u_i·Δ_i/E_i
 (bias and softplus folded in) equals the aligned scan up to D·u and the gate, which are
 applied outside. Gradients flow through torch and the dense function's own backward.
+Arguments are checked by the reference's one validator; E comes from the position map.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from .reference import _trailing, effective_delta, gaps_of
+from reference.arguments import validate_scan_args
+
+from .positions import as_position_map
+from .reference import discretized_delta, effective_delta, require_tensor
 
 __all__ = ["dense_kernel_adapter"]
 
@@ -21,26 +25,25 @@ def dense_kernel_adapter(dense_scan_fn):
 
     def position_map_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                           return_last_state=False, *, positions=None, seqlen=None, alignment="prev"):
-        if alignment not in ("prev", "self", "none"):
-            raise ValueError(f"alignment must be one of ('prev', 'self', 'none'), got {alignment!r}")
-        if positions is not None and not isinstance(positions, torch.Tensor):
-            positions = torch.as_tensor(positions)
-        batch, _, length = u.shape
-        x = delta if delta_bias is None else delta + delta_bias[None, :, None].to(delta.dtype)
-        Delta = F.softplus(x) if delta_softplus else x
-        E = effective_delta(Delta, gaps_of(positions, batch, length, u.device), alignment)
+        require_tensor(u)
+        positions, seqlen = as_position_map(positions, seqlen, u)
+        args = validate_scan_args(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
+                                  positions=positions, seqlen=seqlen, alignment=alignment)
+        coefficients = args.coefficients(delta.dtype)
+        Delta = discretized_delta(delta, delta_bias, args.delta_softplus)
+        E = effective_delta(Delta, coefficients)
         safe_E = torch.where(E != 0, E, torch.ones_like(E))
         u_rewritten = torch.where(E != 0, u * Delta / safe_E, torch.zeros_like(u))
-        result = dense_scan_fn(u_rewritten, E, A, B, C, None, None, None, False, return_last_state)
-        y, last = result if return_last_state else (result, None)
+        result = dense_scan_fn(u_rewritten, E, A, B, C, None, None, None, False, args.return_last_state)
+        y, last = result if args.return_last_state else (result, None)
         if D is not None:
             y = y + D[None, :, None].to(y.dtype) * u
         if z is not None:
             y = y * F.silu(z)
-        if not return_last_state:
+        if not args.return_last_state:
             return y
-        if alignment != "none" and length:
-            steps = _trailing(positions, seqlen, batch, length, u.device).to(last.dtype)[:, None, None]
+        if coefficients is not None and u.shape[-1]:
+            steps = coefficients.trailing.to(last.dtype)[:, None, None]
             last = torch.exp(steps * Delta[:, :, -1, None].to(last.dtype) * A[None].to(last.dtype)) * last
         return y, last.detach()
 

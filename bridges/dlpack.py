@@ -1,10 +1,9 @@
 """Every torch <-> kernel array conversion, in one place, without copies where possible.
 
-- CPU tensors reach the numba kernels as NumPy views through DLPack (``np.from_dlpack`` of
-  the detached tensor): no copy when the tensor is contiguous and already in the compute
-  dtype, one contiguous copy otherwise.
-- CUDA tensors reach CuPy through DLPack (``cupy.from_dlpack``) and numba.cuda through
-  ``__cuda_array_interface__``; both see the very memory torch allocated.
+- A tensor reaches a backend as that backend's own array type through the registry entry's
+  ``view`` (``cuda_kernels.backends``): NumPy views through DLPack for the CPU backends,
+  ``cupy.from_dlpack`` for CuPy, ``__cuda_array_interface__`` for numba.cuda. No copy when
+  the tensor is contiguous and already in the compute dtype, one contiguous copy otherwise.
 - Outputs and gradients are allocated by torch (its caching allocator owns them) and handed
   to the kernels as views to fill in place.
 - Kernels run on torch's current CUDA stream (``stream_handle``).
@@ -14,15 +13,18 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from reference.arguments import compute_dtype_name
+
 __all__ = ["compute_dtype", "kernel_input", "kernel_view", "stream_handle", "to_torch"]
 
 
 def compute_dtype(dtype):
-    """float64 stays float64; float16, bfloat16 and float32 compute in float32 (as mamba_ssm)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+    """``reference.compute_dtype_name`` as a torch dtype: float64 stays float64; float16,
+    bfloat16 and float32 compute in float32 (as mamba_ssm)."""
+    return getattr(torch, compute_dtype_name(dtype))
 
 
-def kernel_input(t, dtype, backend):
+def kernel_input(t, dtype, entry):
     """A tensor (or None) as the array the backend's kernel reads; copies only when the
     tensor is non-contiguous or not in ``dtype``."""
     if t is None:
@@ -32,20 +34,12 @@ def kernel_input(t, dtype, backend):
         t = t.to(dtype)
     if not t.is_contiguous():
         t = t.contiguous()
-    return kernel_view(t, backend)
+    return entry.view(t)
 
 
-def kernel_view(t, backend):
+def kernel_view(t, entry):
     """A zero-copy view of a contiguous tensor for a backend (writable: outputs use it too)."""
-    if backend == "numba-cpu":
-        return np.from_dlpack(t)
-    if backend == "cupy":
-        import cupy
-        return cupy.from_dlpack(t)
-    if backend == "numba-cuda":
-        from numba import cuda
-        return cuda.as_cuda_array(t)
-    raise ValueError(f"no array view for backend {backend!r}")
+    return entry.view(t)
 
 
 def stream_handle(device):

@@ -24,8 +24,9 @@ from __future__ import annotations
 import numpy as np
 from numba import prange
 
+from reference.arguments import compute_dtype
+
 from ._numba_support import cached_njit, cast_like, fast_exp, sigmoid, softplus, softplus_grad
-from .layout import compute_dtype, gap_coefficients
 
 __all__ = ["forward", "backward"]
 
@@ -47,7 +48,7 @@ def _discretize_row(delta_row, bias, use_softplus, Delta):
 
 @cached_njit(inline="always")
 def _effective_delta_row(Delta, coef_self, coef_prev, E):
-    """E_i = coef_self_i·Δ_i + coef_prev_i·Δ_{i-1} (SPEC §1, see ``gap_coefficients``)."""
+    """E_i = coef_self_i·Δ_i + coef_prev_i·Δ_{i-1} (SPEC §1, ``PositionMap.coefficients``)."""
     if Delta.shape[0] and E.shape[0]:
         E[0] = coef_self[0] * Delta[0]
     for i in range(1, E.shape[0]):
@@ -212,7 +213,7 @@ def _dummy(dtype):
 
 def _prepared(args):
     """Inputs in the compute dtype, B/C transposed to (batch, G, M, N), dummies for None."""
-    dt = compute_dtype(args)
+    dt = compute_dtype(args.u.dtype)
     c = lambda x: np.ascontiguousarray(x, dtype=dt)
     return dict(
         u=c(args.u), delta=c(args.delta), A=c(args.A),
@@ -234,8 +235,14 @@ def _check_out(arr, name, shape, dtype):
     return arr
 
 
-def forward(args, out=None, last_state=None, stream=None):
-    """Run the forward kernel on validated ``ScanArgs``.
+def _coefficients(args, coefficients, dt):
+    """The map's coefficients, or the no-pruning map's when there is none."""
+    return coefficients if coefficients is not None else args.position_map.coefficients(args.alignment, dt)
+
+
+def forward(args, coefficients, out=None, last_state=None, stream=None):
+    """Run the forward kernel on validated ``ScanArgs`` and the position map's
+    ``GapCoefficients`` in the compute dtype (None: no map).
 
     ``out`` (batch, dim, M) and ``last_state`` (batch, dim, N) may be given (C-contiguous,
     compute dtype) to be filled in place (``stream`` is ignored: CPU). Returns out, or
@@ -247,14 +254,14 @@ def forward(args, out=None, last_state=None, stream=None):
     want_last = args.return_last_state
     last = _check_out(last_state, "last_state", (batch, dim, x["A"].shape[1]), dt) if want_last \
         else np.zeros((1, 1, 1), dt)
-    coef_self, coef_prev, trailing = gap_coefficients(args.positions, args.seqlen_rows, args.alignment, dt)
+    coef_self, coef_prev, _, trailing = _coefficients(args, coefficients, dt)
     _forward_kernel(x["u"], x["delta"], x["A"], x["Bt"], x["Ct"], x["D"], x["z"], x["delta_bias"], x["softplus"],
                     coef_self, coef_prev, trailing, args.D is not None, args.z is not None,
                     args.delta_bias is not None, want_last, out, last)
     return (out, last) if want_last else out
 
 
-def backward(dout, args, grads_out=None, stream=None):
+def backward(dout, args, coefficients, grads_out=None, stream=None):
     """Run the backward kernel: (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias), None where the
     input was None. ``grads_out`` may map names ("du", "ddelta", "dz") to arrays to fill."""
     x, dt = _prepared(args)
@@ -272,7 +279,7 @@ def backward(dout, args, grads_out=None, stream=None):
     dA_part = np.empty((batch, dim, dstate), dt)
     dD_part = np.empty((batch, dim), dt)
     dbias_part = np.empty((batch, dim), dt)
-    coef_self, coef_prev, _ = gap_coefficients(args.positions, args.seqlen_rows, args.alignment, dt)
+    coef_self, coef_prev, _, _ = _coefficients(args, coefficients, dt)
     _backward_kernel(dout, x["u"], x["delta"], x["A"], x["Bt"], x["Ct"], x["D"], x["z"], x["delta_bias"],
                      x["softplus"], coef_self, coef_prev, args.D is not None,
                      args.z is not None, args.delta_bias is not None, du, ddelta, dz, dBt, dCt,

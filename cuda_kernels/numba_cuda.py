@@ -11,7 +11,7 @@ How the work maps to threads, and why:
   written back coalesced. The state h (N values) and the row A[d] live in each thread's
   local memory.
 - The gap is fused (SPEC §1, "Cost"): token i advances h by exp(E_i·A) with
-  E_i = coef_self_i·Δ_i + coef_prev_i·Δ_{i-1} (``layout.gap_coefficients``), one exp per
+  E_i = coef_self_i·Δ_i + coef_prev_i·Δ_{i-1} (``PositionMap.coefficients``), one exp per
   (token, channel, state), whatever the gaps.
 - Backward: a first sweep saves the state at the start of every tile (b, d, tiles, N);
   the reverse sweep recomputes each tile's states from its checkpoint and runs the adjoint.
@@ -32,7 +32,8 @@ import math
 import numpy as np
 from numba import cuda, types
 
-from .layout import compute_dtype, gap_coefficients
+from reference.arguments import compute_dtype
+from reference.scan import SOFTPLUS_THRESHOLD
 
 __all__ = ["forward", "backward", "kernel_functions", "kernel_signatures", "launch_config"]
 
@@ -66,7 +67,7 @@ def kernel_functions(dstate, ch, tile, dtype_name):
     TP, TNS = T + 1, T * NS     # shared/local array shapes must be compile-time constants
     DT = np.dtype(dtype_name).type
     nbt = types.float32 if dtype_name == "float32" else types.float64
-    ZERO, ONE, THRESH = DT(0.0), DT(1.0), DT(20.0)
+    ZERO, ONE, THRESH = DT(0.0), DT(1.0), DT(SOFTPLUS_THRESHOLD)
 
     @cuda.jit(device=True, inline=True)
     def softplus(x):
@@ -134,13 +135,16 @@ def kernel_functions(dstate, ch, tile, dtype_name):
         cuda.syncthreads()
 
     @cuda.jit(device=True, inline=True)
-    def timescales(x, use_softplus, cs, cp, Delta_prev):
-        """(Δ, E) of a token from its raw delta + bias x (SPEC §1, layout.gap_coefficients)."""
+    def timescales(x, use_softplus, has_map, coef_self, coef_prev, b, i, Delta_prev):
+        """(Δ, E) of token i from its raw delta + bias x (SPEC §1, PositionMap.coefficients);
+        without a map E = Δ."""
         Delta = softplus(x) if use_softplus else x
-        return Delta, cs * Delta + cp * Delta_prev
+        if not has_map:
+            return Delta, Delta
+        return Delta, coef_self[b, i] * Delta + coef_prev[b, i] * Delta_prev
 
     def forward_kernel(u, delta, A, B, C, D, z, bias, coef_self, coef_prev, trailing,
-                       use_softplus, has_D, has_z, has_bias, want_last, out, last):
+                       use_softplus, has_D, has_z, has_bias, has_map, want_last, out, last):
         tid = cuda.threadIdx.x
         M = u.shape[2]
         b, g, c0, nch, d, active = block_channels(u, B)
@@ -169,7 +173,7 @@ def kernel_functions(dstate, ch, tile, dtype_name):
             if active:
                 for t in range(tn):
                     i = t0 + t
-                    Delta, E = timescales(sX[tid, t] + bias_d, use_softplus, coef_self[b, i], coef_prev[b, i],
+                    Delta, E = timescales(sX[tid, t] + bias_d, use_softplus, has_map, coef_self, coef_prev, b, i,
                                           Delta_prev)
                     du = Delta * sU[tid, t]
                     y = ZERO
@@ -187,11 +191,12 @@ def kernel_functions(dstate, ch, tile, dtype_name):
             cuda.syncthreads()
         if want_last and active:
             for n in range(NS):
-                decay = math.exp(trailing[b] * Delta_prev * a_row[n]) if M > 0 else ZERO
+                steps = trailing[b] if has_map else ZERO
+                decay = math.exp(steps * Delta_prev * a_row[n]) if M > 0 else ZERO
                 last[b, d, n] = decay * h[n]
 
     def backward_kernel(dout, u, delta, A, B, C, D, z, bias, coef_self, coef_prev,
-                        use_softplus, has_D, has_z, has_bias, ckpt,
+                        use_softplus, has_D, has_z, has_bias, has_map, ckpt,
                         du_out, ddelta_out, dz_out, dB_part, dC_part, dA_part, dD_part, dbias_part):
         tid = cuda.threadIdx.x
         blk = cuda.blockIdx.x
@@ -238,7 +243,7 @@ def kernel_functions(dstate, ch, tile, dtype_name):
                     ckpt[b, d, k, n] = h[n]
                 for t in range(tn):
                     i = t0 + t
-                    Delta, E = timescales(sX[tid, t] + bias_d, use_softplus, coef_self[b, i], coef_prev[b, i],
+                    Delta, E = timescales(sX[tid, t] + bias_d, use_softplus, has_map, coef_self, coef_prev, b, i,
                                           Delta_prev)
                     du = Delta * sU[tid, t]
                     for n in range(NS):
@@ -273,7 +278,7 @@ def kernel_functions(dstate, ch, tile, dtype_name):
                     h[n] = h0[n]
                 for t in range(tn):
                     i = t0 + t
-                    Delta, E = timescales(sX[tid, t] + bias_d, use_softplus, coef_self[b, i], coef_prev[b, i],
+                    Delta, E = timescales(sX[tid, t] + bias_d, use_softplus, has_map, coef_self, coef_prev, b, i,
                                           Delta_prev)
                     Dl[t] = Delta
                     El[t] = E
@@ -314,8 +319,11 @@ def kernel_functions(dstate, ch, tile, dtype_name):
                         sRed[n, tid] = dhn * dBu
                         dh[n] = dhn * a
                     sG[tid, t] = dy * D_d + s * Delta
-                    dDelta = s * sU[tid, t] + coef_self[b, i] * dE + pending
-                    pending = coef_prev[b, i] * dE
+                    if has_map:
+                        dDelta = s * sU[tid, t] + coef_self[b, i] * dE + pending
+                        pending = coef_prev[b, i] * dE
+                    else:
+                        dDelta = s * sU[tid, t] + dE
                     if use_softplus:
                         x = sX[tid, t] + bias_d
                         if x <= THRESH:
@@ -379,8 +387,8 @@ def kernel_signatures(dtype_name):
     a1, a2, a3, a4 = (types.Array(f, n, "C") for n in (1, 2, 3, 4))
     flag = types.boolean
     return {
-        "forward": (a3, a3, a2, a4, a4, a1, a3, a1, a2, a2, a1, flag, flag, flag, flag, flag, a3, a3),
-        "backward": (a3, a3, a3, a2, a4, a4, a1, a3, a1, a2, a2, flag, flag, flag, flag, a4,
+        "forward": (a3, a3, a2, a4, a4, a1, a3, a1, a2, a2, a1, flag, flag, flag, flag, flag, flag, a3, a3),
+        "backward": (a3, a3, a3, a2, a4, a4, a1, a3, a1, a2, a2, flag, flag, flag, flag, flag, a4,
                      a3, a3, a3, a4, a4, a3, a2, a2),
         "reduce_blocks": (a4, types.int64, a4),
         "reduce_batch": (a2, a1),
@@ -441,18 +449,27 @@ def _grid(args, ch):
     return (args.groups * ((per_group + ch - 1) // ch), args.batch)
 
 
-def forward(args, out=None, last_state=None, stream=None, tile=None):
-    """Forward on validated ``ScanArgs``; NumPy in gives NumPy out, device in gives device out.
-    ``stream``: a numba stream or a raw CUDA stream handle; ``tile``: tokens per tile (tests)."""
-    dt = compute_dtype(args)
+def _map_arrays(coefficients, stage):
+    """The coefficient device arrays, or 1-element dummies when there is no map."""
+    if coefficients is None:
+        dummy = cuda.to_device(np.zeros((1, 1), stage.dtype), stream=stage.stream)
+        return dummy, dummy, cuda.to_device(np.zeros(1, stage.dtype), stream=stage.stream)
+    return tuple(stage(a, name) for a, name in zip((coefficients.coef_self, coefficients.coef_prev,
+                                                    coefficients.trailing), ("coef_self", "coef_prev", "trailing")))
+
+
+def forward(args, coefficients, out=None, last_state=None, stream=None, tile=None):
+    """Forward on validated ``ScanArgs`` and the map's coefficients (None: no map); NumPy in
+    gives NumPy out, device in gives device out. ``stream``: a numba stream or a raw CUDA
+    stream handle; ``tile``: tokens per tile (tests)."""
+    dt = compute_dtype(args.u.dtype)
     st = _stream(stream)
     stage = _Staging(dt, st)
     x = _inputs(args, stage)
     batch, dim, M = args.u.shape
     N = args.dstate
     ch, tile = launch_config(N, dim // args.groups, tile)
-    coef_self, coef_prev, trailing = (cuda.to_device(a, stream=st) for a in
-                                      gap_coefficients(args.positions, args.seqlen_rows, args.alignment, dt))
+    coef_self, coef_prev, trailing = _map_arrays(coefficients, stage)
     out_d = _output(out, "out", (batch, dim, M), stage)
     want_last = args.return_last_state
     last_d = _output(last_state, "last_state", (batch, dim, N), stage) if want_last \
@@ -461,7 +478,8 @@ def forward(args, out=None, last_state=None, stream=None, tile=None):
         k = _compiled(N, ch, tile, dt.name)["forward"]
         k[_grid(args, ch), ch, st](x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"], x["bias"],
                                    coef_self, coef_prev, trailing, args.delta_softplus, args.D is not None,
-                                   args.z is not None, args.delta_bias is not None, want_last, out_d, last_d)
+                                   args.z is not None, args.delta_bias is not None, coefficients is not None,
+                                   want_last, out_d, last_d)
     if stage.on_host and out is None:
         result = out_d.copy_to_host(stream=st)
         last_h = last_d.copy_to_host(stream=st) if want_last else None
@@ -470,9 +488,9 @@ def forward(args, out=None, last_state=None, stream=None, tile=None):
     return (out_d, last_d) if want_last else out_d
 
 
-def backward(dout, args, grads_out=None, stream=None, tile=None):
+def backward(dout, args, coefficients, grads_out=None, stream=None, tile=None):
     """(du, ddelta, dA, dB, dC, dD, dz, ddelta_bias); host in gives host out."""
-    dt = compute_dtype(args)
+    dt = compute_dtype(args.u.dtype)
     st = _stream(stream)
     stage = _Staging(dt, st)
     x = _inputs(args, stage)
@@ -483,8 +501,7 @@ def backward(dout, args, grads_out=None, stream=None, tile=None):
     grid = _grid(args, ch)
     nblk = grid[0]
     ntiles = (M + tile - 1) // tile
-    coef_self, coef_prev, _ = (cuda.to_device(a, stream=st) for a in
-                               gap_coefficients(args.positions, args.seqlen_rows, args.alignment, dt))
+    coef_self, coef_prev, _ = _map_arrays(coefficients, stage)
     grads_out = grads_out or {}
     du = _output(grads_out.get("du"), "du", (batch, dim, M), stage)
     ddelta = _output(grads_out.get("ddelta"), "ddelta", (batch, dim, M), stage)
@@ -505,7 +522,8 @@ def backward(dout, args, grads_out=None, stream=None, tile=None):
     if batch * dim:
         kernels["backward"][grid, ch, st](
             dout_d, x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"], x["bias"], coef_self, coef_prev,
-            args.delta_softplus, args.D is not None, args.z is not None, args.delta_bias is not None, ckpt,
+            args.delta_softplus, args.D is not None, args.z is not None, args.delta_bias is not None,
+            coefficients is not None, ckpt,
             du, ddelta, dz, dB_part, dC_part, dA_part, dD_part, dbias_part)
     threads = 128
     total = batch * G * N * M

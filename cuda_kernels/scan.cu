@@ -13,7 +13,8 @@
 //   everything before it, and the running prefix (the state at the chunk's start) is carried
 //   across chunks: long sequences are parallel along L.
 // - The gap is fused: a_i = exp(E_i·A[n]) with E_i = coef_self_i·Δ_i + coef_prev_i·Δ_{i-1}
-//   (see layout.gap_coefficients): one exp per (token, channel, state), whatever the gaps;
+//   (PositionMap.coefficients; has_map = 0 means no map: E_i = Δ_i): one exp per
+//   (token, channel, state), whatever the gaps;
 //   pruned positions are never visited. Δ_{i-1} of a thread's first item comes from its
 //   neighbour through shared memory, or from the previous chunk.
 // - Backward: the forward kernel, run first with write_out = 0, saves only the state at the
@@ -32,6 +33,9 @@
 #ifndef SCAN_ITEMS
 #define SCAN_ITEMS 4
 #endif
+#ifndef SCAN_SOFTPLUS_THRESHOLD
+#error "SCAN_SOFTPLUS_THRESHOLD must be defined (cupy_raw.COMPILE_OPTIONS takes it from reference.SOFTPLUS_THRESHOLD)"
+#endif
 #define SCAN_CHUNK (SCAN_THREADS * SCAN_ITEMS)
 #define SCAN_MAX_DSTATE 256
 
@@ -45,7 +49,7 @@ __device__ __forceinline__ double log1p_acc(double x) { return log1p(x); }
 
 template <typename A>
 __device__ __forceinline__ A softplus_acc(A x) {
-    return x <= A(20) ? log1p_acc(exp_acc(x)) : x;   // the mamba kernel's threshold
+    return x <= A(SCAN_SOFTPLUS_THRESHOLD) ? log1p_acc(exp_acc(x)) : x;   // the mamba kernel's threshold
 }
 
 template <typename A>
@@ -103,7 +107,7 @@ selective_scan_fwd(const T* __restrict__ u, const T* __restrict__ delta,
                    const typename AccType<T>::type* __restrict__ coef_prev,
                    const typename AccType<T>::type* __restrict__ trailing,
                    int dim, int dstate, int groups, int length,
-                   int use_softplus, int has_D, int has_z, int has_bias, int write_out, int want_last,
+                   int use_softplus, int has_D, int has_z, int has_bias, int has_map, int write_out, int want_last,
                    T* __restrict__ out, typename AccType<T>::type* __restrict__ last_state,
                    typename AccType<T>::type* __restrict__ chunk_states) {
     typedef typename AccType<T>::type acc_t;
@@ -141,8 +145,9 @@ selective_scan_fwd(const T* __restrict__ u, const T* __restrict__ delta,
 #pragma unroll
         for (int j = 0; j < SCAN_ITEMS; ++j) {
             const int i = first + j;
-            E[j] = valid[j] ? coef_self[(long)b * length + i] * dl[j] + coef_prev[(long)b * length + i] * prev
-                            : acc_t(0);
+            E[j] = !valid[j] ? acc_t(0)
+                 : has_map ? coef_self[(long)b * length + i] * dl[j] + coef_prev[(long)b * length + i] * prev
+                 : dl[j];
             prev = dl[j];
             if (i == length - 1) s_delta_last = dl[j];
         }
@@ -196,7 +201,8 @@ selective_scan_fwd(const T* __restrict__ u, const T* __restrict__ delta,
     if (want_last) {
         __syncthreads();
         for (int n = rank; n < dstate; n += SCAN_THREADS) {
-            const acc_t decay = length > 0 ? exp_acc(trailing[b] * s_delta_last * A[(long)d * dstate + n]) : acc_t(0);
+            const acc_t steps = has_map ? trailing[b] : acc_t(0);
+            const acc_t decay = length > 0 ? exp_acc(steps * s_delta_last * A[(long)d * dstate + n]) : acc_t(0);
             last_state[((long)b * dim + d) * dstate + n] = decay * s_hc[n];
         }
     }
@@ -214,7 +220,7 @@ selective_scan_bwd(const T* __restrict__ dout, const T* __restrict__ u, const T*
                    const typename AccType<T>::type* __restrict__ coef_self,
                    const typename AccType<T>::type* __restrict__ coef_prev,
                    int dim, int dstate, int groups, int length,
-                   int use_softplus, int has_D, int has_z, int has_bias,
+                   int use_softplus, int has_D, int has_z, int has_bias, int has_map,
                    const typename AccType<T>::type* __restrict__ chunk_states,
                    T* __restrict__ du, T* __restrict__ ddelta, T* __restrict__ dz,
                    typename AccType<T>::type* __restrict__ dB, typename AccType<T>::type* __restrict__ dC,
@@ -276,7 +282,7 @@ selective_scan_bwd(const T* __restrict__ dout, const T* __restrict__ u, const T*
 #pragma unroll
         for (int j = 0; j < SCAN_ITEMS; ++j) {
             const int i = first + j;
-            E[j] = valid[j] ? coef_self[crow + i] * dl[j] + coef_prev[crow + i] * prev : acc_t(0);
+            E[j] = !valid[j] ? acc_t(0) : has_map ? coef_self[crow + i] * dl[j] + coef_prev[crow + i] * prev : dl[j];
             prev = dl[j];
         }
         __syncthreads();
@@ -342,9 +348,9 @@ selective_scan_bwd(const T* __restrict__ dout, const T* __restrict__ u, const T*
         for (int j = SCAN_ITEMS - 1; j >= 0; --j) {
             const int i = first + j;
             if (valid[j]) {
-                acc_t dDelta = s[j] * uv[j] + coef_self[crow + i] * dE[j];
-                if (i + 1 < length) dDelta += coef_prev[crow + i + 1] * dE_after;
-                if (use_softplus && xv[j] <= acc_t(20)) dDelta *= sigmoid_acc(xv[j]);
+                acc_t dDelta = s[j] * uv[j] + (has_map ? coef_self[crow + i] * dE[j] : dE[j]);
+                if (has_map && i + 1 < length) dDelta += coef_prev[crow + i + 1] * dE_after;
+                if (use_softplus && xv[j] <= acc_t(SCAN_SOFTPLUS_THRESHOLD)) dDelta *= sigmoid_acc(xv[j]);
                 du[row + i] = T(dy[j] * Dd + s[j] * dl[j]);
                 ddelta[row + i] = T(dDelta);
                 if (has_z) {

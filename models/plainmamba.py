@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import reference as R
-from bridges import selective_scan_fn
+from bridges import TorchPositionMap, selective_scan_fn
 
 from .pruning import PruningConfig, select_kept
 
@@ -32,19 +31,22 @@ PLAINMAMBA_CONFIGS = {
 
 
 class PathPlan:
-    """Per snake path, for the current kept tokens: the compact order along the path, the
-    inverse permutation, the position map and the direction label of each path position."""
+    """Per snake path, for the current kept tokens: the compact order along the path
+    (``index``), its inverse, the path's position map (None when nothing is pruned) and the
+    direction label of each path position. Made once per pruning stage."""
 
-    def __init__(self, kept, height, width, device):
+    def __init__(self, kept_map, height, width, device):
         orders, labels = R.snake_paths(height, width)
-        kept_np = kept.cpu().numpy()
+        self.seqlen = height * width
         self.paths = []
         for order, label in zip(orders, labels):
-            index, positions = R.path_positions(kept_np, order)
-            inverse = np.argsort(index, axis=1)
-            self.paths.append(tuple(torch.as_tensor(a, device=device) for a in
-                                    (index, inverse, positions, label[positions])))
-        self.seqlen = height * width
+            label = torch.as_tensor(label, device=device)
+            if kept_map is None:    # dense: the path visits every token, in its own order
+                index = torch.as_tensor(order, device=device)[None]
+                self.paths.append((index, torch.argsort(index, dim=1), None, label[None]))
+                continue
+            index, path_map = kept_map.path(order)
+            self.paths.append((index, torch.argsort(index, dim=1), path_map, label[path_map.positions]))
 
 
 class PlainMamba2D(nn.Module):
@@ -64,9 +66,9 @@ class PlainMamba2D(nn.Module):
         self.out_proj = nn.Linear(E, d_model)
         nn.init.trunc_normal_(self.direction_Bs, std=0.02)
 
-    def forward(self, x, kept, plan, grid, alignment="none"):
-        """x (b, K, D) kept tokens in raster order; kept (b, K) their raster indices.
-        Returns (out (b, K, D), y (b, E, K) merged gated SSM output)."""
+    def forward(self, x, kept, plan, grid, alignment="none", backend=None):
+        """x (b, K, D) kept tokens in raster order; kept (b, K) their raster indices; plan
+        the stage's ``PathPlan``. Returns (out (b, K, D), y (b, E, K) merged gated SSM output)."""
         b, K, _ = x.shape
         H, W = grid
         E = self.d_inner
@@ -80,14 +82,14 @@ class PlainMamba2D(nn.Module):
         delta = self.dt_proj(dt).transpose(1, 2).contiguous()                            # bias included once
         Bm, Cm = Bm.transpose(1, 2), Cm.transpose(1, 2).contiguous()                     # (b, N, K), raster order
         A = -torch.exp(self.A_log.float())
-        pruned = K < plan.seqlen
         y = 0
-        for index, inverse, positions, labels in plan.paths:
+        for index, inverse, path_map, labels in plan.paths:
+            index, inverse = index.expand(b, -1), inverse.expand(b, -1)
             u = torch.gather(xc, 2, index[:, None, :].expand(-1, E, -1))                # u in path order
-            B_k = (Bm + self.direction_Bs[labels].transpose(1, 2)).contiguous()          # quirk: B in raster order
-            y_k = selective_scan_fn(u, delta, A, B_k, Cm, self.D.float(), None, self.dt_proj.bias.float(), True,
-                                    positions=positions if pruned else None, seqlen=plan.seqlen if pruned else None,
-                                    alignment=alignment)
+            B_k = (Bm + self.direction_Bs[labels].transpose(-1, -2)).contiguous()        # quirk: B in raster order
+            y_k = selective_scan_fn(u, delta, A, B_k, Cm, self.D.float(), None,
+                                    self.dt_proj.bias.float(), True, positions=path_map,
+                                    alignment=alignment if path_map is not None else "none", backend=backend)
             y = y + torch.gather(y_k, 2, inverse[:, None, :].expand(-1, E, -1))          # back to raster order
         y = y * F.silu(z.transpose(1, 2))
         return self.out_proj(y.transpose(1, 2)), y
@@ -102,8 +104,8 @@ class PlainMambaLayer(nn.Module):
             self.dw = nn.Sequential(nn.Conv2d(dim, dim, 3, padding=1, groups=dim, bias=False), nn.BatchNorm2d(dim),
                                     nn.GELU())
 
-    def forward(self, x, kept, plan, grid, alignment):
-        out, y = self.mamba(self.norm(x), kept, plan, grid, alignment)
+    def forward(self, x, kept, plan, grid, alignment, backend=None):
+        out, y = self.mamba(self.norm(x), kept, plan, grid, alignment, backend)
         x = x + out
         if hasattr(self, "dw"):
             b, L, D = x.shape
@@ -147,8 +149,9 @@ class PlainMamba(nn.Module):
     """PlainMamba backbone + linear head on the mean token, with token pruning."""
 
     def __init__(self, embed_dim=192, depth=24, stem_convs=1, dw_after_first=True, num_classes=1000, img_size=224,
-                 channels=3, pruning=None):
+                 channels=3, pruning=None, backend=None):
         super().__init__()
+        self.backend = backend        # every scan's backend (None: the registry's default for the device)
         self.embed_dim = embed_dim
         self.pruning = pruning if pruning is not None else PruningConfig()
         self.backbone = Backbone(embed_dim, depth, stem_convs, dw_after_first, img_size, channels)
@@ -167,11 +170,12 @@ class PlainMamba(nn.Module):
         x = bb.patch_embed(images).flatten(2).transpose(1, 2) + bb.pos_embed               # (b, HW, D)
         b, L, _ = x.shape
         kept = torch.arange(L, device=x.device).expand(b, L)
-        plan = PathPlan(kept, *self.grid, x.device)
+        kept_map = None
+        plan = PathPlan(kept_map, *self.grid, x.device)
         active = torch.ones(b, L, dtype=torch.bool, device=x.device) if cfg.mode == "mask" else None
         kept_per_stage = []
         for i, layer in enumerate(bb.layers):
-            x, y = layer(x, kept, plan, self.grid, cfg.alignment if kept.shape[1] < L else "none")
+            x, y = layer(x, kept, plan, self.grid, cfg.alignment if kept_map is not None else "none", self.backend)
             if trace is not None:
                 trace.append((kept, x))
             stage = cfg.stage_after(i)
@@ -184,8 +188,10 @@ class PlainMamba(nn.Module):
                 kept_per_stage.append(sel)
                 continue
             x = torch.gather(x, 1, sel[..., None].expand(-1, -1, x.shape[-1]))
-            kept = torch.gather(kept, 1, sel)                                             # compose (SPEC §3)
-            plan = PathPlan(kept, *self.grid, x.device)
+            # The kept raster tokens as a map (SPEC §3: positions compose), then each path's.
+            kept_map = TorchPositionMap(sel, L) if kept_map is None else kept_map.compose(sel)
+            kept = kept_map.positions
+            plan = PathPlan(kept_map, *self.grid, x.device)
             kept_per_stage.append(kept)
         logits = self.head.fc(bb.ln1(x).mean(dim=1))
         return (logits, kept_per_stage) if return_kept else logits

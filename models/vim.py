@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bridges import selective_scan_fn
+from bridges import TorchPositionMap, selective_scan_fn
 
 from .pruning import PruningConfig, select_kept
 
@@ -35,11 +35,6 @@ class RMSNorm(nn.Module):
     def forward(self, x):
         x32 = x.float()
         return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.float()).to(x.dtype)
-
-
-def _flip_positions(positions, seqlen):
-    """reference.flip_positions for tensors: seqlen - 1 - flip(positions) (SPEC §3)."""
-    return seqlen - 1 - positions.flip(-1)
 
 
 def _causal_conv(x, conv, positions=None, seqlen=None):
@@ -85,27 +80,37 @@ class BiMambaMixer(nn.Module):
                 dt = torch.exp(torch.rand(E) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
                 proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
 
-    def _branch(self, x, z, conv, x_proj, dt_proj, A_log, D, positions, seqlen, alignment, position_aware):
-        xc = _causal_conv(x, conv, positions if position_aware else None, seqlen)          # (b, E, L)
+    def _branch(self, x, z, conv, x_proj, dt_proj, A_log, D, position_map, alignment, position_aware, backend,
+                record):
+        aware = position_aware and position_map is not None
+        xc = _causal_conv(x, conv, position_map.positions if aware else None,
+                          int(position_map.seqlen_rows[0]) if aware else None)                # (b, E, L)
         dbl = x_proj(xc.transpose(1, 2))                                                  # (b, L, R+2N)
         dt, B, C = torch.split(dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         delta = (dt @ dt_proj.weight.t()).transpose(1, 2)                                 # (b, E, L)
-        return selective_scan_fn(xc, delta, -torch.exp(A_log.float()), B.transpose(1, 2).contiguous(),
-                                 C.transpose(1, 2).contiguous(), D.float(), z, dt_proj.bias.float(), True,
-                                 positions=positions, seqlen=seqlen, alignment=alignment)
+        scan = (xc, delta, -torch.exp(A_log.float()), B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous(),
+                D.float(), z, dt_proj.bias.float(), True)
+        out = selective_scan_fn(*scan, positions=position_map, alignment=alignment, backend=backend)
+        if record is not None:
+            record.append({"args": scan, "position_map": position_map, "alignment": alignment, "out": out})
+        return out
 
-    def forward(self, h, positions=None, seqlen=None, alignment="none", position_aware=False):
+    def forward(self, h, position_map=None, flipped_map=None, alignment="none", position_aware=False, backend=None,
+                record=None):
         """h (b, L, D) -> (out (b, L, D), y (b, E, L) merged gated SSM output for importance).
 
-        positions (b, L) are the tokens' indices on the unpruned path of length seqlen; the
-        backward branch scans the flipped sequence with flipped positions (SPEC §3)."""
+        position_map: the tokens' ``TorchPositionMap`` on the unpruned path (None: no
+        pruning); the backward branch scans the flipped sequence with ``flipped_map``
+        (``position_map.flip()`` when not given, SPEC §3). backend: the scan backend (None:
+        the registry's default). record: a list that receives every scan's arguments."""
         xz = self.in_proj(h).transpose(1, 2)                                              # (b, 2E, L)
         x, z = xz.chunk(2, dim=1)
-        y_f = self._branch(x, z, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D, positions, seqlen,
-                           alignment, position_aware)
-        flipped = None if positions is None else _flip_positions(positions, seqlen)
+        y_f = self._branch(x, z, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D, position_map,
+                           alignment, position_aware, backend, record)
+        if position_map is not None and flipped_map is None:
+            flipped_map = position_map.flip()
         y_b = self._branch(x.flip(-1), z.flip(-1), self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log,
-                           self.D_b, flipped, seqlen, alignment, position_aware)
+                           self.D_b, flipped_map, alignment, position_aware, backend, record)
         y = y_f + y_b.flip(-1)
         return self.out_proj((y / 2).transpose(1, 2)), y
 
@@ -138,8 +143,9 @@ class VisionMamba(nn.Module):
     """ViM with the class token in the middle and token pruning (``pruning=``)."""
 
     def __init__(self, embed_dim=192, depth=24, img_size=224, patch_size=16, num_classes=1000, channels=3,
-                 pruning=None):
+                 pruning=None, backend=None):
         super().__init__()
+        self.backend = backend        # every scan's backend (None: the registry's default for the device)
         self.embed_dim = embed_dim
         self.grid = img_size // patch_size
         self.num_patches = self.grid ** 2
@@ -162,23 +168,26 @@ class VisionMamba(nn.Module):
         x = torch.cat([x[:, :c], self.cls_token.expand(b, -1, -1), x[:, c:]], dim=1)
         return x + self.pos_embed
 
-    def forward(self, images, return_kept=False, trace=None):
+    def forward(self, images, return_kept=False, trace=None, scans=None):
         """logits (b, classes); with return_kept also the kept positions (b, K) after each
         pruning stage (indices into the 197 tokens, the class token at index 98). A list
-        passed as ``trace`` receives, per layer, (positions (b, L), residual stream (b, L, D))."""
+        passed as ``trace`` receives, per layer, (positions (b, L), residual stream (b, L, D));
+        one passed as ``scans`` receives every scan's arguments, map and output (forward
+        branch, then backward branch, layer by layer)."""
         cfg = self.pruning
         hidden = self.embed(images)
         b, L, _ = hidden.shape
         device = hidden.device
         positions = torch.arange(L, device=device).expand(b, L)
+        position_map = flipped_map = None                                                  # made once per stage
         cls_at = torch.full((b, 1), self.cls_index, device=device, dtype=torch.long)   # index in the compact axis
         active = torch.ones(b, L, dtype=torch.bool, device=device) if cfg.mode == "mask" else None
         residual, kept_per_stage = None, []
         for i, layer in enumerate(self.layers):
-            pruned = cfg.active and cfg.mode != "mask" and positions.shape[1] < L
-            scan = dict(positions=positions if pruned else None, seqlen=L if pruned else None,
-                        alignment=cfg.alignment if pruned else "none",
-                        position_aware=pruned and cfg.conv == "position_aware")
+            scan = dict(position_map=position_map, flipped_map=flipped_map,
+                        alignment=cfg.alignment if position_map is not None else "none",
+                        position_aware=position_map is not None and cfg.conv == "position_aware",
+                        backend=self.backend, record=scans)
             hidden, residual, y = layer(hidden, residual, **scan)
             if trace is not None:
                 trace.append((positions, residual + hidden.float()))
@@ -194,7 +203,10 @@ class VisionMamba(nn.Module):
                 continue
             gather = lambda t: torch.gather(t, 1, kept[..., None].expand(-1, -1, t.shape[-1]))
             hidden, residual = gather(hidden), gather(residual)
-            positions = torch.gather(positions, 1, kept)                                # compose (SPEC §3)
+            # The next stage's map (SPEC §3: positions compose) and its flip, once per stage.
+            position_map = TorchPositionMap(kept, L) if position_map is None else position_map.compose(kept)
+            flipped_map = position_map.flip()
+            positions = position_map.positions
             cls_at = (kept == cls_at).long().argmax(dim=1, keepdim=True)
             kept_per_stage.append(positions)
         final = self.norm_f((residual + hidden.float()).to(self.norm_f.weight.dtype))
@@ -203,14 +215,16 @@ class VisionMamba(nn.Module):
 
 
 def vim_tiny(pruning=None, num_classes=1000, **kwargs):
-    """ViM-T (dim 192, depth 24) as the official code builds it (SPEC §5)."""
+    """ViM-T (dim 192, depth 24) as the official code builds it (SPEC §5); kwargs as
+    ``VisionMamba`` (backend=, img_size=, ...)."""
     model = VisionMamba(**{**VIM_CONFIGS["vim_tiny"], **kwargs}, num_classes=num_classes, pruning=pruning)
     model.arch_name = "vim_tiny"
     return model
 
 
 def vim_small(pruning=None, num_classes=1000, **kwargs):
-    """ViM-S (dim 384, depth 24) as the official code builds it (SPEC §5)."""
+    """ViM-S (dim 384, depth 24) as the official code builds it (SPEC §5); kwargs as
+    ``VisionMamba`` (backend=, img_size=, ...)."""
     model = VisionMamba(**{**VIM_CONFIGS["vim_small"], **kwargs}, num_classes=num_classes, pruning=pruning)
     model.arch_name = "vim_small"
     return model

@@ -5,7 +5,8 @@ Glossary (code name — paper / SPEC symbol — shape):
     u            x, the remaining tokens in scan order            (batch, dim, M)
     delta        raw timescale before bias/softplus               (batch, dim, M)
     Delta        Δ = softplus(delta + delta_bias)                 (batch, dim, M)
-    positions    the position map: original index k_i of token i  (batch, M)
+    positions    the position map: original index k_i of token i  (batch, M); a validated
+                 ``PositionMap`` holds it with seqlen, gaps and coefficients
     gap          g_i = k_i - k_{i-1}, g_0 = 1; q_i = g_i - 1 pruned (batch, M)
     E            effective timescale, Eq. 5/6 fused               (batch, dim, M)
     A            continuous state matrix (diagonal per channel)   (dim, N)
@@ -19,17 +20,18 @@ Glossary (code name — paper / SPEC symbol — shape):
 
 SPEC.md §1 is the contract; every kernel in ``cuda_kernels`` is judged against this package.
 """
-from .arguments import ALIGNMENTS, ScanArgs, validate_scan_args
+from .arguments import ALIGNMENTS, ScanArgs, compute_dtype, compute_dtype_name, validate_scan_args
 from .attention import hidden_attention
 from .importance import METRICS, keep_count, select_tokens, token_importance
 from .oracles import delta_rewrite, expand_to_dense
-from .positions import (compose, flip_positions, gaps, mask_to_positions, path_positions,
-                        positions_to_mask, snake_paths, validate_positions)
-from .scan import hidden_states, selective_scan, selective_scan_backward
+from .positions import (GapCoefficients, PositionMap, compose, flip_positions, gaps, mask_to_positions,
+                        path_positions, positions_to_mask, snake_paths, validate_positions)
+from .scan import SOFTPLUS_THRESHOLD, hidden_states, selective_scan, selective_scan_backward
 from .tolerances import TOLERANCES, assert_within_tolerance, max_deviation, tolerance, within_tolerance
 
 __all__ = [
-    "ALIGNMENTS", "METRICS", "TOLERANCES", "ScanArgs",
+    "ALIGNMENTS", "METRICS", "TOLERANCES", "SOFTPLUS_THRESHOLD", "ScanArgs", "PositionMap", "GapCoefficients",
+    "compute_dtype", "compute_dtype_name",
     "selective_scan", "selective_scan_backward", "hidden_states", "hidden_attention",
     "validate_scan_args", "validate_positions", "mask_to_positions", "positions_to_mask",
     "gaps", "flip_positions", "compose", "snake_paths", "path_positions",

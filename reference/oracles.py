@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from .arguments import validate_scan_args
-from .scan import _float64_inputs, discretized_delta, effective_delta, token_gaps
+from .scan import _float64_inputs, discretized_delta, effective_delta
 
 __all__ = ["expand_to_dense", "delta_rewrite"]
 
@@ -87,5 +87,5 @@ def delta_rewrite(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_soft
                               positions=positions, seqlen=seqlen, alignment=alignment)
     x = _float64_inputs(args)
     Delta = discretized_delta(x["delta"], x["delta_bias"], args.delta_softplus)
-    E = effective_delta(Delta, token_gaps(args.positions), args.alignment)
+    E = effective_delta(Delta, args.position_map.coefficients(args.alignment))
     return {"delta": E, "u": x["u"] * Delta / E}

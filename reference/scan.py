@@ -9,19 +9,20 @@ from __future__ import annotations
 import numpy as np
 
 from .arguments import validate_scan_args
-from .positions import gaps
 
 __all__ = [
     "softplus",
     "discretized_delta",
     "effective_delta",
     "channel_groups",
+    "SOFTPLUS_THRESHOLD",
     "hidden_states",
     "selective_scan",
     "selective_scan_backward",
 ]
 
-SOFTPLUS_THRESHOLD = 20.0  # softplus(x) = x above it, as the mamba kernel
+# softplus(x) = x above it, as the mamba kernel: the one place every backend takes it from.
+SOFTPLUS_THRESHOLD = 20.0
 
 
 def softplus(x):
@@ -49,33 +50,18 @@ def discretized_delta(delta, delta_bias, delta_softplus):
     return softplus(x) if delta_softplus else x
 
 
-def token_gaps(positions):
-    """g_i = positions_i - positions_{i-1}, g_0 = 1 (``positions.gaps``) as float64, (b, M)."""
-    return gaps(positions).astype(np.float64)
+def effective_delta(Delta, coefficients):
+    """E_i, the timescale that covers token i and the q_i = g_i - 1 pruned steps before it:
 
+        E_i = coef_self_i·Δ_i + coef_prev_i·Δ_{i-1}
 
-def effective_delta(Delta, gap, alignment):
-    """E_i, the timescale that covers token i and the q_i = g_i - 1 pruned steps before it.
-
-    "prev" (Eq. 5/6): E_i = Δ_i + (g_i - 1)·Δ_{i-1}; "self": E_i = g_i·Δ_i;
-    "none": E_i = Δ_i. Always E_0 = Δ_0.  Delta (b, d, M), gap (b, M) -> (b, d, M).
+    with the coefficients of the alignment (``PositionMap.coefficients``, SPEC §1): "prev"
+    Δ_i + (g_i - 1)·Δ_{i-1} (Eq. 5/6); "self" g_i·Δ_i; "none" Δ_i; E_0 = Δ_0.
+    Delta (b, d, M) -> (b, d, M).
     """
-    if alignment == "none":
-        return Delta.copy()
-    g = gap[:, None, :]
-    if alignment == "self":
-        E = g * Delta
-    else:  # "prev"
-        E = Delta.copy()
-        E[..., 1:] += (g[..., 1:] - 1.0) * Delta[..., :-1]
-    if E.shape[-1]:
-        E[..., 0] = Delta[..., 0]
+    E = coefficients.coef_self[:, None, :] * Delta
+    E[..., 1:] += coefficients.coef_prev[:, None, 1:] * Delta[..., :-1]
     return E
-
-
-def trailing_steps(positions, seqlen_rows):
-    """Pruned steps after the last remaining token: seqlen - 1 - positions_{M-1}; (b,)."""
-    return (seqlen_rows - 1 - positions[:, -1]).astype(np.float64)
 
 
 def channel_groups(BC, dim):
@@ -92,8 +78,9 @@ def _float64_inputs(args):
 def _scan_terms(x, args):
     """The per-token terms of the recurrence: Δ, E, deltaA = exp(E·A), deltaB_u = Δ·B·u."""
     dim = x["u"].shape[1]
+    coefficients = args.position_map.coefficients(args.alignment)
     Delta = discretized_delta(x["delta"], x["delta_bias"], args.delta_softplus)      # (b, d, M)
-    E = effective_delta(Delta, token_gaps(args.positions), args.alignment)          # (b, d, M)
+    E = effective_delta(Delta, coefficients)                                        # (b, d, M)
     deltaA = np.exp(E[:, :, :, None] * x["A"][None, :, None, :])                    # (b, d, M, N)
     Bd = channel_groups(x["B"], dim)                                                 # (b, d, N, M)
     deltaB_u = (Delta * x["u"])[:, :, :, None] * Bd.transpose(0, 1, 3, 2)           # (b, d, M, N)
@@ -130,15 +117,13 @@ def _readout(h, x, dim):
 
 
 def _last_state(h, Delta, x, args):
-    """State at original position seqlen-1: the last h advanced over the trailing gap."""
+    """State at original position seqlen-1: the last h advanced over the trailing steps with
+    the last token's Δ (none under "none", where the trailing count is 0)."""
     b, d, _, n = h.shape
     if h.shape[2] == 0:
         return np.zeros((b, d, n))
-    last = h[:, :, -1]
-    if args.alignment == "none":
-        return last.copy()
-    steps = trailing_steps(args.positions, args.seqlen_rows)[:, None, None]     # (b, 1, 1)
-    return np.exp(steps * Delta[:, :, -1, None] * x["A"][None]) * last
+    steps = args.position_map.coefficients(args.alignment).trailing[:, None, None]     # (b, 1, 1)
+    return np.exp(steps * Delta[:, :, -1, None] * x["A"][None]) * h[:, :, -1]
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
@@ -234,15 +219,11 @@ def selective_scan_backward(dout, u, delta, A, B, C, D=None, z=None, delta_bias=
     dE = (grad_exponent * x["A"][None, :, None, :]).sum(axis=-1)
     dA = (grad_exponent * E[..., None]).sum(axis=(0, 2))
 
-    # E_i as a function of Δ (SPEC §1): the gap term sends (g_i - 1)·dE_i to token i-1.
-    gap = token_gaps(args.positions)[:, None, :]
-    if args.alignment == "prev":
-        dDelta += dE
-        dDelta[..., :-1] += (gap[..., 1:] - 1.0) * dE[..., 1:]
-    elif args.alignment == "self":
-        dDelta += gap * dE   # g_0 = 1
-    else:
-        dDelta += dE
+    # E_i = coef_self_i·Δ_i + coef_prev_i·Δ_{i-1} (SPEC §1): under "prev" the gap term
+    # sends (g_i - 1)·dE_i to token i-1.
+    coefficients = args.position_map.coefficients(args.alignment)
+    dDelta += coefficients.coef_self[:, None, :] * dE
+    dDelta[..., :-1] += coefficients.coef_prev[:, None, 1:] * dE[..., 1:]
 
     # Δ = softplus(delta + bias) or delta + bias.
     pre = x["delta"] if x["delta_bias"] is None else x["delta"] + x["delta_bias"][None, :, None]

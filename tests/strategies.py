@@ -60,9 +60,12 @@ def scan_problems(draw, dtype=np.float64, max_batch=2, max_dim=6, max_dstate=4, 
                   max_run=16, alignments=ALIGNMENTS, explicit_seqlen=None):
     """A full scan problem: every optional argument, grouped or plain B/C, every mask style.
 
-    explicit_seqlen: True always passes seqlen, None lets Hypothesis choose (None means
-    each row ends at its last remaining token).
+    dtype: one dtype, or a tuple of dtypes to draw from. explicit_seqlen: True always
+    passes seqlen, None lets Hypothesis choose (None means each row ends at its last
+    remaining token).
     """
+    if isinstance(dtype, (tuple, list)):
+        dtype = draw(st.sampled_from(dtype))
     batch = draw(st.integers(1, max_batch))
     groups = draw(st.sampled_from([None, 1, 2]))
     per_group = draw(st.integers(1, max(1, max_dim // (groups or 1))))

@@ -6,7 +6,7 @@ import torch
 import cuda_kernels as K
 import reference as R
 from bench.problems import make_problem
-from bridges import selective_scan_fn
+from bridges import TorchPositionMap, selective_scan_fn
 from tests.bridges.helpers import GRAD_NAMES, run, tensors
 
 
@@ -18,18 +18,22 @@ def _problem(**kw):
 
 
 def test_kernel_writes_into_torch_storage_and_reads_inputs_without_copies(monkeypatch):
+    from cuda_kernels import cpu
     p = _problem(dtype=np.float32)
     ts = tensors(p, requires_grad=False)
     seen = {}
-    real = K.selective_scan_fwd
+    real = cpu.forward
 
-    def spy(u, *args, out=None, **kw):
-        seen["u"], seen["out"] = u, out
-        return real(u, *args, out=out, **kw)
-    monkeypatch.setattr("bridges.scan_op.K.selective_scan_fwd", spy)
-    out = selective_scan_fn(*(ts[n] for n in GRAD_NAMES), True, positions=torch.tensor(p.positions), seqlen=14)
+    def spy(args, coefficients, out=None, **kw):
+        seen["u"], seen["out"], seen["coef_self"] = args.u, out, coefficients.coef_self
+        return real(args, coefficients, out=out, **kw)
+    monkeypatch.setattr(cpu, "forward", spy)
+    position_map = TorchPositionMap(torch.tensor(p.positions), 14)
+    out = selective_scan_fn(*(ts[n] for n in GRAD_NAMES), True, positions=position_map)
     assert seen["u"].__array_interface__["data"][0] == ts["u"].data_ptr(), "contiguous u must reach the kernel uncopied"
     assert seen["out"].__array_interface__["data"][0] == out.data_ptr(), "the kernel must fill torch's own output"
+    assert seen["coef_self"].__array_interface__["data"][0] == \
+        position_map.coefficients("prev", torch.float32).coef_self.data_ptr(), "the map's tensors reach the kernel"
 
 
 def test_torch_compile_fullgraph_forward_and_backward_equal_eager():
@@ -88,12 +92,13 @@ def test_inputs_without_grad_get_none_and_others_match():
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_inputs_compute_in_float32_and_return_their_dtype(dtype):
+def test_half_inputs_compute_in_float32_and_return_out_in_their_dtype_last_state_in_float32(dtype):
     p = _problem(dtype=np.float32)
     ts = {n: (None if t is None else t.detach().to(dtype).requires_grad_()) for n, t in tensors(p).items()}
     out, last = selective_scan_fn(*(ts[n] for n in GRAD_NAMES), True, True, positions=torch.tensor(p.positions),
                                   seqlen=14)
-    assert out.dtype == dtype and last.dtype == dtype
+    assert out.dtype == dtype
+    assert last.dtype == torch.float32, "mamba_ssm returns last_state in float32 for half inputs"
     out.float().sum().backward()
     assert all(t.grad.dtype == dtype for t in ts.values() if t is not None)
     # Against the reference on the same (rounded) inputs, at the half-precision tolerance.

@@ -29,6 +29,7 @@ def check_backward(p, backward):
     kw = p.kwargs()
     expected = R.selective_scan_backward(dout, **kw)
     got = backward(dout, **kw)
+    assert len(got) == len(GRAD_NAMES), f"the backward returns (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias), got {len(got)}"
     dtype = np.float64 if p.u.dtype == np.float64 else np.float32
     for name, g, e in zip(GRAD_NAMES, got, expected):
         if e is None:

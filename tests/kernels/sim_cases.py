@@ -58,12 +58,13 @@ def test_several_tiles_and_channel_blocks(alignment):
     p = make_problem(rng, batch=2, dim=12, dstate=3, length=11, groups=2, positions=positions, seqlen=21,
                      alignment=alignment)
     args = R.validate_scan_args(**p.kwargs())
-    out, last = numba_cuda.forward(args, tile=4)
+    coefficients = args.coefficients(np.float64)
+    out, last = numba_cuda.forward(args, coefficients, tile=4)
     ref_out, ref_last = R.selective_scan(**p.kwargs())
     R.assert_within_tolerance(out, ref_out, np.float64, "out")
     R.assert_within_tolerance(last, ref_last, np.float64, "last_state")
     dout = p.dout()
-    for name, g, e in zip("u delta A B C D z delta_bias".split(), numba_cuda.backward(dout, args, tile=4),
+    for name, g, e in zip("u delta A B C D z delta_bias".split(), numba_cuda.backward(dout, args, coefficients, tile=4),
                           R.selective_scan_backward(dout, **p.kwargs())):
         R.assert_within_tolerance(g, e, np.float64, f"d{name}")
 

@@ -9,6 +9,7 @@ import torch
 
 import models
 import reference as R
+from bridges import TorchPositionMap
 from models.flops import PAPER_GFLOPS
 
 # Copies of ../shared/models/*.json: the official state-dict keys, shapes and parameter counts.
@@ -89,7 +90,7 @@ def test_vim_mixer_matches_reference_rebuild(alignment):
     h = torch.randn(2, 7, 16, dtype=torch.float64)
     positions = torch.tensor([[0, 1, 4, 5, 8, 9, 12], [1, 2, 3, 6, 7, 10, 11]])
     seqlen = 13
-    out, y = mixer(h, positions=positions, seqlen=seqlen, alignment=alignment)
+    out, y = mixer(h, position_map=TorchPositionMap(positions, seqlen), alignment=alignment)
     xz = np.einsum("bld,ed->bel", _np(h), _np(mixer.in_proj.weight))
     x, z = xz[:, :32], xz[:, 32:]
     pos = positions.numpy()
@@ -110,7 +111,7 @@ def test_plainmamba_mixer_matches_reference_rebuild(alignment):
     mixer = models.plainmamba.PlainMamba2D(16).double()
     kept = torch.tensor([[0, 1, 3, 5, 6, 9, 10, 12, 15], [0, 2, 3, 4, 7, 8, 11, 13, 14]])
     x = torch.randn(2, kept.shape[1], 16, dtype=torch.float64)
-    plan = models.plainmamba.PathPlan(kept, H, W, "cpu")
+    plan = models.plainmamba.PathPlan(TorchPositionMap(kept, H * W), H, W, "cpu")
     out, y = mixer(x, kept, plan, (H, W), alignment)
     # Rebuild: in_proj, 7x7 depthwise conv on the zero-filled grid, x_proj, dt_proj (with bias),
     # then four scans with u in path order and delta/B/C in raster order (SPEC §5 quirks).

@@ -8,6 +8,7 @@ from hypothesis import given, settings, strategies as st
 
 import models
 import reference as R
+from bridges import TorchPositionMap
 from models.pruning import PruningConfig, select_kept
 
 TINY_VIM = dict(embed_dim=32, depth=4, img_size=64, num_classes=10)       # 16 patches + class token
@@ -46,9 +47,9 @@ def _vim_manual(model, x, schedule, ratio, alignment, positions_map=True):
     cls_at = torch.full((b, 1), model.cls_index)
     residual = None
     for i, layer in enumerate(model.layers):
-        pruned = positions.shape[1] < L
-        scan = dict(positions=positions if (pruned and positions_map) else None, seqlen=L if (pruned and positions_map)
-                    else None, alignment=alignment if pruned else "none")
+        pruned = positions.shape[1] < L and positions_map
+        scan = dict(position_map=TorchPositionMap(positions, L) if pruned else None,
+                    alignment=alignment if pruned else "none")
         hidden, residual, y = layer(hidden, residual, **scan)
         if i + 1 in schedule:
             scores = R.token_importance(y.double().numpy(), "clip")
@@ -70,35 +71,32 @@ def test_relabel_equals_dense_layers_on_the_gathered_tokens():
 
 
 @pytest.mark.parametrize("mode,alignment", [("align", "prev"), ("self", "self")])
-def test_aligned_vim_scans_agree_with_the_expansion_oracle_layer_by_layer(monkeypatch, mode, alignment):
+def test_aligned_vim_scans_agree_with_the_expansion_oracle_layer_by_layer(mode, alignment):
     """Every scan the pruned model runs (forward branch and the flipped backward branch) is
     re-done with the expansion oracle (SPEC §2.1: the dense reference scan of the expanded
     sequence); the model's outputs must agree with it, and the whole forward with the manual one."""
-    import models.vim as vim_module
-    real = vim_module.selective_scan_fn
-    checked = []
-
-    def oracle_checked(u, delta, A, B, C, D, z, delta_bias, softplus, *, positions=None, seqlen=None, alignment="none"):
-        out = real(u, delta, A, B, C, D, z, delta_bias, softplus, positions=positions, seqlen=seqlen,
-                   alignment=alignment)
-        if positions is not None:
-            args = [t.detach().double().numpy() for t in (u, delta, A, B, C, D, z, delta_bias)]
-            dense = R.selective_scan(**R.expand_to_dense(*args, softplus, positions=positions.numpy(), seqlen=seqlen,
-                                                         alignment=alignment))
-            at = np.take_along_axis(dense, np.repeat(positions.numpy()[:, None, :], dense.shape[1], 1), 2)
-            R.assert_within_tolerance(out.detach().double().numpy(), at, np.float32, "scan vs expansion oracle")
-            checked.append(positions.shape[1])
-        return out
-
-    monkeypatch.setattr(vim_module, "selective_scan_fn", oracle_checked)
     model = _vim(mode, schedule=(1, 3), keep_ratio=0.6)
     x = _images(2)
+    scans = []
     with torch.no_grad():
-        logits = model(x)
+        logits = model(x, scans=scans)
         manual = _vim_manual(model, x, (1, 3), 0.6, alignment)
     torch.testing.assert_close(logits, manual)
-    # two branches x layers 2, 3, 4, for the model and for the manual run
-    assert sorted(set(checked)) == [7, 11] and len(checked) == 2 * 2 * 3
+    checked = []
+    for scan in scans:
+        position_map = scan["position_map"]
+        if position_map is None:
+            continue
+        assert scan["alignment"] == alignment
+        args = [None if t is None else t.detach().double().numpy() for t in scan["args"][:8]]
+        positions, seqlen = position_map.positions.numpy(), int(position_map.seqlen_rows[0])
+        dense = R.selective_scan(**R.expand_to_dense(*args, True, positions=positions, seqlen=seqlen,
+                                                     alignment=alignment))
+        at = np.take_along_axis(dense, np.repeat(positions[:, None, :], dense.shape[1], 1), 2)
+        R.assert_within_tolerance(scan["out"].double().numpy(), at, np.float32, "scan vs expansion oracle")
+        checked.append(positions.shape[1])
+    # two branches x layers 2, 3, 4
+    assert sorted(set(checked)) == [7, 11] and len(checked) == 2 * 3
 
 
 @pytest.mark.parametrize("build", [_vim, _pm])
@@ -179,3 +177,26 @@ def test_any_schedule_keeps_the_class_token_and_composes(schedule, ratios, mode,
         assert (positions[:, 1:] > positions[:, :-1]).all()
         assert all(set(r.tolist()) <= set(p.tolist()) for r, p in zip(positions, previous))
         previous = positions
+
+
+@pytest.mark.parametrize("build", [_vim, _pm])
+def test_the_backend_argument_reaches_every_scan(monkeypatch, build):
+    """backend= given to the model runs every scan there (here: the torch twin), with the
+    same answer as the default backend; no environment variable or patching involved."""
+    import bridges.scan_op as scan_op
+    calls = []
+    real = scan_op.scan_twin
+    monkeypatch.setattr(scan_op, "scan_twin", lambda args: calls.append(args.alignment) or real(args))
+    model = build(mode="align", schedule=(1, 2), keep_ratio=0.6)
+    x = _images(5)
+    with torch.no_grad():
+        default = model(x)
+        assert not calls
+        model.backend = "torch"
+        twin = model(x)
+    scans_per_layer = 2 if build is _vim else 4
+    assert len(calls) == scans_per_layer * len(model.layers if build is _vim else model.backbone.layers)
+    torch.testing.assert_close(twin, default, rtol=1e-4, atol=1e-4)
+    model.backend = "bogus"
+    with pytest.raises(ValueError, match="backend"), torch.no_grad():
+        model(x)

@@ -1,0 +1,36 @@
+"""The conformance suite: every backend of the registry, through every front door that
+takes it, against the float64 reference, forward (out, last_state) and every gradient,
+every alignment, float32 and float64 (the dtype is drawn with the rest of the problem)."""
+import numpy as np
+import pytest
+from hypothesis import given, settings
+
+from tests.conformance.runners import runners
+from tests.kernels.equivalence import check_backward, check_forward
+from tests.strategies import scan_problems
+
+RUNNERS = runners()
+PROBLEMS = scan_problems(dtype=(np.float32, np.float64), max_dim=6, max_dstate=4, max_length=10)
+
+
+def _runner(case):
+    _, reason, fns = case
+    if reason is not None:
+        pytest.skip(f"cannot run here: {reason}")
+    return fns
+
+
+@pytest.mark.parametrize("case", RUNNERS, ids=[r[0] for r in RUNNERS])
+@settings(max_examples=25)
+@given(p=PROBLEMS)
+def test_forward_matches_reference(case, p):
+    forward, _ = _runner(case)
+    check_forward(p, forward)
+
+
+@pytest.mark.parametrize("case", RUNNERS, ids=[r[0] for r in RUNNERS])
+@settings(max_examples=25)
+@given(p=PROBLEMS)
+def test_backward_matches_reference(case, p):
+    _, backward = _runner(case)
+    check_backward(p, backward)
