@@ -19,6 +19,8 @@ from numba import njit, types
 from numba.core.errors import NumbaWarning
 from numba.extending import intrinsic, overload
 
+from reference.scan import SOFTPLUS_THRESHOLD
+
 __all__ = ["cached_njit", "cast_like", "fast_exp", "softplus", "softplus_grad", "sigmoid"]
 
 
@@ -109,20 +111,26 @@ def _softplus32(x):
 
 @njit(inline="always")
 def _softplus64(x):
-    # log1p(exp(x)) for x <= 20, x above: the mamba kernel's threshold (SPEC §1)
-    return math.log1p(math.exp(x)) if x <= 20.0 else x
+    # log1p(exp(x)) up to the threshold, x above: the mamba kernel's rule (SPEC §1)
+    below = math.log1p(math.exp(min(x, SOFTPLUS_THRESHOLD)))
+    return below if x <= SOFTPLUS_THRESHOLD else x
 
 
 def softplus(x):
-    """softplus(x) as SPEC §1 (above 20 the float32 series differs from x by < 3e-9)."""
+    """softplus(x) as SPEC §1 (above the threshold the float32 series differs from x by < 3e-9)."""
     raise NotImplementedError("only callable from numba-compiled code")
 
 
-@overload(softplus, inline="always")
+@overload(softplus, inline="never")
 def _softplus(x):
     if x == types.float32:
-        return lambda x: _softplus32(x)
-    return lambda x: _softplus64(x)
+        def impl32(x):
+            return _softplus32(x)
+        return impl32
+
+    def impl64(x):
+        return _softplus64(x)
+    return impl64
 
 
 def sigmoid(x):
@@ -143,13 +151,53 @@ def _sigmoid(x):
 
 
 def softplus_grad(x):
-    """d softplus / dx: sigmoid(x) below the threshold 20, 1 above (float32: sigmoid, which
+    """d softplus / dx: sigmoid(x) below the threshold, 1 above (float32: sigmoid, which
     rounds to 1 there)."""
     raise NotImplementedError("only callable from numba-compiled code")
+
+
+@njit(inline="always")
+def _softplus_grad64(x):
+    if x <= SOFTPLUS_THRESHOLD:
+        return 1.0 / (1.0 + math.exp(-x))
+    return 1.0
 
 
 @overload(softplus_grad, inline="always")
 def _softplus_grad(x):
     if x == types.float32:
         return lambda x: _sigmoid32(x)
-    return lambda x: 1.0 / (1.0 + math.exp(-x)) if x <= 20.0 else 1.0
+    return lambda x: _softplus_grad64(x)
+
+
+# --- Alignment "hold" (reference.hold): S_q(x) and T_q(x) = dS_q/dx ---------------------
+# Only tokens after a gap under "hold" need them, so they are plain float64 code (more
+# accurate than the float32 kernels need); the formulas are reference.hold's.
+
+@njit(inline="always")
+def _langevin64(y):
+    if abs(y) < 0.1:
+        y2 = y * y
+        return y * (1.0 / 3.0 + y2 * (-1.0 / 45.0 + y2 * (2.0 / 945.0 + y2 * (-1.0 / 4725.0 + y2 * (2.0 / 93555.0)))))
+    return 1.0 / math.tanh(y) - 1.0 / y
+
+
+@njit(inline="always")
+def hold_sum(q, x):
+    """S_q(x) = Σ_{k<q} exp(k·x) = expm1(q·x)/expm1(x), q at x = 0 (float64)."""
+    q, x = np.float64(q), np.float64(x)
+    if x == 0.0:
+        return q
+    return math.expm1(q * x) / math.expm1(x)
+
+
+@njit(inline="always")
+def hold_sum_grad(q, x):
+    """T_q(x) = dS_q/dx = Σ_{k<q} k·exp(k·x), without cancellation (float64)."""
+    q, x = np.float64(q), np.float64(x)
+    if x == 0.0:
+        return q * (q - 1.0) / 2.0
+    if abs(q * x) < 1.0:
+        return hold_sum(q, x) * ((q - 1.0) / 2.0 + (q * _langevin64(q * x / 2.0) - _langevin64(x / 2.0)) / 2.0)
+    em1 = math.expm1(x)
+    return (q * math.exp(q * x) * em1 - math.exp(x) * math.expm1(q * x)) / (em1 * em1)

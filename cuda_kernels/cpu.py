@@ -5,33 +5,43 @@ float32 inputs compute and accumulate in float32, float64 in float64 (float16 in
 computed in float32 by the front door).
 
 How the work is laid out:
-- The gap is fused: token i advances the state by exp(E_i·A) with E_i from SPEC §1, so the
-  cost is one exp per (token, channel, state), the same as a dense scan of the M tokens.
-- B and C are transposed once to (batch, G, M, N) so the innermost loop, over the N
-  states, reads contiguous memory and compiles to SIMD (fast_exp is branch-free).
-- Forward: ``prange`` over blocks of (batch, channel) pairs; each pair writes only its own
-  outputs, so there are no races.
-- Backward: ``prange`` over (batch, group) tasks; a task walks its channels in order and is
-  the only writer of dB/dC for that (batch, group), so the result is deterministic whatever
-  the thread count. It recomputes the forward into a task-local (M, N) buffer and runs the
-  reverse scan. dA, dD and ddelta_bias are written per (batch, channel) and summed over the
-  batch afterwards in a fixed order. Memory beyond inputs and outputs:
-  O(batch·dim·N + threads·M·N) — never a (batch, dim, N, M) temporary.
+- A task is one block of W = 32 channels of one (batch, group): ``prange`` runs the tasks,
+  so every core has work at batch 1 too. Inside a task the W channels are processed side by
+  side, the innermost loops run over them (the SIMD dimension: fast_exp is branch-free), and
+  B_i[n], C_i[n] are read once per token for the whole block. Per-token values (Δ, E, Δ·u,
+  ...) are staged token-major in small buffers, a tile or chunk at a time.
+- The gap is fused: token i advances the state by exp(E_i·A) with E_i from the position
+  map's coefficients (SPEC §1), so the cost is one exp per (token, channel, state) whatever
+  the gaps, the same for every alignment; under "hold" a token after a gap also adds the
+  input its predecessor leaves behind (w_i·Δ_{i-1}·B_{i-1}·u_{i-1}, ``reference.hold``).
+- Backward, checkpointed as scan.cu does on the GPU: a first sweep keeps the state only at
+  the start of every chunk of C = 256 tokens (none when the sequence is one chunk); the
+  reverse sweep recomputes one chunk at a time from its checkpoint and runs the adjoint.
+  Extra memory: O(batch·dim·N·M/C) for checkpoints, one chunk per running task, and
+  per-block partial dB/dC (batch·G·blocks·M·N).
+- Deterministic whatever the thread count: each task is the only writer of its outputs and
+  of its block's partial dB/dC; the partials are summed over the blocks of a group, and dA,
+  dD, ddelta_bias over the batch, afterwards, in a fixed order.
 """
 from __future__ import annotations
-
 
 import numpy as np
 from numba import prange
 
 from reference.arguments import compute_dtype
 
-from ._numba_support import cached_njit, cast_like, fast_exp, sigmoid, softplus, softplus_grad
+from ._numba_support import (cached_njit, cast_like, fast_exp, hold_sum, hold_sum_grad, sigmoid, softplus,
+                             softplus_grad)
 
-__all__ = ["forward", "backward"]
+__all__ = ["forward", "backward", "PAIRS", "CHANNEL_BLOCK", "CHUNK"]
 
-_PAIRS_PER_TASK = 16   # (batch, channel) pairs per forward task: amortises the state buffer
-_CHANNEL_BLOCK = 32    # channels the backward processes side by side (its SIMD dimension)
+PAIRS = 16           # (batch, channel) pairs per forward task: amortises its buffers
+CHANNEL_BLOCK = 32   # channels the backward processes side by side (its SIMD dimension)
+CHUNK = 256          # tokens per backward chunk: states are kept only at chunk starts
+_FASTMATH = {"contract", "reassoc", "nsz", "arcp"}
+# Kernels use NumPy's float error model: Python's adds a zero check to every division, which
+# keeps softplus and sigmoid (and so the loops around them) from vectorising (~10x slower).
+_KERNEL = dict(fastmath=_FASTMATH, error_model="numpy")
 
 
 @cached_njit(inline="always")
@@ -47,174 +57,386 @@ def _discretize_row(delta_row, bias, use_softplus, Delta):
 
 
 @cached_njit(inline="always")
-def _effective_delta_row(Delta, coef_self, coef_prev, E):
-    """E_i = coef_self_i·Δ_i + coef_prev_i·Δ_{i-1} (SPEC §1, ``PositionMap.coefficients``)."""
-    if Delta.shape[0] and E.shape[0]:
+def _effective_delta_row(Delta, coef_self, coef_prev, has_map, E):
+    """E_i = coef_self_i·Δ_i + coef_prev_i·Δ_{i-1} (SPEC §1, ``PositionMap.coefficients``);
+    E = Δ without a map."""
+    if not has_map:
+        for i in range(E.shape[0]):
+            E[i] = Delta[i]
+        return
+    if E.shape[0]:
         E[0] = coef_self[0] * Delta[0]
     for i in range(1, E.shape[0]):
         E[i] = coef_self[i] * Delta[i] + coef_prev[i] * Delta[i - 1]
 
 
-@cached_njit(parallel=True, fastmath={"contract", "reassoc", "nsz", "arcp"})
-def _forward_kernel(u, delta, A, Bt, Ct, D, z, delta_bias, softplus, coef_self, coef_prev, trailing,
-                    has_D, has_z, has_bias, want_last, out, last_state):
-    batch, dim, length = u.shape
-    dstate = A.shape[1]
+@cached_njit(parallel=True, **_KERNEL)
+def _forward_kernel(u, delta, A, Bt, Ct, D, z, delta_bias, use_softplus, coef_self, coef_prev, hold, trailing,
+                    has_D, has_z, has_bias, has_map, has_hold, want_last, out, last_state):
+    """Tasks of PAIRS (batch, channel) pairs; a pair's tokens in order, vectorised over the N
+    states (B_i, C_i are contiguous (M, N) rows)."""
+    batch, dim, M = u.shape
+    N = A.shape[1]
     per_group = dim // Bt.shape[1]
     pairs = batch * dim
-    ntasks = (pairs + _PAIRS_PER_TASK - 1) // _PAIRS_PER_TASK
-    for task in prange(ntasks):
-        h = np.empty(dstate, dtype=u.dtype)
-        Delta = np.empty(length, dtype=u.dtype)
-        E = np.empty(length, dtype=u.dtype)
+    for task in prange((pairs + PAIRS - 1) // PAIRS):
+        h = np.empty(N, dtype=u.dtype)
+        Delta = np.empty(M, dtype=u.dtype)
+        E = np.empty(M, dtype=u.dtype)
         zero = cast_like(0.0, h[0])
-        for pair in range(task * _PAIRS_PER_TASK, min(pairs, (task + 1) * _PAIRS_PER_TASK)):
+        for pair in range(task * PAIRS, min(pairs, (task + 1) * PAIRS)):
             b, d = pair // dim, pair % dim
             g = d // per_group
             h[:] = 0
-            _discretize_row(delta[b, d], delta_bias[d] if has_bias else zero, softplus, Delta)
-            _effective_delta_row(Delta, coef_self[b], coef_prev[b], E)
-            for i in range(length):
+            _discretize_row(delta[b, d], delta_bias[d] if has_bias else zero, use_softplus, Delta)
+            _effective_delta_row(Delta, coef_self[b], coef_prev[b], has_map, E)
+            for i in range(M):
                 du = Delta[i] * u[b, d, i]
-                y = zero
-                for n in range(dstate):
-                    hn = fast_exp(E[i] * A[d, n]) * h[n] + du * Bt[b, g, i, n]
-                    h[n] = hn
-                    y += Ct[b, g, i, n] * hn
+                if has_hold and hold[b, i] > 0:   # "hold": the held input of token i-1 (reference.hold)
+                    q = hold[b, i]
+                    du_prev = Delta[i - 1] * u[b, d, i - 1]
+                    for n in range(N):
+                        weight = cast_like(fast_exp(Delta[i] * A[d, n]) * hold_sum(q, Delta[i - 1] * A[d, n]), zero)
+                        h[n] = fast_exp(E[i] * A[d, n]) * h[n] + weight * du_prev * Bt[b, g, i - 1, n]
+                    y = zero
+                    for n in range(N):
+                        hn = h[n] + du * Bt[b, g, i, n]
+                        h[n] = hn
+                        y += Ct[b, g, i, n] * hn
+                else:
+                    y = zero
+                    for n in range(N):
+                        hn = fast_exp(E[i] * A[d, n]) * h[n] + du * Bt[b, g, i, n]
+                        h[n] = hn
+                        y += Ct[b, g, i, n] * hn
                 out[b, d, i] = y + D[d] * u[b, d, i] if has_D else y
             if has_z:   # out = y·silu(z), a separate loop over tokens so it vectorises
-                for i in range(length):
+                for i in range(M):
                     out[b, d, i] *= z[b, d, i] * sigmoid(z[b, d, i])
-            if want_last:   # advance over the pruned steps after the last token (SPEC §1)
-                for n in range(dstate):
-                    decay = fast_exp(trailing[b] * Delta[length - 1] * A[d, n]) if length > 0 else zero
-                    last_state[b, d, n] = decay * h[n]
+            if want_last:   # the trailing steps after the last token (SPEC §1); held input under "hold"
+                for n in range(N):
+                    if M == 0:
+                        last_state[b, d, n] = zero
+                        continue
+                    steps = trailing[b] if has_map else zero
+                    x = Delta[M - 1] * A[d, n]
+                    value = fast_exp(steps * x) * h[n]
+                    if has_hold and steps > 0:
+                        value += cast_like(hold_sum(steps, x), zero) * Delta[M - 1] * u[b, d, M - 1] * Bt[b, g, M - 1, n]
+                    last_state[b, d, n] = value
 
 
-@cached_njit(parallel=True, fastmath={"contract", "reassoc", "nsz", "arcp"})
-def _backward_kernel(dout, u, delta, A, Bt, Ct, D, z, delta_bias, softplus, coef_self, coef_prev,
-                     has_D, has_z, has_bias, du, ddelta, dz, dBt, dCt, dA_part, dD_part, dbias_part):
-    batch, dim, length = u.shape
-    dstate = A.shape[1]
+@cached_njit(inline="always")
+def _gather(b, d0, wc, t0, tn, u, delta, bias, use_softplus, coef_self, coef_prev, has_map, row, row_E,
+            Dl, E, U, DU, Dprev, DUprev):
+    """Tokens t0..t0+tn of the block, token-major (channel is the SIMD dimension): Δ, E (SPEC
+    §1, from the map's coefficients), u, Δ·u; and Δ, Δ·u of the token before t0 (zero at t0 =
+    0). Δ and E are computed on contiguous per-channel rows, so softplus vectorises.
+
+    Here and in the backward, arrays are read through views of the chunk indexed by ``range``
+    variables only: an index like t0 + t may be negative for all numba knows, so it adds a
+    wraparound check that keeps the loop from vectorising (measured: ~20 % of the backward)."""
+    zero = cast_like(0.0, Dl[0, 0])
+    first = 1 if t0 > 0 else 0          # the row also holds the token before the chunk
+    for w in range(wc):
+        d = d0 + w
+        _discretize_row(delta[b, d, t0 - first:t0 + tn], bias[w], use_softplus, row[:tn + first])
+        _effective_delta_row(row[:tn + first], coef_self[b if has_map else 0, t0 - first:t0 + tn],
+                             coef_prev[b if has_map else 0, t0 - first:t0 + tn], has_map, row_E[:tn + first])
+        Dprev[w] = row[0] if first else zero
+        DUprev[w] = row[0] * u[b, d, t0 - 1] if first else zero
+        ur, dl, e = u[b, d, t0:t0 + tn], row[first:first + tn], row_E[first:first + tn]
+        for t in range(tn):
+            Dl[t, w] = dl[t]
+            E[t, w] = e[t]
+            U[t, w] = ur[t]
+            DU[t, w] = dl[t] * ur[t]
+
+
+@cached_njit(inline="always")
+def _held_step(b, g, i, t, wc, q, AT, Dl, DU, Dprev, DUprev, Bt, Hout, weights):
+    """"hold" (reference.hold): Hout += w_i·Δ_{i-1}·u_{i-1}·B_{i-1} for token i (chunk
+    position t), w_i = exp(Δ_i·A)·S_q(Δ_{i-1}·A), kept in ``weights`` for the adjoint."""
+    for n in range(AT.shape[0]):
+        bp = Bt[b, g, i - 1, n]
+        for w in range(wc):
+            dl_prev = Dl[t - 1, w] if t > 0 else Dprev[w]
+            du_prev = DU[t - 1, w] if t > 0 else DUprev[w]
+            weight = cast_like(fast_exp(Dl[t, w] * AT[n, w]) * hold_sum(q, dl_prev * AT[n, w]), Hout[0, 0])
+            weights[n, w] = weight
+            Hout[n, w] += weight * du_prev * bp
+
+
+@cached_njit(parallel=True, **_KERNEL)
+def _backward_kernel(dout, u, delta, A, Bt, Ct, D, z, delta_bias, use_softplus, coef_self, coef_prev, hold,
+                     has_D, has_z, has_bias, has_map, has_hold, ckpt, du, ddelta, dz, dB_part, dC_part,
+                     dA_part, dD_part, dbias_part):
+    batch, dim, M = u.shape
+    N = A.shape[1]
     groups = Bt.shape[1]
     per_group = dim // groups
-    W = _CHANNEL_BLOCK
-    for task in prange(batch * groups):
-        b, g = task // groups, task % groups
-        # Task-local buffers, (token, [state,] channel of the block): the innermost loops run
-        # over the block's channels, long enough to vectorise well.
-        H = np.zeros((length + 1, dstate, W), dtype=u.dtype)   # H[i + 1] = h_i, H[0] = 0
-        Adec = np.empty((length, dstate, W), dtype=u.dtype)    # deltaA_i = exp(E_i·A)
-        Gc = np.empty((dstate, W), dtype=u.dtype)              # carry deltaA_{i+1}·dh_{i+1}
-        AT = np.empty((dstate, W), dtype=u.dtype)
-        dAT = np.empty((dstate, W), dtype=u.dtype)
-        Dl = np.empty((length, W), dtype=u.dtype)              # Δ
-        E = np.empty((length, W), dtype=u.dtype)
-        U = np.empty((length, W), dtype=u.dtype)
-        DU = np.empty((length, W), dtype=u.dtype)              # Δ·u
-        DY = np.empty((length, W), dtype=u.dtype)              # dy = dL/dy before the gate
-        Y = np.empty((length, W), dtype=u.dtype)
-        S = np.empty((length, W), dtype=u.dtype)               # Σ_n dh_i·B_i (gradient of Δ·u)
-        dE = np.empty((length, W), dtype=u.dtype)              # gradient of E_i
-        row = np.empty(length, dtype=u.dtype)
-        row_E = np.empty(length, dtype=u.dtype)
-        dBt[b, g] = 0
-        dCt[b, g] = 0
-        zero = cast_like(0.0, Gc[0, 0])
-        one = cast_like(1.0, Gc[0, 0])
-        for d0 in range(g * per_group, (g + 1) * per_group, W):
-            wc = min(W, (g + 1) * per_group - d0)
-            # 1. Gather the block transposed; Δ and E per channel (SPEC §1).
+    W = CHANNEL_BLOCK
+    K = max(1, min(CHUNK, M))        # a chunk's buffers, no larger than the sequence (they must stay in cache)
+    nblk = (per_group + W - 1) // W
+    nchunks = (M + K - 1) // K
+    for task in prange(batch * groups * nblk):
+        b = task // (groups * nblk)
+        g = (task // nblk) % groups
+        k = task % nblk
+        d0 = g * per_group + k * W
+        wc = min(W, (g + 1) * per_group - d0)
+        # Task-local buffers, token-major: the innermost loops run over the block's channels.
+        H = np.empty((K + 1, N, W), dtype=u.dtype)      # H[t + 1] = h of token t0 + t; H[0] the chunk's start
+        Adec = np.empty((K, N, W), dtype=u.dtype)       # deltaA_i = exp(E_i·A)
+        Wh = np.empty((K if has_hold else 1, N, W), dtype=u.dtype)   # "hold" weights w_i
+        AT = np.empty((N, W), dtype=u.dtype)
+        Gc = np.zeros((N, W), dtype=u.dtype)            # carry deltaA_{i+1}·dh_{i+1}
+        held = np.zeros((N, W), dtype=u.dtype)          # carry w_{i+1}·dh_{i+1} ("hold")
+        DH = np.empty((N, W), dtype=u.dtype)
+        dAT = np.zeros((N, W), dtype=u.dtype)
+        Dl = np.empty((K, W), dtype=u.dtype)            # Δ
+        E = np.empty((K, W), dtype=u.dtype)
+        U = np.empty((K, W), dtype=u.dtype)
+        DU = np.empty((K, W), dtype=u.dtype)            # Δ·u
+        DY = np.empty((K, W), dtype=u.dtype)            # dy = dL/dy before the gate
+        Y = np.empty((K, W), dtype=u.dtype)
+        S = np.empty((K, W), dtype=u.dtype)             # Σ_n d(own input)_i·B_i: the gradient of Δ·u
+        dE = np.empty((K, W), dtype=u.dtype)            # gradient of E_i
+        DS = np.zeros((K if has_hold else 1, W), dtype=u.dtype)   # "hold": gradient of Δ_i through w_i
+        HO = np.zeros((K if has_hold else 1, W), dtype=u.dtype)   # "hold": what w_i sends to Δ_{i-1}
+        row = np.empty(K + 1, dtype=u.dtype)
+        row_E = np.empty(K + 1, dtype=u.dtype)
+        Dprev = np.zeros(W, dtype=u.dtype)
+        DUprev = np.zeros(W, dtype=u.dtype)
+        carry = np.zeros(W, dtype=u.dtype)              # what the next chunk's first token sends to dΔ
+        bias = np.zeros(W, dtype=u.dtype)
+        zero = cast_like(0.0, AT[0, 0])
+        one = cast_like(1.0, AT[0, 0])
+        for w in range(wc):
+            bias[w] = delta_bias[d0 + w] if has_bias else zero
+            for n in range(N):
+                AT[n, w] = A[d0 + w, n]
+        # Sweep 1: the state at every chunk start (nothing to do for a single chunk).
+        for n in range(N):
             for w in range(wc):
-                d = d0 + w
-                _discretize_row(delta[b, d], delta_bias[d] if has_bias else zero, softplus, row)
-                _effective_delta_row(row, coef_self[b], coef_prev[b], row_E)
-                for i in range(length):
-                    Dl[i, w] = row[i]
-                    E[i, w] = row_E[i]
-                    U[i, w] = u[b, d, i]
-                    DU[i, w] = row[i] * u[b, d, i]
-                for n in range(dstate):
-                    AT[n, w] = A[d, n]
-            # 2. dy = dL/dy before the gate (it does not need y), du and dD from the skip.
-            for w in range(wc):
-                d = d0 + w
-                dD_acc = zero
-                for i in range(length):
-                    dy = dout[b, d, i] * z[b, d, i] * sigmoid(z[b, d, i]) if has_z else dout[b, d, i]
-                    DY[i, w] = dy
-                    du[b, d, i] = dy * D[d] if has_D else zero
-                    dD_acc += dy * U[i, w]
-                dD_part[b, d] = dD_acc
-            # 3. Recompute the states; y (for dz) and dC_i += dy_i·h_i on the way.
-            for i in range(length):
+                H[0, n, w] = zero
+        for c in range(nchunks):
+            for n in range(N):
                 for w in range(wc):
-                    Y[i, w] = D[d0 + w] * U[i, w] if has_D else zero
-                for n in range(dstate):
-                    for w in range(wc):
-                        Adec[i, n, w] = fast_exp(E[i, w] * AT[n, w])
+                    ckpt[task, c, n, w] = H[0, n, w]
+            if c == nchunks - 1:
+                break
+            t0 = c * K
+            _gather(b, d0, wc, t0, K, u, delta, bias, use_softplus, coef_self, coef_prev, has_map, row, row_E,
+                    Dl, E, U, DU, Dprev, DUprev)
+            for t in range(K):
+                i = t0 + t
+                for n in range(N):
                     bn = Bt[b, g, i, n]
-                    cn = Ct[b, g, i, n]
+                    for w in range(wc):
+                        H[1, n, w] = fast_exp(E[t, w] * AT[n, w]) * H[0, n, w] + DU[t, w] * bn
+                if has_hold and hold[b, i] > 0:
+                    _held_step(b, g, i, t, wc, hold[b, i], AT, Dl, DU, Dprev, DUprev, Bt, H[1], Wh[0])
+                H[0] = H[1]
+        # Sweep 2: the chunks in reverse, each recomputed from its start state.
+        for c in range(nchunks - 1, -1, -1):
+            t0 = c * K
+            tn = min(K, M - t0)
+            Bc, Cc = Bt[b, g, t0:t0 + tn], Ct[b, g, t0:t0 + tn]
+            dBc, dCc = dB_part[b, g, k, t0:t0 + tn], dC_part[b, g, k, t0:t0 + tn]
+            hr = hold[b, t0:t0 + tn] if has_hold else hold[0, :1]
+            # 1. The chunk's tokens, transposed; Δ and E per channel (SPEC §1).
+            _gather(b, d0, wc, t0, tn, u, delta, bias, use_softplus, coef_self, coef_prev, has_map, row, row_E,
+                    Dl, E, U, DU, Dprev, DUprev)
+            # 2. dy = dL/dy before the gate (it does not need y).
+            for w in range(wc):
+                d = d0 + w
+                dr = dout[b, d, t0:t0 + tn]
+                if has_z:
+                    zr = z[b, d, t0:t0 + tn]
+                    for t in range(tn):
+                        DY[t, w] = dr[t] * zr[t] * sigmoid(zr[t])
+                else:
+                    for t in range(tn):
+                        DY[t, w] = dr[t]
+            # 3. Recompute the states from the chunk's start; y (for dz) and dC_i += dy_i·h_i.
+            for n in range(N):
+                for w in range(wc):
+                    H[0, n, w] = ckpt[task, c, n, w]
+            for t in range(tn):
+                i = t0 + t
+                for w in range(wc):
+                    Y[t, w] = D[d0 + w] * U[t, w] if has_D else zero
+                q = hr[t] if has_hold else zero
+                if q > 0:
+                    for n in range(N):
+                        bn = Bc[t, n]
+                        for w in range(wc):
+                            a = fast_exp(E[t, w] * AT[n, w])
+                            Adec[t, n, w] = a
+                            H[t + 1, n, w] = a * H[t, n, w] + DU[t, w] * bn
+                    _held_step(b, g, i, t, wc, q, AT, Dl, DU, Dprev, DUprev, Bt, H[t + 1], Wh[t])
+                    for n in range(N):
+                        cn = Cc[t, n]
+                        acc_C = zero
+                        for w in range(wc):
+                            Y[t, w] += cn * H[t + 1, n, w]
+                            acc_C += DY[t, w] * H[t + 1, n, w]
+                        dCc[t, n] = acc_C
+                    continue
+                if has_hold:
+                    for n in range(N):
+                        for w in range(wc):
+                            Wh[t, n, w] = zero
+                for n in range(N):
+                    for w in range(wc):
+                        Adec[t, n, w] = fast_exp(E[t, w] * AT[n, w])
+                    bn = Bc[t, n]
+                    cn = Cc[t, n]
                     acc_C = zero
                     for w in range(wc):
-                        hn = Adec[i, n, w] * H[i, n, w] + DU[i, w] * bn
-                        H[i + 1, n, w] = hn
-                        Y[i, w] += cn * hn
-                        acc_C += DY[i, w] * hn
-                    dCt[b, g, i, n] += acc_C     # this task alone writes dB, dC of (b, g)
+                        hn = Adec[t, n, w] * H[t, n, w] + DU[t, w] * bn
+                        H[t + 1, n, w] = hn
+                        Y[t, w] += cn * hn
+                        acc_C += DY[t, w] * hn
+                    dCc[t, n] = acc_C     # this task alone writes its block's partial
             if has_z:
                 for w in range(wc):
                     d = d0 + w
-                    for i in range(length):
-                        sig = sigmoid(z[b, d, i])
-                        dz[b, d, i] = dout[b, d, i] * Y[i, w] * sig * (one + z[b, d, i] * (one - sig))
-            # 4. Reverse scan: dh_i = dy_i·C_i + deltaA_{i+1}·dh_{i+1} (as the reference).
-            Gc[:, :wc] = 0
-            dAT[:, :wc] = 0
-            for i in range(length - 1, -1, -1):
-                S[i, :wc] = 0
-                dE[i, :wc] = 0
-                for n in range(dstate):
-                    bn = Bt[b, g, i, n]
-                    cn = Ct[b, g, i, n]
+                    dr, zr, dzr = dout[b, d, t0:t0 + tn], z[b, d, t0:t0 + tn], dz[b, d, t0:t0 + tn]
+                    for t in range(tn):
+                        sig = sigmoid(zr[t])
+                        dzr[t] = dr[t] * Y[t, w] * sig * (one + zr[t] * (one - sig))
+            # 4. Reverse scan: dh_i = dy_i·C_i + deltaA_{i+1}·dh_{i+1} (as the reference); a
+            #    token's own input Δ·B·u reaches h_i and, held, h_{i+1} ("hold").
+            for t in range(tn - 1, -1, -1):
+                i = t0 + t
+                S[t, :wc] = 0
+                dE[t, :wc] = 0
+                if not has_hold:
+                    for n in range(N):
+                        bn = Bc[t, n]
+                        cn = Cc[t, n]
+                        acc_B = zero
+                        for w in range(wc):
+                            a = Adec[t, n, w]
+                            dhn = Gc[n, w] + DY[t, w] * cn
+                            grad_a = dhn * a * H[t, n, w]
+                            S[t, w] += dhn * bn
+                            dE[t, w] += grad_a * AT[n, w]
+                            dAT[n, w] += grad_a * E[t, w]
+                            acc_B += dhn * DU[t, w]
+                            Gc[n, w] = dhn * a
+                        dBc[t, n] = acc_B
+                    continue
+                for n in range(N):
+                    bn = Bc[t, n]
+                    cn = Cc[t, n]
                     acc_B = zero
                     for w in range(wc):
-                        a = Adec[i, n, w]
-                        dhn = Gc[n, w] + DY[i, w] * cn
-                        t = dhn * a * H[i, n, w]
-                        S[i, w] += dhn * bn
-                        dE[i, w] += t * AT[n, w]
-                        dAT[n, w] += t * E[i, w]
-                        acc_B += dhn * DU[i, w]
+                        a = Adec[t, n, w]
+                        dhn = Gc[n, w] + DY[t, w] * cn
+                        d_own = dhn + held[n, w]
+                        grad_a = dhn * a * H[t, n, w]
+                        S[t, w] += d_own * bn
+                        dE[t, w] += grad_a * AT[n, w]
+                        dAT[n, w] += grad_a * E[t, w]
+                        acc_B += d_own * DU[t, w]
                         Gc[n, w] = dhn * a
-                    dBt[b, g, i, n] += acc_B
-            # 5. Per channel: du, ddelta (E_i's coefficients route dE, SPEC §1), dA, ddelta_bias.
+                        DH[n, w] = dhn
+                    dBc[t, n] = acc_B
+                # w_i = exp(Δ_i·A)·S_q(x), x = Δ_{i-1}·A (reference.hold): its gradient goes to
+                # Δ_i (DS), to Δ_{i-1} (HO) and to A; and w_i·dh_i to token i-1's own input.
+                q = hr[t]
+                DS[t, :wc] = 0
+                HO[t, :wc] = 0
+                for n in range(N):
+                    bp = Bt[b, g, i - 1, n] if q > 0 else zero
+                    for w in range(wc):
+                        if q > 0:
+                            dl_prev = Dl[t - 1, w] if t > 0 else Dprev[w]
+                            du_prev = DU[t - 1, w] if t > 0 else DUprev[w]
+                            weight = Wh[t, n, w]
+                            dw = DH[n, w] * du_prev * bp
+                            dw_dx = cast_like(fast_exp(Dl[t, w] * AT[n, w]) * hold_sum_grad(q, dl_prev * AT[n, w]),
+                                              zero)
+                            DS[t, w] += dw * weight * AT[n, w]
+                            HO[t, w] += dw * dw_dx * AT[n, w]
+                            dAT[n, w] += dw * (weight * Dl[t, w] + dw_dx * dl_prev)
+                            held[n, w] = weight * DH[n, w]
+                        else:
+                            held[n, w] = zero
+            # 5. Per channel: du, ddelta (E_i's coefficients and w_i route the gradients of
+            #    Δ_{i-1}, SPEC §1), dD, ddelta_bias; the next chunk's first token sent `carry`.
+            cs = coef_self[b if has_map else 0, t0:t0 + tn] if has_map else coef_self[0, :1]
+            cp = coef_prev[b if has_map else 0, t0:t0 + tn] if has_map else coef_prev[0, :1]
             for w in range(wc):
                 d = d0 + w
-                bias = delta_bias[d] if has_bias else zero
-                acc = zero
-                for i in range(length):
-                    du[b, d, i] += S[i, w] * Dl[i, w]
-                    dDelta = S[i, w] * U[i, w] + coef_self[b, i] * dE[i, w]
-                    if i + 1 < length:
-                        dDelta += coef_prev[b, i + 1] * dE[i + 1, w]   # "prev": E_{i+1} holds Δ_i
-                    if softplus:
-                        dDelta *= softplus_grad(cast_like(delta[b, d, i] + bias, zero))
-                    ddelta[b, d, i] = dDelta
-                    acc += dDelta
-                dbias_part[b, d] = acc
-                for n in range(dstate):
-                    dA_part[b, d, n] = dAT[n, w]
+                xr, dur, ddr = delta[b, d, t0:t0 + tn], du[b, d, t0:t0 + tn], ddelta[b, d, t0:t0 + tn]
+                Dd = D[d] if has_D else zero
+                dD_acc = zero
+                dbias_acc = zero
+                for t in range(tn):
+                    dur[t] = DY[t, w] * Dd + S[t, w] * Dl[t, w]
+                    dDelta = S[t, w] * U[t, w] + (cs[t] * dE[t, w] if has_map else dE[t, w])
+                    if t + 1 < tn:
+                        if has_map:
+                            dDelta += cp[t + 1] * dE[t + 1, w]   # "prev": E_{i+1} holds Δ_i
+                        if has_hold:
+                            dDelta += HO[t + 1, w]
+                    else:
+                        dDelta += carry[w]
+                    if has_hold:
+                        dDelta += DS[t, w]
+                    if use_softplus:
+                        dDelta *= softplus_grad(cast_like(xr[t] + bias[w], zero))
+                    ddr[t] = dDelta
+                    dbias_acc += dDelta
+                    dD_acc += DY[t, w] * U[t, w]
+                carry[w] = (cp[0] * dE[0, w] if has_map else zero) + (HO[0, w] if has_hold else zero)
+                if c == nchunks - 1:
+                    dD_part[b, d] = dD_acc
+                    dbias_part[b, d] = dbias_acc
+                else:
+                    dD_part[b, d] += dD_acc
+                    dbias_part[b, d] += dbias_acc
+        for w in range(wc):
+            for n in range(N):
+                dA_part[b, d0 + w, n] = dAT[n, w]
+        if nchunks == 0:
+            for w in range(wc):
+                dD_part[b, d0 + w] = zero
+                dbias_part[b, d0 + w] = zero
+
+
+@cached_njit(parallel=True, **_KERNEL)
+def _sum_blocks(part, out):
+    """out[b, g, i, n] = Σ_k part[b, g, k, i, n], k in order (deterministic)."""
+    batch, groups, nblk, M, N = part.shape
+    for task in prange(batch * groups):
+        b, g = task // groups, task % groups
+        for i in range(M):
+            for n in range(N):
+                acc = part[b, g, 0, i, n]
+                for k in range(1, nblk):
+                    acc += part[b, g, k, i, n]
+                out[b, g, i, n] = acc
 
 
 def _dummy(dtype):
     return np.zeros(1, dtype=dtype)
 
 
-def _prepared(args):
+def _prepared(args, coefficients):
     """Inputs in the compute dtype, B/C transposed to (batch, G, M, N), dummies for None."""
     dt = compute_dtype(args.u.dtype)
     c = lambda x: np.ascontiguousarray(x, dtype=dt)
+    empty = np.zeros((1, 1), dt)
+    if coefficients is None:
+        maps = dict(coef_self=empty, coef_prev=empty, hold=empty, trailing=_dummy(dt), has_map=False)
+    else:
+        maps = dict(coef_self=c(coefficients.coef_self), coef_prev=c(coefficients.coef_prev),
+                    hold=c(coefficients.hold), trailing=c(coefficients.trailing), has_map=True)
     return dict(
         u=c(args.u), delta=c(args.delta), A=c(args.A),
         Bt=np.ascontiguousarray(np.asarray(args.B, dtype=dt).transpose(0, 1, 3, 2)),
@@ -222,7 +444,7 @@ def _prepared(args):
         D=c(args.D) if args.D is not None else _dummy(dt),
         z=c(args.z) if args.z is not None else np.zeros((1, 1, 1), dt),
         delta_bias=c(args.delta_bias) if args.delta_bias is not None else _dummy(dt),
-        softplus=args.delta_softplus,
+        use_softplus=args.delta_softplus, has_hold=args.alignment == "hold" and coefficients is not None, **maps,
     ), dt
 
 
@@ -235,9 +457,9 @@ def _check_out(arr, name, shape, dtype):
     return arr
 
 
-def _coefficients(args, coefficients, dt):
-    """The map's coefficients, or the no-pruning map's when there is none."""
-    return coefficients if coefficients is not None else args.position_map.coefficients(args.alignment, dt)
+def _tasks(args):
+    per_group = args.dim // args.groups
+    return args.batch * args.groups * (-(-per_group // CHANNEL_BLOCK)), -(-per_group // CHANNEL_BLOCK)
 
 
 def forward(args, coefficients, out=None, last_state=None, stream=None):
@@ -248,26 +470,26 @@ def forward(args, coefficients, out=None, last_state=None, stream=None):
     compute dtype) to be filled in place (``stream`` is ignored: CPU). Returns out, or
     (out, last_state).
     """
-    x, dt = _prepared(args)
+    x, dt = _prepared(args, coefficients)
     batch, dim, length = x["u"].shape
     out = _check_out(out, "out", (batch, dim, length), dt)
     want_last = args.return_last_state
     last = _check_out(last_state, "last_state", (batch, dim, x["A"].shape[1]), dt) if want_last \
         else np.zeros((1, 1, 1), dt)
-    coef_self, coef_prev, _, trailing = _coefficients(args, coefficients, dt)
-    _forward_kernel(x["u"], x["delta"], x["A"], x["Bt"], x["Ct"], x["D"], x["z"], x["delta_bias"], x["softplus"],
-                    coef_self, coef_prev, trailing, args.D is not None, args.z is not None,
-                    args.delta_bias is not None, want_last, out, last)
+    _forward_kernel(x["u"], x["delta"], x["A"], x["Bt"], x["Ct"], x["D"], x["z"], x["delta_bias"], x["use_softplus"],
+                    x["coef_self"], x["coef_prev"], x["hold"], x["trailing"], args.D is not None, args.z is not None,
+                    args.delta_bias is not None, x["has_map"], x["has_hold"], want_last, out, last)
     return (out, last) if want_last else out
 
 
 def backward(dout, args, coefficients, grads_out=None, stream=None):
     """Run the backward kernel: (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias), None where the
     input was None. ``grads_out`` may map names ("du", "ddelta", "dz") to arrays to fill."""
-    x, dt = _prepared(args)
+    x, dt = _prepared(args, coefficients)
     batch, dim, length = x["u"].shape
     dstate = x["A"].shape[1]
     groups = x["Bt"].shape[1]
+    ntasks, nblk = _tasks(args)
     grads_out = grads_out or {}
     dout = np.ascontiguousarray(dout, dtype=dt)
     du = _check_out(grads_out.get("du"), "du", (batch, dim, length), dt)
@@ -276,14 +498,21 @@ def backward(dout, args, coefficients, grads_out=None, stream=None):
         else np.zeros((1, 1, 1), dt)
     dBt = np.empty((batch, groups, length, dstate), dt)
     dCt = np.empty((batch, groups, length, dstate), dt)
+    # One block per group: the block's partial is the result; else partials, summed in order.
+    dB_part = dBt[:, :, None] if nblk == 1 else np.empty((batch, groups, nblk, length, dstate), dt)
+    dC_part = dCt[:, :, None] if nblk == 1 else np.empty((batch, groups, nblk, length, dstate), dt)
+    # The state at every chunk start (the kernel's chunk: CHUNK tokens, fewer for short sequences).
+    ckpt = np.empty((ntasks, -(-length // max(1, min(CHUNK, length))), dstate, CHANNEL_BLOCK), dt)
     dA_part = np.empty((batch, dim, dstate), dt)
     dD_part = np.empty((batch, dim), dt)
     dbias_part = np.empty((batch, dim), dt)
-    coef_self, coef_prev, _, _ = _coefficients(args, coefficients, dt)
     _backward_kernel(dout, x["u"], x["delta"], x["A"], x["Bt"], x["Ct"], x["D"], x["z"], x["delta_bias"],
-                     x["softplus"], coef_self, coef_prev, args.D is not None,
-                     args.z is not None, args.delta_bias is not None, du, ddelta, dz, dBt, dCt,
-                     dA_part, dD_part, dbias_part)
+                     x["use_softplus"], x["coef_self"], x["coef_prev"], x["hold"], args.D is not None,
+                     args.z is not None, args.delta_bias is not None, x["has_map"], x["has_hold"], ckpt,
+                     du, ddelta, dz, dB_part, dC_part, dA_part, dD_part, dbias_part)
+    if nblk > 1:
+        _sum_blocks(dB_part, dBt)
+        _sum_blocks(dC_part, dCt)
     dB = dBt.transpose(0, 1, 3, 2)
     dC = dCt.transpose(0, 1, 3, 2)
     dB = np.ascontiguousarray(dB if args.B_grouped else dB[:, 0])

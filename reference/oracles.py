@@ -35,15 +35,17 @@ def expand_to_dense(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_so
     """Oracle 1: the full sequence whose dense scan contains the pruned one (SPEC §2).
 
     At positions_i the token's own u, delta, B, C, z; at a pruned index u = 0, B = C = z = 0
-    and the raw delta of the previous remaining token ("prev") or the next one ("self").
-    Needs one path length for the whole batch: pass ``seqlen`` or positions ending alike.
+    and the raw delta of the previous remaining token ("prev") or the next one ("self");
+    under "hold" a pruned index after a remaining token repeats that token's u, raw delta
+    and B (leading pruned indices stay zero). Needs one path length for the whole batch:
+    pass ``seqlen`` or positions ending alike.
 
     Returns:
         dict of float64 arrays u, delta (b, d, L), B, C (b, G, N, L), z (b, d, L) or None,
         plus A, D, delta_bias unchanged, ready for ``selective_scan(**dense)``.
     """
-    if alignment not in ("prev", "self"):
-        raise ValueError(f"alignment must be 'prev' or 'self' to expand, got {alignment!r}")
+    if alignment not in ("prev", "self", "hold"):
+        raise ValueError(f"alignment must be 'prev', 'self' or 'hold' to expand, got {alignment!r}")
     args = validate_scan_args(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
                               positions=positions, seqlen=seqlen, alignment=alignment)
     if np.any(args.seqlen_rows != args.seqlen_rows[0]):
@@ -63,6 +65,9 @@ def expand_to_dense(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_so
         src = _source_token(pos, L, alignment)
         carried = src >= 0
         out["delta"][row][:, carried] = x["delta"][row][:, src[carried]]
+        if alignment == "hold":   # the held input: u and B of the token before the gap
+            out["u"][row][:, carried] = x["u"][row][:, src[carried]]
+            out["B"][row][..., carried] = x["B"][row][..., src[carried]]
         out["u"][row][:, pos] = x["u"][row]
         out["delta"][row][:, pos] = x["delta"][row]
         out["B"][row][..., pos] = x["B"][row]
@@ -78,13 +83,17 @@ def delta_rewrite(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_soft
     """Oracle 5: dense-scan arguments with Δ'_i = E_i and u'_i = u_i·Δ_i/E_i (SPEC §2).
 
     The dense scan of the M tokens with these (no D, no bias, no softplus, no gate) gives
-    Σ_n C_i·h_i; add D·u and apply the gate outside. E_i > 0 wherever Δ_i > 0.
+    Σ_n C_i·h_i; add D·u and apply the gate outside. E_i > 0 wherever Δ_i > 0. Not for
+    "hold": its held input carries B_{i-1}, which no dense scan over the M tokens has.
 
     Returns:
         dict with ``delta`` = E and ``u`` = u·Δ/E, float64 (b, d, M).
     """
     args = validate_scan_args(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
                               positions=positions, seqlen=seqlen, alignment=alignment)
+    if args.alignment == "hold":
+        raise ValueError("alignment 'hold' has no delta rewrite: its held input B_{i-1}·u_{i-1} is not a dense "
+                         "scan's input over the M tokens (use the expansion oracle)")
     x = _float64_inputs(args)
     Delta = discretized_delta(x["delta"], x["delta_bias"], args.delta_softplus)
     E = effective_delta(Delta, args.position_map.coefficients(args.alignment))

@@ -33,7 +33,7 @@ __all__ = [
 ]
 
 # The alignments of SPEC §1: how the gaps that pruned tokens leave are filled.
-ALIGNMENTS = ("prev", "self", "none")
+ALIGNMENTS = ("prev", "self", "none", "hold")
 
 # Direction labels of a path position: the move that arrived there (SPEC §3).
 MOVE_START, MOVE_RIGHT, MOVE_LEFT, MOVE_UP, MOVE_DOWN = 0, 1, 2, 3, 4

@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from .arguments import validate_scan_args
+from .hold import hold_sum, hold_sum_grad
 
 __all__ = [
     "softplus",
@@ -75,16 +76,33 @@ def _float64_inputs(args):
     return {name: f(getattr(args, name)) for name in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")}
 
 
+def hold_weights(Delta, A, hold):
+    """w_i = exp(Δ_i·A)·S_{q_i}(Δ_{i-1}·A): the weight with which token i-1's input Δ·B·u
+    reaches h_i through the q_i held steps of alignment "hold" (``reference.hold``); w_0 = 0
+    and w_i = 0 where q_i = 0.  Delta (b, d, M), A (d, N), hold (b, M) -> (b, d, M, N)."""
+    w = np.zeros(Delta.shape + (A.shape[1],))
+    x_prev = Delta[:, :, :-1, None] * A[None, :, None, :]                          # Δ_{i-1}·A
+    q = hold[:, None, 1:, None]
+    w[:, :, 1:] = np.exp(Delta[:, :, 1:, None] * A[None, :, None, :]) * hold_sum(q, x_prev)
+    return w
+
+
 def _scan_terms(x, args):
-    """The per-token terms of the recurrence: Δ, E, deltaA = exp(E·A), deltaB_u = Δ·B·u."""
+    """The per-token terms of the recurrence h_i = deltaA_i·h_{i-1} + deltaB_u_i: Δ, E,
+    deltaA = exp(E·A), the token's own input Δ·B·u, the hold weights w ("hold" only, else
+    None) and deltaB_u = Δ_i·B_i·u_i (+ w_i·Δ_{i-1}·B_{i-1}·u_{i-1} under "hold")."""
     dim = x["u"].shape[1]
     coefficients = args.position_map.coefficients(args.alignment)
     Delta = discretized_delta(x["delta"], x["delta_bias"], args.delta_softplus)      # (b, d, M)
     E = effective_delta(Delta, coefficients)                                        # (b, d, M)
     deltaA = np.exp(E[:, :, :, None] * x["A"][None, :, None, :])                    # (b, d, M, N)
     Bd = channel_groups(x["B"], dim)                                                 # (b, d, N, M)
-    deltaB_u = (Delta * x["u"])[:, :, :, None] * Bd.transpose(0, 1, 3, 2)           # (b, d, M, N)
-    return Delta, E, deltaA, deltaB_u
+    own = (Delta * x["u"])[:, :, :, None] * Bd.transpose(0, 1, 3, 2)                # (b, d, M, N)
+    w = hold_weights(Delta, x["A"], coefficients.hold) if args.alignment == "hold" else None
+    deltaB_u = own.copy()
+    if w is not None:
+        deltaB_u[:, :, 1:] += w[:, :, 1:] * own[:, :, :-1]
+    return Delta, E, deltaA, own, w, deltaB_u
 
 
 def _recurrence(deltaA, deltaB_u):
@@ -103,7 +121,7 @@ def hidden_states(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_soft
     args = validate_scan_args(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
                               positions=positions, seqlen=seqlen, alignment=alignment)
     x = _float64_inputs(args)
-    _, _, deltaA, deltaB_u = _scan_terms(x, args)
+    _, _, deltaA, _, _, deltaB_u = _scan_terms(x, args)
     return _recurrence(deltaA, deltaB_u)
 
 
@@ -116,14 +134,19 @@ def _readout(h, x, dim):
     return y
 
 
-def _last_state(h, Delta, x, args):
-    """State at original position seqlen-1: the last h advanced over the trailing steps with
-    the last token's Δ (none under "none", where the trailing count is 0)."""
+def _last_state(h, Delta, own, x, args):
+    """State at original position seqlen-1: the last h advanced over the t trailing steps
+    with the last token's Δ (t = 0 under "none"); under "hold" they also repeat its input:
+    + S_t(Δ_{M-1}·A)·Δ_{M-1}·B_{M-1}·u_{M-1}."""
     b, d, _, n = h.shape
     if h.shape[2] == 0:
         return np.zeros((b, d, n))
     steps = args.position_map.coefficients(args.alignment).trailing[:, None, None]     # (b, 1, 1)
-    return np.exp(steps * Delta[:, :, -1, None] * x["A"][None]) * h[:, :, -1]
+    x_last = Delta[:, :, -1, None] * x["A"][None]                                     # Δ_{M-1}·A
+    last = np.exp(steps * x_last) * h[:, :, -1]
+    if args.alignment == "hold":
+        last += hold_sum(steps, x_last) * own[:, :, -1]
+    return last
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
@@ -134,9 +157,11 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         u, delta: (batch, dim, M) the remaining tokens in scan order and their raw timescale.
         A: (dim, N).  B, C: (batch, N, M) or (batch, G, N, M).  D, delta_bias: (dim,) or None.
         z: (batch, dim, M) gate or None.  delta_softplus: apply softplus to delta + bias.
-        positions: (batch, M) or (M,) original index of each remaining token, or None.
+        positions: (batch, M) or (M,) original index of each remaining token, a validated
+            ``PositionMap`` (then no seqlen), or None.
         seqlen: length of the unpruned path, or None (each row ends at its last token).
-        alignment: "prev" (the paper, Eq. 5/6), "self" (ablation) or "none" (relabel).
+        alignment: "prev" (the paper, Eq. 5/6), "self" (ablation), "none" (relabel) or
+            "hold" (ours: pruned steps repeat the previous token's input, ``reference.hold``).
 
     Returns:
         out (batch, dim, M) float64, and last_state (batch, dim, N) if return_last_state.
@@ -144,12 +169,12 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     args = validate_scan_args(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
                               positions=positions, seqlen=seqlen, alignment=alignment)
     x = _float64_inputs(args)
-    Delta, _, deltaA, deltaB_u = _scan_terms(x, args)
+    Delta, _, deltaA, own, _, deltaB_u = _scan_terms(x, args)
     h = _recurrence(deltaA, deltaB_u)
     y = _readout(h, x, args.dim)
     out = y * silu(x["z"]) if x["z"] is not None else y
     if return_last_state:
-        return out, _last_state(h, Delta, x, args)
+        return out, _last_state(h, Delta, own, x, args)
     return out
 
 
@@ -180,7 +205,7 @@ def selective_scan_backward(dout, u, delta, A, B, C, D=None, z=None, delta_bias=
     if dout.shape != x["u"].shape:
         raise ValueError(f"dout must have shape (batch, dim, M) = {x['u'].shape}, got {dout.shape}")
     b, d, m = x["u"].shape
-    Delta, E, deltaA, deltaB_u = _scan_terms(x, args)
+    Delta, E, deltaA, own, w, deltaB_u = _scan_terms(x, args)
     h = _recurrence(deltaA, deltaB_u)
     Bd = channel_groups(x["B"], d).transpose(0, 1, 3, 2)    # (b, d, M, N)
     Cd = channel_groups(x["C"], d).transpose(0, 1, 3, 2)    # (b, d, M, N)
@@ -209,15 +234,31 @@ def selective_scan_backward(dout, u, delta, A, B, C, D=None, z=None, delta_bias=
     h_prev = np.concatenate([np.zeros_like(h[:, :, :1]), h[:, :, :-1]], axis=2)
     d_deltaA = dh * h_prev                                             # ∂/∂deltaA_i
 
-    # deltaB_u_i = Δ_i·B_i·u_i.
-    dDelta = (dh * Bd).sum(axis=-1) * x["u"]
-    du += (dh * Bd).sum(axis=-1) * Delta
-    dB_channels = dh * (Delta * x["u"])[..., None]
+    # deltaB_u_i = own_i (+ w_i·own_{i-1} under "hold"), own_i = Δ_i·B_i·u_i: a token's own
+    # input reaches h_i directly and, held, h_{i+1}.
+    d_own = dh.copy()
+    if w is not None:
+        d_own[:, :, :-1] += w[:, :, 1:] * dh[:, :, 1:]
+    dDelta = (d_own * Bd).sum(axis=-1) * x["u"]
+    du += (d_own * Bd).sum(axis=-1) * Delta
+    dB_channels = d_own * (Delta * x["u"])[..., None]
 
     # deltaA_i = exp(E_i·A): dE_i = Σ_n ∂deltaA_i·deltaA_i·A, dA = Σ_{b,i} ∂deltaA_i·deltaA_i·E_i.
     grad_exponent = d_deltaA * deltaA                                  # (b, d, M, N)
     dE = (grad_exponent * x["A"][None, :, None, :]).sum(axis=-1)
     dA = (grad_exponent * E[..., None]).sum(axis=(0, 2))
+
+    # "hold": w_i = exp(Δ_i·A)·S_q(x), x = Δ_{i-1}·A (reference.hold), and dS/dx = T_q(x).
+    if w is not None:
+        A_ = x["A"][None, :, None, :]
+        dw = dh[:, :, 1:] * own[:, :, :-1]                             # ∂/∂w_i, i >= 1
+        x_prev = Delta[:, :, :-1, None] * A_
+        q = args.position_map.coefficients(args.alignment).hold[:, None, 1:, None]
+        e_self = np.exp(Delta[:, :, 1:, None] * A_)
+        dw_dx = e_self * hold_sum_grad(q, x_prev)                      # ∂w_i/∂x
+        dDelta[:, :, 1:] += (dw * w[:, :, 1:] * A_).sum(axis=-1)        # through exp(Δ_i·A)
+        dDelta[:, :, :-1] += (dw * dw_dx * A_).sum(axis=-1)             # through S_q(Δ_{i-1}·A)
+        dA += (dw * (w[:, :, 1:] * Delta[:, :, 1:, None] + dw_dx * Delta[:, :, :-1, None])).sum(axis=(0, 2))
 
     # E_i = coef_self_i·Δ_i + coef_prev_i·Δ_{i-1} (SPEC §1): under "prev" the gap term
     # sends (g_i - 1)·dE_i to token i-1.

@@ -24,7 +24,7 @@ def _at_positions(dense, positions):
     return np.take_along_axis(dense, np.repeat(pos[:, None, :], d, axis=1), axis=2)
 
 
-@given(scan_problems(alignments=("prev", "self"), explicit_seqlen=True))
+@given(scan_problems(alignments=("prev", "self", "hold"), explicit_seqlen=True))
 def test_expansion_oracle_matches_dense_scan_of_expanded_sequence(p):
     out, last = R.selective_scan(**p.kwargs(return_last_state=True))
     dense = R.expand_to_dense(**_scan_kwargs(p))
@@ -63,10 +63,17 @@ def _bidiagonal_terms(p, b, d, n):
     gap = np.diff(positions, prepend=positions[0] - 1).astype(float)
     E = np.array([Delta[i] if i == 0 else
                   {"prev": Delta[i] + (gap[i] - 1) * Delta[i - 1], "self": gap[i] * Delta[i],
-                   "none": Delta[i]}[p.alignment] for i in range(len(Delta))])
+                   "none": Delta[i], "hold": Delta[i] + (gap[i] - 1) * Delta[i - 1]}[p.alignment]
+                  for i in range(len(Delta))])
     Bmat = p.B if p.B.ndim == 4 else p.B[:, None]
     group = d // (p.u.shape[1] // Bmat.shape[1])
-    return np.exp(E * p.A[d, n]), Delta * Bmat[b, group, n] * p.u[b, d]
+    own = Delta * Bmat[b, group, n] * p.u[b, d]
+    rhs = own.copy()
+    if p.alignment == "hold":   # each of the g - 1 pruned steps repeats the previous token's input
+        for i in range(1, len(Delta)):
+            held = sum(np.exp(k * Delta[i - 1] * p.A[d, n]) for k in range(int(gap[i]) - 1))
+            rhs[i] += np.exp(Delta[i] * p.A[d, n]) * held * own[i - 1]
+    return np.exp(E * p.A[d, n]), rhs
 
 
 @given(scan_problems(), st.data())
@@ -80,7 +87,7 @@ def test_states_solve_the_bidiagonal_system(p, data):
     np.testing.assert_allclose(h[b, d, :, n], solved, **EXACT)
 
 
-@given(scan_problems())
+@given(scan_problems(alignments=("prev", "self", "none")))
 def test_delta_rewrite_turns_a_dense_scan_into_the_position_map_scan(p):
     out = R.selective_scan(**p.kwargs(return_last_state=False))
     rewrite = R.delta_rewrite(**_scan_kwargs(p))
