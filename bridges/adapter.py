@@ -29,6 +29,9 @@ def dense_kernel_adapter(dense_scan_fn):
         positions, seqlen = as_position_map(positions, seqlen, u)
         args = validate_scan_args(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
                                   positions=positions, seqlen=seqlen, alignment=alignment)
+        if args.alignment == "hold":
+            raise ValueError("dense_kernel_adapter cannot run alignment 'hold': its held input B_{i-1}·u_{i-1} is "
+                             "not a dense scan's input (SPEC §2 oracle 5); use bridges.selective_scan_fn")
         coefficients = args.coefficients(delta.dtype)
         Delta = discretized_delta(delta, delta_bias, args.delta_softplus)
         E = effective_delta(Delta, coefficients)

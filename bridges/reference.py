@@ -18,7 +18,46 @@ from reference.scan import SOFTPLUS_THRESHOLD
 from .dlpack import compute_dtype
 from .positions import as_position_map
 
-__all__ = ["selective_scan_ref", "effective_delta", "discretized_delta", "require_tensor", "scan_twin"]
+__all__ = ["selective_scan_ref", "effective_delta", "discretized_delta", "require_tensor", "scan_twin", "hold_sum"]
+
+
+def _langevin(y):
+    """coth(y) - 1/y without cancellation near 0 (reference.hold.langevin)."""
+    small = y.abs() < 0.1
+    ys = torch.where(small, y, torch.zeros_like(y))
+    y2 = ys * ys
+    series = ys * (1 / 3 + y2 * (-1 / 45 + y2 * (2 / 945 + y2 * (-1 / 4725 + y2 * (2 / 93555)))))
+    yl = torch.where(small, torch.ones_like(y), y)
+    return torch.where(small, series, 1 / torch.tanh(yl) - 1 / yl)
+
+
+class _HoldSum(torch.autograd.Function):
+    """S_q(x) = expm1(q·x)/expm1(x) (q at x = 0) with the derivative T_q(x) of reference.hold,
+    which autograd through the quotient would get wrong (0/0 at x = 0, cancellation near it)."""
+
+    @staticmethod
+    def forward(ctx, q, x):
+        ctx.save_for_backward(q, x)
+        safe = torch.where(x != 0, x, torch.ones_like(x))
+        return torch.where(x != 0, torch.expm1(q * safe) / torch.expm1(safe), q)
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, x = ctx.saved_tensors
+        nonzero = x != 0
+        xs = torch.where(nonzero, x, torch.ones_like(x))
+        S = torch.where(nonzero, torch.expm1(q * xs) / torch.expm1(xs), q)
+        series = S * ((q - 1) / 2 + (q * _langevin(q * xs / 2) - _langevin(xs / 2)) / 2)
+        near = (q * xs).abs() < 1
+        em1 = torch.expm1(xs)
+        difference = (q * torch.exp(q * xs) * em1 - torch.exp(xs) * torch.expm1(q * xs)) / (em1 * em1)
+        T = torch.where(nonzero, torch.where(near, series, difference), q * (q - 1) / 2)
+        return None, grad * T
+
+
+def hold_sum(q, x):
+    """S_q(x) = Σ_{k<q} exp(k·x), differentiable in x (SPEC §1, "hold")."""
+    return _HoldSum.apply(q, x)
 
 
 def require_tensor(u):
@@ -53,7 +92,14 @@ def scan_twin(args):
     B = B.repeat_interleave(dim // B.shape[1], dim=1)                              # (b, d, N, M)
     C = C.repeat_interleave(dim // C.shape[1], dim=1)
     deltaA = torch.exp(E[..., None] * A[None, :, None, :])                         # (b, d, M, N)
-    deltaB_u = (Delta * u)[..., None] * B.transpose(2, 3)                          # (b, d, M, N)
+    own = (Delta * u)[..., None] * B.transpose(2, 3)                               # Δ·B·u (b, d, M, N)
+    deltaB_u = own
+    hold = coefficients is not None and args.alignment == "hold"
+    if hold and length > 1:   # w_i·Δ_{i-1}·B_{i-1}·u_{i-1}, w_i = exp(Δ_i·A)·S_q(Δ_{i-1}·A)
+        x_prev = Delta[..., :-1, None] * A[None, :, None, :]
+        q = coefficients.hold[:, None, 1:, None].expand_as(x_prev)
+        w = torch.exp(Delta[..., 1:, None] * A[None, :, None, :]) * hold_sum(q, x_prev)
+        deltaB_u = torch.cat([own[:, :, :1], own[:, :, 1:] + w * own[:, :, :-1]], dim=2)
     h = u.new_zeros(batch, dim, dstate)
     ys = []
     for i in range(length):
@@ -69,7 +115,10 @@ def scan_twin(args):
     last = h
     if coefficients is not None and length:
         steps = coefficients.trailing[:, None, None]
-        last = torch.exp(steps * Delta[:, :, -1, None] * A[None]) * h
+        x_last = Delta[:, :, -1, None] * A[None]
+        last = torch.exp(steps * x_last) * h
+        if hold:
+            last = last + hold_sum(steps.expand_as(x_last), x_last) * own[:, :, -1]
     return out, last.detach()
 
 

@@ -67,7 +67,11 @@ def kernel_functions(dstate, ch, tile, dtype_name):
     TP, TNS = T + 1, T * NS     # shared/local array shapes must be compile-time constants
     DT = np.dtype(dtype_name).type
     nbt = types.float32 if dtype_name == "float32" else types.float64
-    ZERO, ONE, THRESH = DT(0.0), DT(1.0), DT(SOFTPLUS_THRESHOLD)
+    ZERO, ONE, HALF, THRESH = DT(0.0), DT(1.0), DT(0.5), DT(SOFTPLUS_THRESHOLD)
+    # "hold" (reference.hold): the Langevin function's series below this |y| (5 terms: < 1e-8
+    # relative in float32 up to 0.5, < 1e-16 in float64 up to 0.1).
+    LANGEVIN_SERIES_BELOW = DT(0.1 if dtype_name == "float64" else 0.5)
+    L1, L3, L5, L7, L9 = (DT(c) for c in (1 / 3, -1 / 45, 2 / 945, -1 / 4725, 2 / 93555))
 
     @cuda.jit(device=True, inline=True)
     def softplus(x):
@@ -76,6 +80,31 @@ def kernel_functions(dstate, ch, tile, dtype_name):
     @cuda.jit(device=True, inline=True)
     def sigmoid(x):
         return ONE / (ONE + math.exp(-x))
+
+    @cuda.jit(device=True, inline=True)
+    def langevin(y):
+        """coth(y) - 1/y without cancellation near 0."""
+        if abs(y) < LANGEVIN_SERIES_BELOW:
+            y2 = y * y
+            return y * (L1 + y2 * (L3 + y2 * (L5 + y2 * (L7 + y2 * L9))))
+        return ONE / math.tanh(y) - ONE / y
+
+    @cuda.jit(device=True, inline=True)
+    def hold_sum(q, x):
+        """S_q(x) = expm1(q·x)/expm1(x), q at x = 0 (reference.hold)."""
+        if x == ZERO:
+            return q
+        return math.expm1(q * x) / math.expm1(x)
+
+    @cuda.jit(device=True, inline=True)
+    def hold_sum_grad(q, x):
+        """T_q(x) = dS_q/dx without cancellation (reference.hold)."""
+        if x == ZERO:
+            return q * (q - ONE) * HALF
+        if abs(q * x) < ONE:
+            return hold_sum(q, x) * ((q - ONE) * HALF + (q * langevin(q * x * HALF) - langevin(x * HALF)) * HALF)
+        em1 = math.expm1(x)
+        return (q * math.exp(q * x) * em1 - math.exp(x) * math.expm1(q * x)) / (em1 * em1)
 
     @cuda.jit(device=True, inline=True)
     def block_channels(u, B):
@@ -143,8 +172,8 @@ def kernel_functions(dstate, ch, tile, dtype_name):
             return Delta, Delta
         return Delta, coef_self[b, i] * Delta + coef_prev[b, i] * Delta_prev
 
-    def forward_kernel(u, delta, A, B, C, D, z, bias, coef_self, coef_prev, trailing,
-                       use_softplus, has_D, has_z, has_bias, has_map, want_last, out, last):
+    def forward_kernel(u, delta, A, B, C, D, z, bias, coef_self, coef_prev, hold, trailing,
+                       use_softplus, has_D, has_z, has_bias, has_map, has_hold, want_last, out, last):
         tid = cuda.threadIdx.x
         M = u.shape[2]
         b, g, c0, nch, d, active = block_channels(u, B)
@@ -161,6 +190,7 @@ def kernel_functions(dstate, ch, tile, dtype_name):
         bias_d = bias[d] if has_bias else ZERO
         D_d = D[d] if has_D else ZERO
         Delta_prev = ZERO
+        du_prev = ZERO                            # Δ·u of the previous token ("hold")
         for t0 in range(0, M, T):
             tn = min(T, M - t0)
             stage_states(B, sB, b, g, t0, tn)
@@ -176,12 +206,17 @@ def kernel_functions(dstate, ch, tile, dtype_name):
                     Delta, E = timescales(sX[tid, t] + bias_d, use_softplus, has_map, coef_self, coef_prev, b, i,
                                           Delta_prev)
                     du = Delta * sU[tid, t]
+                    q = hold[b, i] if has_hold else ZERO
                     y = ZERO
                     for n in range(NS):
                         hn = math.exp(E * a_row[n]) * h[n] + du * sB[t, n]
+                        if q > ZERO:   # "hold": token i-1's input, held over the gap (reference.hold)
+                            bp = sB[t - 1, n] if t > 0 else B[b, g, n, i - 1]
+                            hn += math.exp(Delta * a_row[n]) * hold_sum(q, Delta_prev * a_row[n]) * du_prev * bp
                         h[n] = hn
                         y += sC[t, n] * hn
                     y += D_d * sU[tid, t]
+                    du_prev = du
                     if has_z:
                         y *= sZ[tid, t] * sigmoid(sZ[tid, t])
                     sU[tid, t] = y
@@ -193,10 +228,13 @@ def kernel_functions(dstate, ch, tile, dtype_name):
             for n in range(NS):
                 steps = trailing[b] if has_map else ZERO
                 decay = math.exp(steps * Delta_prev * a_row[n]) if M > 0 else ZERO
-                last[b, d, n] = decay * h[n]
+                value = decay * h[n]
+                if has_hold and M > 0 and steps > ZERO:
+                    value += hold_sum(steps, Delta_prev * a_row[n]) * du_prev * B[b, g, n, M - 1]
+                last[b, d, n] = value
 
-    def backward_kernel(dout, u, delta, A, B, C, D, z, bias, coef_self, coef_prev,
-                        use_softplus, has_D, has_z, has_bias, has_map, ckpt,
+    def backward_kernel(dout, u, delta, A, B, C, D, z, bias, coef_self, coef_prev, hold,
+                        use_softplus, has_D, has_z, has_bias, has_map, has_hold, ckpt,
                         du_out, ddelta_out, dz_out, dB_part, dC_part, dA_part, dD_part, dbias_part):
         tid = cuda.threadIdx.x
         blk = cuda.blockIdx.x
@@ -219,6 +257,7 @@ def kernel_functions(dstate, ch, tile, dtype_name):
         h0 = cuda.local.array(NS, nbt)               # state before the tile
         dh = cuda.local.array(NS, nbt)
         dA_loc = cuda.local.array(NS, nbt)
+        held = cuda.local.array(NS, nbt)         # w_{i+1}·dh_{i+1}: token i's input, held ("hold")
         Dl = cuda.local.array(T, nbt)
         El = cuda.local.array(T, nbt)
         for n in range(NS):
@@ -226,11 +265,13 @@ def kernel_functions(dstate, ch, tile, dtype_name):
             a_row[n] = A[d, n]
             dh[n] = ZERO
             dA_loc[n] = ZERO
+            held[n] = ZERO
         bias_d = bias[d] if has_bias else ZERO
         D_d = D[d] if has_D else ZERO
 
         # Sweep 1: forward, keeping the state at the start of every tile.
         Delta_prev = ZERO
+        du_prev = ZERO
         for k in range(ntiles):
             t0 = k * T
             tn = min(T, M - t0)
@@ -246,9 +287,15 @@ def kernel_functions(dstate, ch, tile, dtype_name):
                     Delta, E = timescales(sX[tid, t] + bias_d, use_softplus, has_map, coef_self, coef_prev, b, i,
                                           Delta_prev)
                     du = Delta * sU[tid, t]
+                    q = hold[b, i] if has_hold else ZERO
                     for n in range(NS):
-                        h[n] = math.exp(E * a_row[n]) * h[n] + du * sB[t, n]
+                        hn = math.exp(E * a_row[n]) * h[n] + du * sB[t, n]
+                        if q > ZERO:
+                            bp = sB[t - 1, n] if t > 0 else B[b, g, n, i - 1]
+                            hn += math.exp(Delta * a_row[n]) * hold_sum(q, Delta_prev * a_row[n]) * du_prev * bp
+                        h[n] = hn
                     Delta_prev = Delta
+                    du_prev = du
             cuda.syncthreads()
 
         # Sweep 2: reverse, tile by tile, recomputing each tile from its checkpoint.
@@ -267,12 +314,15 @@ def kernel_functions(dstate, ch, tile, dtype_name):
             if has_z:
                 stage_channels(z, sZ, b, c0, nch, t0, tn)
             cuda.syncthreads()
+            Delta_before = ZERO      # Δ and Δ·u of the token before the tile
+            du_before = ZERO
             if active:
                 if t0 > 0:
                     xp = delta[b, d, t0 - 1] + bias_d
-                    Delta_prev = softplus(xp) if use_softplus else xp
-                else:
-                    Delta_prev = ZERO
+                    Delta_before = softplus(xp) if use_softplus else xp
+                    du_before = Delta_before * u[b, d, t0 - 1]
+                Delta_prev = Delta_before
+                du_prev = du_before
                 for n in range(NS):
                     h0[n] = ckpt[b, d, k, n]
                     h[n] = h0[n]
@@ -283,10 +333,16 @@ def kernel_functions(dstate, ch, tile, dtype_name):
                     Dl[t] = Delta
                     El[t] = E
                     du = Delta * sU[tid, t]
+                    q = hold[b, i] if has_hold else ZERO
                     for n in range(NS):
-                        h[n] = math.exp(E * a_row[n]) * h[n] + du * sB[t, n]
-                        hs[t * NS + n] = h[n]
+                        hn = math.exp(E * a_row[n]) * h[n] + du * sB[t, n]
+                        if q > ZERO:
+                            bp = sB[t - 1, n] if t > 0 else B[b, g, n, i - 1]
+                            hn += math.exp(Delta * a_row[n]) * hold_sum(q, Delta_prev * a_row[n]) * du_prev * bp
+                        h[n] = hn
+                        hs[t * NS + n] = hn
                     Delta_prev = Delta
+                    du_prev = du
             for tt in range(tn):
                 t = tn - 1 - tt
                 i = t0 + t
@@ -306,22 +362,40 @@ def kernel_functions(dstate, ch, tile, dtype_name):
                     Delta = Dl[t]
                     E = El[t]
                     dBu = Delta * sU[tid, t]
+                    q = hold[b, i] if has_hold else ZERO
+                    Delta_p = Dl[t - 1] if t > 0 else Delta_before
+                    du_p = Dl[t - 1] * sU[tid, t - 1] if t > 0 else du_before
                     s = ZERO
                     dE = ZERO
+                    d_self = ZERO        # "hold": the gradient of Δ_i through w_i
+                    hold_owed = ZERO     # "hold": what w_i sends to Δ_{i-1}
                     for n in range(NS):
                         hprev = hs[(t - 1) * NS + n] if t > 0 else h0[n]
                         a = math.exp(E * a_row[n])
                         dhn = dh[n] + dy * sC[t, n]
-                        s += dhn * sB[t, n]
+                        d_own = dhn + held[n]      # own input reaches h_i, and held, h_{i+1}
+                        s += d_own * sB[t, n]
                         ge = dhn * hprev * a
                         dE += ge * a_row[n]
                         dA_loc[n] += ge * E
-                        sRed[n, tid] = dhn * dBu
+                        sRed[n, tid] = d_own * dBu
                         dh[n] = dhn * a
+                        if q > ZERO:   # w_i = exp(Δ_i·A)·S_q(x), x = Δ_{i-1}·A (reference.hold)
+                            bp = sB[t - 1, n] if t > 0 else B[b, g, n, i - 1]
+                            e_self = math.exp(Delta * a_row[n])
+                            weight = e_self * hold_sum(q, Delta_p * a_row[n])
+                            dw = dhn * du_p * bp
+                            dw_dx = e_self * hold_sum_grad(q, Delta_p * a_row[n])
+                            d_self += dw * weight * a_row[n]
+                            hold_owed += dw * dw_dx * a_row[n]
+                            dA_loc[n] += dw * (weight * Delta + dw_dx * Delta_p)
+                            held[n] = weight * dhn
+                        else:
+                            held[n] = ZERO
                     sG[tid, t] = dy * D_d + s * Delta
                     if has_map:
-                        dDelta = s * sU[tid, t] + coef_self[b, i] * dE + pending
-                        pending = coef_prev[b, i] * dE
+                        dDelta = s * sU[tid, t] + coef_self[b, i] * dE + pending + d_self
+                        pending = coef_prev[b, i] * dE + hold_owed
                     else:
                         dDelta = s * sU[tid, t] + dE
                     if use_softplus:
@@ -387,8 +461,8 @@ def kernel_signatures(dtype_name):
     a1, a2, a3, a4 = (types.Array(f, n, "C") for n in (1, 2, 3, 4))
     flag = types.boolean
     return {
-        "forward": (a3, a3, a2, a4, a4, a1, a3, a1, a2, a2, a1, flag, flag, flag, flag, flag, flag, a3, a3),
-        "backward": (a3, a3, a3, a2, a4, a4, a1, a3, a1, a2, a2, flag, flag, flag, flag, flag, a4,
+        "forward": (a3, a3, a2, a4, a4, a1, a3, a1, a2, a2, a2, a1, flag, flag, flag, flag, flag, flag, flag, a3, a3),
+        "backward": (a3, a3, a3, a2, a4, a4, a1, a3, a1, a2, a2, a2, flag, flag, flag, flag, flag, flag, a4,
                      a3, a3, a3, a4, a4, a3, a2, a2),
         "reduce_blocks": (a4, types.int64, a4),
         "reduce_batch": (a2, a1),
@@ -450,12 +524,12 @@ def _grid(args, ch):
 
 
 def _map_arrays(coefficients, stage):
-    """The coefficient device arrays, or 1-element dummies when there is no map."""
+    """The coefficient device arrays (coef_self, coef_prev, hold, trailing), or 1-element
+    dummies when there is no map."""
     if coefficients is None:
         dummy = cuda.to_device(np.zeros((1, 1), stage.dtype), stream=stage.stream)
-        return dummy, dummy, cuda.to_device(np.zeros(1, stage.dtype), stream=stage.stream)
-    return tuple(stage(a, name) for a, name in zip((coefficients.coef_self, coefficients.coef_prev,
-                                                    coefficients.trailing), ("coef_self", "coef_prev", "trailing")))
+        return dummy, dummy, dummy, cuda.to_device(np.zeros(1, stage.dtype), stream=stage.stream)
+    return tuple(stage(a, name) for a, name in zip(coefficients, ("coef_self", "coef_prev", "hold", "trailing")))
 
 
 def forward(args, coefficients, out=None, last_state=None, stream=None, tile=None):
@@ -469,7 +543,8 @@ def forward(args, coefficients, out=None, last_state=None, stream=None, tile=Non
     batch, dim, M = args.u.shape
     N = args.dstate
     ch, tile = launch_config(N, dim // args.groups, tile)
-    coef_self, coef_prev, trailing = _map_arrays(coefficients, stage)
+    coef_self, coef_prev, hold, trailing = _map_arrays(coefficients, stage)
+    has_hold = coefficients is not None and args.alignment == "hold"
     out_d = _output(out, "out", (batch, dim, M), stage)
     want_last = args.return_last_state
     last_d = _output(last_state, "last_state", (batch, dim, N), stage) if want_last \
@@ -477,9 +552,9 @@ def forward(args, coefficients, out=None, last_state=None, stream=None, tile=Non
     if batch * dim:
         k = _compiled(N, ch, tile, dt.name)["forward"]
         k[_grid(args, ch), ch, st](x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"], x["bias"],
-                                   coef_self, coef_prev, trailing, args.delta_softplus, args.D is not None,
+                                   coef_self, coef_prev, hold, trailing, args.delta_softplus, args.D is not None,
                                    args.z is not None, args.delta_bias is not None, coefficients is not None,
-                                   want_last, out_d, last_d)
+                                   has_hold, want_last, out_d, last_d)
     if stage.on_host and out is None:
         result = out_d.copy_to_host(stream=st)
         last_h = last_d.copy_to_host(stream=st) if want_last else None
@@ -501,7 +576,8 @@ def backward(dout, args, coefficients, grads_out=None, stream=None, tile=None):
     grid = _grid(args, ch)
     nblk = grid[0]
     ntiles = (M + tile - 1) // tile
-    coef_self, coef_prev, _ = _map_arrays(coefficients, stage)
+    coef_self, coef_prev, hold, _ = _map_arrays(coefficients, stage)
+    has_hold = coefficients is not None and args.alignment == "hold"
     grads_out = grads_out or {}
     du = _output(grads_out.get("du"), "du", (batch, dim, M), stage)
     ddelta = _output(grads_out.get("ddelta"), "ddelta", (batch, dim, M), stage)
@@ -522,8 +598,8 @@ def backward(dout, args, coefficients, grads_out=None, stream=None, tile=None):
     if batch * dim:
         kernels["backward"][grid, ch, st](
             dout_d, x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"], x["bias"], coef_self, coef_prev,
-            args.delta_softplus, args.D is not None, args.z is not None, args.delta_bias is not None,
-            coefficients is not None, ckpt,
+            hold, args.delta_softplus, args.D is not None, args.z is not None, args.delta_bias is not None,
+            coefficients is not None, has_hold, ckpt,
             du, ddelta, dz, dB_part, dC_part, dA_part, dD_part, dbias_part)
     threads = 128
     total = batch * G * N * M

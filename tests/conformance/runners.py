@@ -13,6 +13,7 @@ import torch
 
 import bridges
 import cuda_kernels as K
+import reference as R
 from cuda_kernels import backends
 
 GRAD_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
@@ -57,16 +58,18 @@ def _torch_runner(fn):
 
 
 def runners():
-    """[(id, reason or None, (forward, backward), alignments it supports)]."""
+    """[(id, reason it cannot run here or None, (forward, backward), alignments it supports)].
+    The dense-kernel adapter cannot express "hold" (SPEC §2 oracle 5) and says so."""
     out = []
+    every = R.ALIGNMENTS
     for name in backends.names(kernels_only=True):
         entry = backends.get(name)
-        out.append((f"{name} (front door)", entry.reason(), _kernel_runner(name)))
+        out.append((f"{name} (front door)", entry.reason(), _kernel_runner(name), every))
     for name in backends.names():
         entry = backends.get(name)
         if entry.takes("cpu"):
             op = lambda *a, name=name, **k: bridges.selective_scan_fn(*a, backend=name, **k)
-            out.append((f"{name} (torch op)", entry.reason(), _torch_runner(op)))
+            out.append((f"{name} (torch op)", entry.reason(), _torch_runner(op), every))
     out.append(("dense_kernel_adapter(selective_scan_ref)", None,
-                _torch_runner(bridges.dense_kernel_adapter(bridges.selective_scan_ref))))
+                _torch_runner(bridges.dense_kernel_adapter(bridges.selective_scan_ref)), ("prev", "self", "none")))
     return out
