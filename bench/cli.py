@@ -25,7 +25,8 @@ def run_kernels(args):
     from bench.kernels import exp_floor_seconds, format_table, kernel_table, performance_checks, plot_times
     numba.set_num_threads(max(1, min(args.threads, numba.config.NUMBA_NUM_THREADS)))
     status = K.available_backends()
-    backends = ["reference"] + [name for name, reason in status.items() if reason is None]
+    untimed = [name for name in status if not K.backends.get(name).timed]
+    backends = ["reference"] + [name for name, reason in status.items() if reason is None and name not in untimed]
     quick = args.quick
     shape = dict(batch=1, dim=96) if quick else dict(batch=8, dim=768)
     rows = kernel_table(backends=backends, keep_ratios=(1.0, 0.7) if quick else (1.0, 0.7, 0.5),
@@ -36,6 +37,8 @@ def run_kernels(args):
     for name, reason in status.items():
         if reason is not None:
             print(f"  (not run: {name}: {reason})")
+        elif name in untimed:
+            print(f"  (not timed: {name}: {K.backends.get(name).purpose})")
     # At --quick sizes a call takes microseconds and overhead decides the ratios: no checks.
     checks = [] if quick else performance_checks(rows, exp_floor_seconds(**shape))
     results = {"kernels": rows, "performance_checks": checks,

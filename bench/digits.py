@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
+from bench.progress import progress_bar
 
 __all__ = ["DigitsConfig", "load_digits_split", "build_model", "train", "evaluate", "trained_model",
            "weights_digest"]
@@ -83,7 +83,7 @@ def train(model, x, y, cfg, epochs=None, desc="train"):
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=max(steps, 1), pct_start=0.15)
     losses = []
     model.train()
-    with tqdm(total=steps, desc=desc, leave=False) as bar:
+    with progress_bar(total=steps, desc=desc, leave=False) as bar:
         for _ in range(epochs):
             order = torch.randperm(len(x), generator=gen)
             total = 0.0

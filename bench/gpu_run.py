@@ -1,19 +1,30 @@
-"""Everything that needs a GPU, in one go, for a lent GPU machine (see DEVELOPERS.md):
+"""Everything that needs a GPU, in one command, for a lent GPU machine:
 
-    python -m bench.gpu_run [--out bench/results] [--budget-s 420]
+    PYTHONPATH=. python -m bench.gpu_run [--budget-s 330] [--out DIR] [--dry-run]
 
-1. the GPU tests (``pytest -m gpu``), 2. the device-to-device copy bandwidth, 3. forward
-and forward+backward of cupy and numba-cuda at the ViM-S layer shape with batch 64, keep
-1.0 / 0.7 / 0.5, every alignment, with effective bandwidth (bytes of inputs read and
-outputs written / time) and the issue's goals, 4. if time is left, images/s of ViM-S and
-PlainMamba-L3 (dense, align, relabel) at batch 64 on the cupy backend. Writes one JSON named after the device,
-e.g. bench/results/gpu_NVIDIA_H100_80GB_HBM3.json, and stays inside the 8-minute budget
-(it stops starting new work when the budget is spent and says what it skipped).
+It runs on that machine's image as it is (Python 3.12, torch, cupy, numba, numba-cuda, pytest,
+hypothesis; no network, nothing installed): it needs nothing else (no tqdm, matplotlib or
+SciPy). Steps, each printed as it starts and ends:
+
+1. the GPU tests (``pytest -m gpu`` on the files that hold them: scan.cu through CuPy,
+   numba.cuda, the torch op on CUDA tensors, the conformance suite's GPU backends);
+2. the device-to-device copy bandwidth;
+3. forward and forward+backward of cupy and numba-cuda at the ViM-S layer shape, batch 64,
+   keep 1.0 / 0.7 / 0.5, every alignment, with effective bandwidth and the goals;
+4. if time is left, images/s of ViM-S and PlainMamba-L3 (dense, align, relabel), batch 64,
+   on the cupy backend.
+
+It stops starting new work when the budget (default 330 s: the whole run fits in 6 minutes)
+is spent and says what it skipped. One JSON, named after the device, goes to --out, else
+$OUT, else bench/results/. ``--dry-run`` exercises every step here without a GPU: the
+tests are collected (not run), the timings use the numba CPU kernel at small shapes and a
+wall clock, and the JSON (marked "dry_run") goes to --out, else $OUT, else ./bench_out.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import subprocess
 import sys
@@ -24,47 +35,95 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 KEEP = (1.0, 0.7, 0.5)
-ALIGN = ("prev", "self", "none")
+GPU_TEST_FILES = ("tests/kernels/test_cupy_raw.py", "tests/kernels/test_numba_cuda.py",
+                  "tests/bridges/test_op_integration.py", "tests/conformance/test_backends.py")
 
 
-def _device_name():
-    import cupy
-    props = cupy.cuda.runtime.getDeviceProperties(0)
-    name = props["name"]
-    return name.decode() if isinstance(name, bytes) else str(name)
+def say(text):
+    print(f"[gpu_run {time.strftime('%H:%M:%S')}] {text}", flush=True)
 
 
-def gpu_seconds(fn, repeats=20, warmup=3):
-    """Median GPU time of fn() (CUDA events around each call)."""
-    import cupy
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start, stop = cupy.cuda.Event(), cupy.cuda.Event()
-        start.record()
-        fn()
-        stop.record()
-        stop.synchronize()
-        times.append(cupy.cuda.get_elapsed_time(start, stop) / 1e3)
-    return float(np.median(times))
+class GPU:
+    """Timing and arrays on the GPU (CuPy, CUDA events)."""
+
+    dry = False
+    batch = 64
+    dim = 768
+
+    def __init__(self):
+        import cupy
+        self.xp = cupy
+        props = cupy.cuda.runtime.getDeviceProperties(0)
+        name = props["name"]
+        self.name = name.decode() if isinstance(name, bytes) else str(name)
+
+    def seconds(self, fn, repeats=20, warmup=3):
+        """Median GPU time of fn() (CUDA events around each call)."""
+        cupy = self.xp
+        for _ in range(warmup):
+            fn()
+        times = []
+        for _ in range(repeats):
+            start, stop = cupy.cuda.Event(), cupy.cuda.Event()
+            start.record()
+            fn()
+            stop.record()
+            stop.synchronize()
+            times.append(cupy.cuda.get_elapsed_time(start, stop) / 1e3)
+        return float(np.median(times))
+
+    def backends(self, status):
+        return [b for b in ("cupy", "numba-cuda") if status[b] is None]
 
 
-def copy_bandwidth(nbytes=1 << 30):
-    """Device-to-device copy bandwidth in bytes/s (read + write) of a 1 GiB buffer."""
-    import cupy
-    src = cupy.ones(nbytes // 4, dtype=cupy.float32)
-    dst = cupy.empty_like(src)
-    seconds = gpu_seconds(lambda: dst.__setitem__(Ellipsis, src), repeats=10)
+class DryRun(GPU):
+    """The same steps on the CPU: numba-cpu, small shapes, a wall clock."""
+
+    dry = True
+    batch = 2
+    dim = 64
+
+    def __init__(self):
+        self.xp = np
+        self.name = "dry-run (CPU)"
+
+    def seconds(self, fn, repeats=3, warmup=1):
+        for _ in range(warmup):
+            fn()
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return float(np.median(times))
+
+    def backends(self, status):
+        return ["numba-cpu"]
+
+
+def run_gpu_tests(device, timeout_s):
+    """The gpu-marked tests (collected only in a dry run); counts from pytest's summary."""
+    command = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", *GPU_TEST_FILES]
+    if device.dry:
+        command.append("--collect-only")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    run = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout_s, env=env)
+    lines = run.stdout.strip().splitlines() or [""]
+    summary = lines[-1]
+    counts = {k: int(v) for v, k in re.findall(r"(\d+) (passed|failed|skipped|errors?|tests? collected|deselected)",
+                                                 summary)}
+    return {"returncode": run.returncode, "summary": summary, "counts": counts, "tail": run.stdout[-4000:],
+            "stderr_tail": run.stderr[-2000:], "collected_only": device.dry}
+
+
+def copy_bandwidth(device, nbytes=1 << 30):
+    """Device-to-device copy bandwidth in bytes/s (read + write)."""
+    xp = device.xp
+    nbytes = nbytes if not device.dry else 1 << 26
+    src = xp.ones(nbytes // 4, dtype=xp.float32)
+    dst = xp.empty_like(src)
+    seconds = device.seconds(lambda: dst.__setitem__(Ellipsis, src), repeats=10)
     return 2 * nbytes / seconds
-
-
-def run_gpu_tests(timeout_s):
-    run = subprocess.run([sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider"], cwd=REPO,
-                         capture_output=True, text=True, timeout=timeout_s)
-    summary = (run.stdout.strip().splitlines() or [""])[-1]
-    counts = {k: int(v) for v, k in re.findall(r"(\d+) (passed|failed|skipped|error|errors)", summary)}
-    return {"returncode": run.returncode, "summary": summary, "counts": counts, "tail": run.stdout[-4000:]}
 
 
 def scan_bytes(p, backward):
@@ -81,27 +140,30 @@ def scan_bytes(p, backward):
     return fwd + tokens + 3 * tokens + 2 * bc + 3 * tokens + 2 * bc   # recompute reads, dout; du, ddelta, dz, dB, dC
 
 
-def bench_backend(backend, budget_end, batch=64):
-    import cupy
-
+def bench_backend(device, backend, budget_end, alignments):
     import cuda_kernels as K
+    import reference as R
     from bench.problems import vim_layer_problem
     rows = []
-    for alignment in ALIGN:
+    xp = device.xp
+    for alignment in alignments:
         for keep in KEEP:
             if time.monotonic() > budget_end:
                 rows.append({"backend": backend, "alignment": alignment, "keep_ratio": keep, "skipped": "budget"})
                 continue
-            p = vim_layer_problem(batch=batch, keep_ratio=keep, alignment=alignment, dtype=np.float32)
-            kw = {k: (cupy.asarray(v) if isinstance(v, np.ndarray) and k != "positions" else v)
-                  for k, v in p.kwargs(return_last_state=False).items()}
-            dout = cupy.asarray(p.dout())
-            fwd = lambda: K.selective_scan_fwd(**kw, backend=backend)
-            fb = lambda: (fwd(), K.selective_scan_bwd(dout, **kw, backend=backend))
-            t_f, t_fb = gpu_seconds(fwd), gpu_seconds(fb, repeats=10)
+            p = vim_layer_problem(batch=device.batch, dim=device.dim, keep_ratio=keep, alignment=alignment,
+                                  dtype=np.float32)
+            kw = p.kwargs(return_last_state=False)
+            position_map = R.PositionMap(kw.pop("positions"), kw.pop("seqlen"))   # made once, as a model does
+            kw = {k: (xp.asarray(v) if isinstance(v, np.ndarray) else v) for k, v in kw.items()}
+            dout = xp.asarray(p.dout())
+            fwd = lambda: K.selective_scan_fwd(**kw, positions=position_map, backend=backend)
+            fb = lambda: (fwd(), K.selective_scan_bwd(dout, **kw, positions=position_map, backend=backend))
+            t_f, t_fb = device.seconds(fwd), device.seconds(fb, repeats=10 if not device.dry else 3)
             rows.append({"backend": backend, "alignment": alignment, "keep_ratio": keep, "tokens": int(p.u.shape[2]),
                          "fwd_s": t_f, "fwd_bwd_s": t_fb,
                          "fwd_bandwidth": scan_bytes(p, False) / t_f, "fwd_bwd_bandwidth": scan_bytes(p, True) / t_fb})
+        say(f"  {backend} {alignment}: done")
     return rows
 
 
@@ -127,47 +189,75 @@ def goals(rows, copy_bw):
     return out
 
 
+def output_dir(args):
+    if args.out is not None:
+        return args.out
+    if os.environ.get("OUT"):
+        return Path(os.environ["OUT"])
+    return Path("bench_out") if args.dry_run else REPO / "bench" / "results"
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m bench.gpu_run", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
-    parser.add_argument("--budget-s", type=float, default=420.0, help="stop starting work after this (default 420)")
+    parser.add_argument("--out", type=Path, default=None, help="where the JSON goes (default $OUT, else bench/results)")
+    parser.add_argument("--budget-s", type=float, default=330.0,
+                        help="stop starting work after this many seconds (default 330: done inside 6 minutes)")
+    parser.add_argument("--dry-run", action="store_true", help="every step without a GPU (CPU stand-ins)")
     args = parser.parse_args(argv)
+    if args.budget_s <= 0:
+        parser.error(f"--budget-s must be > 0, got {args.budget_s}")
     start = time.monotonic()
     end = start + args.budget_s
     import cuda_kernels as K
+    from reference import ALIGNMENTS
     status = K.available_backends()
-    if status["cupy"] is not None:
-        print(f"no GPU for CuPy here: {status['cupy']}")
+    if args.dry_run:
+        device = DryRun()
+    elif status["cupy"] is not None:
+        say(f"no GPU for CuPy here: {status['cupy']} (use --dry-run to exercise the steps without one)")
         return 2
-    device = _device_name()
-    result = {"device": device, "backends": {k: v or "available" for k, v in status.items()}}
-    result["gpu_tests"] = run_gpu_tests(timeout_s=max(60, int(0.45 * args.budget_s)))
-    print("GPU tests:", result["gpu_tests"]["summary"])
-    result["copy_bandwidth_bytes_per_s"] = copy_bandwidth()
+    else:
+        device = GPU()
+    out_dir = output_dir(args)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    say(f"device: {device.name}; budget {args.budget_s:.0f} s; results to {out_dir}")
+    result = {"device": device.name, "dry_run": device.dry, "backends": {k: v or "available" for k, v in status.items()},
+              "python": sys.version.split()[0]}
+    say("1/4 GPU tests" + (" (collected only: dry run)" if device.dry else ""))
+    result["gpu_tests"] = run_gpu_tests(device, timeout_s=max(60, int(0.45 * args.budget_s)))
+    say(f"    {result['gpu_tests']['summary']}")
+    say("2/4 copy bandwidth")
+    result["copy_bandwidth_bytes_per_s"] = copy_bandwidth(device)
+    say(f"    {result['copy_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s")
+    say("3/4 kernels at the ViM-S layer shape")
     rows = []
-    for backend in ("cupy", "numba-cuda"):
-        if status[backend] is None:
-            rows += bench_backend(backend, end)
+    for backend in device.backends(status):
+        rows += bench_backend(device, backend, end, ALIGNMENTS)
     result["kernels"] = rows
     result["goals"] = goals(rows, result["copy_bandwidth_bytes_per_s"])
-    if time.monotonic() < end - 60:
-        # Model throughput with the cupy backend (issue: models), batch 64.
+    if time.monotonic() < end - 60 or device.dry:
+        say("4/4 model throughput")
         from bench.models_bench import throughput, throughput_checks
         try:
-            tp = throughput(batch=64, repeats=3, backend="cupy", device="cuda", progress=False)
+            tp = throughput(batch=device.batch, img=224 if not device.dry else 64, repeats=3 if not device.dry else 1,
+                            backend="cupy" if not device.dry else "numba-cpu", device="cuda" if not device.dry else "cpu",
+                            progress=False)
             result["throughput"] = tp
             result["goals"] += throughput_checks(tp)
         except Exception as exc:       # report, do not lose the kernel results
             result["throughput_error"] = f"{type(exc).__name__}: {exc}"
+            say(f"    throughput failed: {result['throughput_error']}")
     else:
         result["throughput_skipped"] = "budget"
+        say("4/4 model throughput: skipped (budget)")
     result["wall_s"] = time.monotonic() - start
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"gpu_{re.sub(r'[^A-Za-z0-9]+', '_', device).strip('_')}.json"
-    path.write_text(json.dumps(result, indent=2))
+    path = out_dir / f"gpu_{re.sub(r'[^A-Za-z0-9]+', '_', device.name).strip('_')}.json"
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=2))
+    os.replace(tmp, path)
     for g in result["goals"]:
-        print(f"[{'PASS' if g['passed'] else 'FAIL'}] {g['check']} = {g['value']:.3f} (goal {g['goal']})")
-    print(f"wrote {path} in {result['wall_s']:.0f} s")
+        say(f"[{'PASS' if g['passed'] else 'FAIL'}] {g['check']} = {g['value']:.3f} (goal {g['goal']})")
+    say(f"wrote {path} in {result['wall_s']:.0f} s")
     return 0
 
 

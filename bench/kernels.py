@@ -9,7 +9,7 @@ for "none").
 from __future__ import annotations
 
 import numpy as np
-from tqdm.auto import tqdm
+from bench.progress import progress_bar
 
 import reference as R
 from bench.problems import vim_layer_problem
@@ -44,7 +44,7 @@ def kernel_table(backends=("reference",), alignments=ALIGNMENTS, keep_ratios=KEE
     """Rows of {backend, alignment, keep_ratio, tokens, fwd_s, fwd_bwd_s, max_rel_dev, ...}."""
     rows = []
     jobs = [(b, a, r) for b in backends for a in alignments for r in keep_ratios]
-    for backend, alignment, ratio in tqdm(jobs, desc="kernel table", disable=not progress, leave=False):
+    for backend, alignment, ratio in progress_bar(jobs, desc="kernel table", disable=not progress, leave=False):
         p = vim_layer_problem(batch=batch, dim=dim, keep_ratio=ratio, alignment=alignment, dtype=dtype)
         fwd, bwd = backend_fns(backend)
         kw = p.kwargs(return_last_state=False)

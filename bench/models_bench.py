@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from tqdm.auto import tqdm
+from bench.progress import progress_bar
 
 THROUGHPUT_MODELS = ("vim_small", "plainmamba_l3")
 THROUGHPUT_MODES = ("dense", "align", "relabel")
@@ -75,7 +75,7 @@ def throughput(names=THROUGHPUT_MODELS, modes=THROUGHPUT_MODES, batch=8, img=224
         with torch.no_grad():
             for mode in modes:
                 built[mode](x)                                       # warm-up (and numba compilation)
-            for _ in tqdm(range(repeats), desc=f"{name} throughput", disable=not progress, leave=False):
+            for _ in progress_bar(range(repeats), desc=f"{name} throughput", disable=not progress, leave=False):
                 for mode in modes:
                     if device == "cuda":
                         torch.cuda.synchronize()

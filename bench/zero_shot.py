@@ -12,7 +12,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
+from bench.progress import progress_bar
 
 from bench.digits import DigitsConfig, build_model, evaluate, load_digits_split, train, trained_model
 
@@ -78,7 +78,7 @@ def fidelity_table(digits_model, cfg, x_test, quick=False):
             m.load_state_dict(dense.state_dict())
             return m.eval()
         cases.append((f"{name} (random init)", make, dense, images))
-    for label, make, dense, images in tqdm(cases, desc="fidelity", leave=False):
+    for label, make, dense, images in progress_bar(cases, desc="fidelity", leave=False):
         out[label] = {mode: fidelity(dense, make(mode), images) for mode in ("align", "relabel")}
     return out
 
@@ -100,7 +100,7 @@ def run(out_dir, quick=False, cache_dir=None, seed=0, log=print):
     rows = [{"mode": "dense", "metric": "-", "keep_ratio": 1.0, "finetuned": False, "top1": dense_acc,
              "ci95": bootstrap_interval(dense_correct)}]
     jobs = [(m, k, r) for k in metrics for m in MODES for r in keep_ratios]
-    for mode, metric, ratio in tqdm(jobs, desc="zero-shot grid", leave=False):
+    for mode, metric, ratio in progress_bar(jobs, desc="zero-shot grid", leave=False):
         acc, correct = evaluate(_pruned_copy(model, cfg, mode, ratio, metric, SCHEDULE), x_test, y_test)
         rows.append({"mode": mode, "metric": metric, "keep_ratio": ratio, "finetuned": False, "top1": acc,
                      "ci95": bootstrap_interval(correct)})

@@ -41,6 +41,7 @@ class Backend:
     probe: () -> None if it can run here, else the reason. view: a zero-copy view of an
     array (DLPack or CUDA array interface) as this backend's array type. to_device: a host
     NumPy array copied to the backend's device. default: chosen by device when nothing asks.
+    timed: worth timing at real shapes (False: a correctness backend, slow by design).
     """
 
     name: str
@@ -51,6 +52,7 @@ class Backend:
     view: Callable[[Any], Any]
     to_device: Callable[[np.ndarray], Any] = staticmethod(lambda a: a)
     default: bool = True
+    timed: bool = True
     _reason: Any = field(default=..., repr=False)
 
     def reason(self):
@@ -206,3 +208,13 @@ register(Backend("cupy", "cuda", "scan.cu (CUDA C++, chunked block scan) through
                  "cuda_kernels.cupy_raw", _cupy_reason, _cupy_view, _cupy_to_device))
 register(Backend("numba-cuda", "cuda", "numba.cuda kernels (a thread per channel); runs under numba's simulator too",
                  "cuda_kernels.numba_cuda", _cuda_reason, _numba_cuda_view, _numba_cuda_to_device))
+
+
+def _emu_reason():
+    from . import cuda_emu
+    return cuda_emu.unavailable_reason()
+
+
+register(Backend("cuda-emu", "cpu", "scan.cu, the kernel of 'cupy', run unmodified on the CPU (CUDA's execution model "
+                 "emulated: threads, barriers, shared memory): tests and debugs the GPU kernel without a GPU; slow",
+                 "cuda_kernels.cuda_emu", _emu_reason, _numpy_view, default=False, timed=False))

@@ -17,6 +17,9 @@
 //   (token, channel, state), whatever the gaps;
 //   pruned positions are never visited. Δ_{i-1} of a thread's first item comes from its
 //   neighbour through shared memory, or from the previous chunk.
+// - Alignment "hold" (reference.hold): a token after a gap also receives its predecessor's
+//   input Δ·B·u with weight w_i = exp(Δ_i·A)·S_q(Δ_{i-1}·A), folded into b_i of the pair; the
+//   adjoint gives that input dh_i + w_{i+1}·dh_{i+1} (one more exchange between neighbours).
 // - Backward: the forward kernel, run first with write_out = 0, saves only the state at the
 //   start of every chunk (batch, dim, chunks, N). The backward walks the chunks in reverse,
 //   recomputes each chunk's states from its saved start state with the same block scan,
@@ -54,6 +57,41 @@ __device__ __forceinline__ A softplus_acc(A x) {
 
 template <typename A>
 __device__ __forceinline__ A sigmoid_acc(A x) { return A(1) / (A(1) + exp_acc(-x)); }
+
+__device__ __forceinline__ float expm1_acc(float x) { return expm1f(x); }
+__device__ __forceinline__ double expm1_acc(double x) { return expm1(x); }
+__device__ __forceinline__ float tanh_acc(float x) { return tanhf(x); }
+__device__ __forceinline__ double tanh_acc(double x) { return tanh(x); }
+
+// Alignment "hold" (reference.hold): the q pruned steps of a gap repeat the input of the
+// token before it. S_q(x) = Σ_{k<q} exp(k·x) = expm1(q·x)/expm1(x) and T_q(x) = dS_q/dx,
+// both without cancellation; the Langevin function L(y) = coth(y) - 1/y is summed as a
+// series below |y| = 0.5 (float) / 0.1 (double).
+template <typename A> __device__ __forceinline__ A langevin_series_below() { return A(0.5); }
+template <> __device__ __forceinline__ double langevin_series_below<double>() { return 0.1; }
+
+template <typename A>
+__device__ __forceinline__ A langevin(A y) {
+    if ((y < A(0) ? -y : y) < langevin_series_below<A>()) {
+        const A y2 = y * y;
+        return y * (A(1) / A(3) + y2 * (A(-1) / A(45) + y2 * (A(2) / A(945) + y2 * (A(-1) / A(4725)
+                    + y2 * (A(2) / A(93555))))));
+    }
+    return A(1) / tanh_acc(y) - A(1) / y;
+}
+
+template <typename A>
+__device__ __forceinline__ A hold_sum(A q, A x) { return x == A(0) ? q : expm1_acc(q * x) / expm1_acc(x); }
+
+template <typename A>
+__device__ __forceinline__ A hold_sum_grad(A q, A x) {
+    if (x == A(0)) return q * (q - A(1)) / A(2);
+    const A qx = q * x;
+    if ((qx < A(0) ? -qx : qx) < A(1))
+        return hold_sum(q, x) * ((q - A(1)) / A(2) + (q * langevin(qx / A(2)) - langevin(x / A(2))) / A(2));
+    const A em1 = expm1_acc(x);
+    return (q * exp_acc(qx) * em1 - exp_acc(x) * expm1_acc(qx)) / (em1 * em1);
+}
 
 // Exclusive block scan of (a, b) pairs in the order given by rank (0 .. SCAN_THREADS-1).
 // On return (a, b) holds the composition of every pair of lower rank ((1, 0) for rank 0)
@@ -105,9 +143,11 @@ selective_scan_fwd(const T* __restrict__ u, const T* __restrict__ delta,
                    const typename AccType<T>::type* __restrict__ delta_bias,
                    const typename AccType<T>::type* __restrict__ coef_self,
                    const typename AccType<T>::type* __restrict__ coef_prev,
+                   const typename AccType<T>::type* __restrict__ hold,
                    const typename AccType<T>::type* __restrict__ trailing,
                    int dim, int dstate, int groups, int length,
-                   int use_softplus, int has_D, int has_z, int has_bias, int has_map, int write_out, int want_last,
+                   int use_softplus, int has_D, int has_z, int has_bias, int has_map, int has_hold, int write_out,
+                   int want_last,
                    T* __restrict__ out, typename AccType<T>::type* __restrict__ last_state,
                    typename AccType<T>::type* __restrict__ chunk_states) {
     typedef typename AccType<T>::type acc_t;
@@ -142,12 +182,16 @@ selective_scan_fwd(const T* __restrict__ u, const T* __restrict__ delta,
         s_dl[rank] = dl[SCAN_ITEMS - 1];
         __syncthreads();
         acc_t prev = rank > 0 ? s_dl[rank - 1] : delta_carry;
+        const acc_t dl_before = prev;                        // Δ of the token before this thread's items
+        const acc_t u_before = first > 0 && first <= length ? acc_t(u[row + first - 1]) : acc_t(0);
+        acc_t q[SCAN_ITEMS];                                 // "hold": pruned steps before each item
 #pragma unroll
         for (int j = 0; j < SCAN_ITEMS; ++j) {
             const int i = first + j;
             E[j] = !valid[j] ? acc_t(0)
                  : has_map ? coef_self[(long)b * length + i] * dl[j] + coef_prev[(long)b * length + i] * prev
                  : dl[j];
+            q[j] = has_hold && valid[j] ? hold[(long)b * length + i] : acc_t(0);
             prev = dl[j];
             if (i == length - 1) s_delta_last = dl[j];
         }
@@ -164,6 +208,18 @@ selective_scan_fwd(const T* __restrict__ u, const T* __restrict__ delta,
                 const int i = first + j;
                 a[j] = valid[j] ? exp_acc(E[j] * An) : acc_t(1);
                 bb[j] = valid[j] ? dl[j] * uv[j] * acc_t(B[brow + i]) : acc_t(0);
+            }
+            if (has_hold) {   // + w_i·(Δ·u·B)_{i-1}, w_i = exp(Δ_i·A)·S_q(Δ_{i-1}·A); descending: bb[j-1] still own
+#pragma unroll
+                for (int j = SCAN_ITEMS - 1; j >= 0; --j) {
+                    if (q[j] <= acc_t(0)) continue;
+                    const acc_t dlp = j > 0 ? dl[j - 1] : dl_before;
+                    const acc_t own_prev = j > 0 ? bb[j - 1] : dl_before * u_before * acc_t(B[brow + first - 1]);
+                    bb[j] += exp_acc(dl[j] * An) * hold_sum(q[j], dlp * An) * own_prev;
+                }
+            }
+#pragma unroll
+            for (int j = 0; j < SCAN_ITEMS; ++j) {
                 tb = a[j] * tb + bb[j];
                 ta = a[j] * ta;
             }
@@ -202,8 +258,12 @@ selective_scan_fwd(const T* __restrict__ u, const T* __restrict__ delta,
         __syncthreads();
         for (int n = rank; n < dstate; n += SCAN_THREADS) {
             const acc_t steps = has_map ? trailing[b] : acc_t(0);
-            const acc_t decay = length > 0 ? exp_acc(steps * s_delta_last * A[(long)d * dstate + n]) : acc_t(0);
-            last_state[((long)b * dim + d) * dstate + n] = decay * s_hc[n];
+            const acc_t x = s_delta_last * A[(long)d * dstate + n];
+            acc_t value = length > 0 ? exp_acc(steps * x) * s_hc[n] : acc_t(0);
+            if (has_hold && length > 0 && steps > acc_t(0))   // the trailing steps repeat the last input
+                value += hold_sum(steps, x) * s_delta_last * acc_t(u[row + length - 1])
+                         * acc_t(B[(bc_row + n) * length + length - 1]);
+            last_state[((long)b * dim + d) * dstate + n] = value;
         }
     }
 }
@@ -219,8 +279,9 @@ selective_scan_bwd(const T* __restrict__ dout, const T* __restrict__ u, const T*
                    const typename AccType<T>::type* __restrict__ delta_bias,
                    const typename AccType<T>::type* __restrict__ coef_self,
                    const typename AccType<T>::type* __restrict__ coef_prev,
+                   const typename AccType<T>::type* __restrict__ hold,
                    int dim, int dstate, int groups, int length,
-                   int use_softplus, int has_D, int has_z, int has_bias, int has_map,
+                   int use_softplus, int has_D, int has_z, int has_bias, int has_map, int has_hold,
                    const typename AccType<T>::type* __restrict__ chunk_states,
                    T* __restrict__ du, T* __restrict__ ddelta, T* __restrict__ dz,
                    typename AccType<T>::type* __restrict__ dB, typename AccType<T>::type* __restrict__ dC,
@@ -230,6 +291,7 @@ selective_scan_bwd(const T* __restrict__ dout, const T* __restrict__ u, const T*
     typedef typename AccType<T>::type acc_t;
     __shared__ acc_t s_a[SCAN_THREADS], s_b[SCAN_THREADS], s_x[SCAN_THREADS];
     __shared__ acc_t s_gc[SCAN_MAX_DSTATE], s_dA[SCAN_MAX_DSTATE];
+    __shared__ acc_t s_held[SCAN_MAX_DSTATE];   // "hold": w·dh of the next chunk's first token
     const int rank = threadIdx.x;
     const int rev = SCAN_THREADS - 1 - rank;
     const int d = blockIdx.x, b = blockIdx.y;
@@ -240,15 +302,15 @@ selective_scan_bwd(const T* __restrict__ dout, const T* __restrict__ u, const T*
     const int nchunks = (length + SCAN_CHUNK - 1) / SCAN_CHUNK;
     const acc_t bias = has_bias ? delta_bias[d] : acc_t(0);
     const acc_t Dd = has_D ? D[d] : acc_t(0);
-    for (int n = rank; n < dstate; n += SCAN_THREADS) { s_gc[n] = acc_t(0); s_dA[n] = acc_t(0); }
+    for (int n = rank; n < dstate; n += SCAN_THREADS) { s_gc[n] = acc_t(0); s_dA[n] = acc_t(0); s_held[n] = acc_t(0); }
     acc_t dD_acc = acc_t(0), dbias_acc = acc_t(0);
-    acc_t dE_next_chunk = acc_t(0);     // dE of the first token of the chunk after this one
+    acc_t owed_next_chunk = acc_t(0);   // what the first token of the chunk after this one sends to dΔ
     __syncthreads();
 
     for (int c = nchunks - 1; c >= 0; --c) {
         const int first = c * SCAN_CHUNK + rank * SCAN_ITEMS;
         acc_t uv[SCAN_ITEMS], xv[SCAN_ITEMS], dl[SCAN_ITEMS], E[SCAN_ITEMS], dy[SCAN_ITEMS], y[SCAN_ITEMS];
-        acc_t s[SCAN_ITEMS], dE[SCAN_ITEMS];
+        acc_t s[SCAN_ITEMS], dE[SCAN_ITEMS], q[SCAN_ITEMS], dself[SCAN_ITEMS], howed[SCAN_ITEMS];
         bool valid[SCAN_ITEMS];
 #pragma unroll
         for (int j = 0; j < SCAN_ITEMS; ++j) {
@@ -267,6 +329,9 @@ selective_scan_bwd(const T* __restrict__ dout, const T* __restrict__ u, const T*
             y[j] = Dd * uv[j];
             s[j] = acc_t(0);
             dE[j] = acc_t(0);
+            q[j] = has_hold && valid[j] ? hold[(long)b * length + i] : acc_t(0);
+            dself[j] = acc_t(0);     // "hold": the gradient of Δ_i through w_i
+            howed[j] = acc_t(0);     // "hold": what w_i sends to Δ_{i-1}
         }
         s_x[rank] = dl[SCAN_ITEMS - 1];
         __syncthreads();
@@ -279,6 +344,8 @@ selective_scan_bwd(const T* __restrict__ dout, const T* __restrict__ u, const T*
         } else {
             prev = acc_t(0);
         }
+        const acc_t dl_before = prev;                        // Δ of the token before this thread's items
+        const acc_t u_before = first > 0 && first <= length ? acc_t(u[row + first - 1]) : acc_t(0);
 #pragma unroll
         for (int j = 0; j < SCAN_ITEMS; ++j) {
             const int i = first + j;
@@ -291,15 +358,22 @@ selective_scan_bwd(const T* __restrict__ dout, const T* __restrict__ u, const T*
             const acc_t An = A[(long)d * dstate + n];
             const long brow = (bc_row + n) * length;
             acc_t a[SCAN_ITEMS], bb[SCAN_ITEMS], Bv[SCAN_ITEMS], Cv[SCAN_ITEMS], hp[SCAN_ITEMS];
+            acc_t own[SCAN_ITEMS], wgt[SCAN_ITEMS], dhv[SCAN_ITEMS];
             // Recompute this chunk's states from its saved start state.
             acc_t ta = acc_t(1), tb = acc_t(0);
+            const acc_t own_before = has_hold && first > 0 && first <= length
+                                   ? dl_before * u_before * acc_t(B[brow + first - 1]) : acc_t(0);
 #pragma unroll
             for (int j = 0; j < SCAN_ITEMS; ++j) {
                 const int i = first + j;
                 Bv[j] = valid[j] ? acc_t(B[brow + i]) : acc_t(0);
                 Cv[j] = valid[j] ? acc_t(C[brow + i]) : acc_t(0);
                 a[j] = valid[j] ? exp_acc(E[j] * An) : acc_t(1);
-                bb[j] = dl[j] * uv[j] * Bv[j];
+                own[j] = dl[j] * uv[j] * Bv[j];
+                // "hold": w_i = exp(Δ_i·A)·S_q(Δ_{i-1}·A) carries the previous token's own input.
+                wgt[j] = q[j] > acc_t(0) ? exp_acc(dl[j] * An) * hold_sum(q[j], (j > 0 ? dl[j - 1] : dl_before) * An)
+                                         : acc_t(0);
+                bb[j] = own[j] + wgt[j] * (j > 0 ? own[j - 1] : own_before);
                 tb = a[j] * tb + bb[j];
                 ta = a[j] * ta;
             }
@@ -324,32 +398,62 @@ selective_scan_bwd(const T* __restrict__ dout, const T* __restrict__ u, const T*
             const acc_t g_end = s_gc[n];
             block_scan(ta, tb, rev, s_a, s_b, tot_a, tot_b);
             acc_t G = ta * g_end + tb;           // G_{i+1} for this thread's last item
+#pragma unroll
+            for (int j = SCAN_ITEMS - 1; j >= 0; --j) {
+                dhv[j] = G + dy[j] * Cv[j];      // dh_i
+                G = a[j] * dhv[j];
+            }
+            // "hold": a token's own input reaches h_i and, held, h_{i+1}: it gets
+            // dh_i + w_{i+1}·dh_{i+1}; the next thread's first item (or the next chunk's first
+            // token) supplies w·dh for this thread's last one.
+            acc_t held = acc_t(0);
+            if (has_hold) {
+                s_x[rank] = wgt[0] * dhv[0];
+                __syncthreads();
+                held = rank < SCAN_THREADS - 1 ? s_x[rank + 1] : s_held[n];
+                __syncthreads();
+                if (rank == 0) s_held[n] = wgt[0] * dhv[0];     // for the previous chunk's last token
+            }
             acc_t dA_acc = acc_t(0);
 #pragma unroll
             for (int j = SCAN_ITEMS - 1; j >= 0; --j) {
-                const acc_t dh = G + dy[j] * Cv[j];             // dh_i
+                const acc_t dh = dhv[j];
+                const acc_t d_own = dh + held;
                 const acc_t t = dh * a[j] * hp[j];
-                s[j] += dh * Bv[j];
+                s[j] += d_own * Bv[j];
                 dE[j] += t * An;
                 dA_acc += t * E[j];
-                if (valid[j]) atomicAdd(&dB[brow + first + j], dh * dl[j] * uv[j]);
-                G = a[j] * dh;
+                if (valid[j]) atomicAdd(&dB[brow + first + j], d_own * dl[j] * uv[j]);
+                if (q[j] > acc_t(0)) {       // w_i's gradient to Δ_i, Δ_{i-1} and A (reference.hold)
+                    const acc_t dlp = j > 0 ? dl[j - 1] : dl_before;
+                    const acc_t dw = dh * (j > 0 ? own[j - 1] : own_before);
+                    const acc_t dw_dx = exp_acc(dl[j] * An) * hold_sum_grad(q[j], dlp * An);
+                    dself[j] += dw * wgt[j] * An;
+                    howed[j] += dw * dw_dx * An;
+                    dA_acc += dw * (wgt[j] * dl[j] + dw_dx * dlp);
+                }
+                held = wgt[j] * dh;
             }
             if (rank == 0) s_gc[n] = tot_a * g_end + tot_b;
             const acc_t dA_block = block_sum(dA_acc, s_x);
             if (rank == 0) s_dA[n] += dA_block;
         }
 
-        // Per token: du, dz, and ddelta with the gap term that E_{i+1} sends to token i.
-        s_x[rank] = dE[0];
+        // Per token: du, dz, and ddelta with what token i+1 sends to token i: the gap term of
+        // E_{i+1} ("prev") and the held input's (w_{i+1}, "hold").
+        acc_t owed[SCAN_ITEMS];
+#pragma unroll
+        for (int j = 0; j < SCAN_ITEMS; ++j)
+            owed[j] = (has_map && valid[j] ? coef_prev[crow + first + j] * dE[j] : acc_t(0)) + howed[j];
+        s_x[rank] = owed[0];
         __syncthreads();
-        acc_t dE_after = rank < SCAN_THREADS - 1 ? s_x[rank + 1] : dE_next_chunk;
+        acc_t owed_after = rank < SCAN_THREADS - 1 ? s_x[rank + 1] : owed_next_chunk;
 #pragma unroll
         for (int j = SCAN_ITEMS - 1; j >= 0; --j) {
             const int i = first + j;
             if (valid[j]) {
-                acc_t dDelta = s[j] * uv[j] + (has_map ? coef_self[crow + i] * dE[j] : dE[j]);
-                if (has_map && i + 1 < length) dDelta += coef_prev[crow + i + 1] * dE_after;
+                acc_t dDelta = s[j] * uv[j] + (has_map ? coef_self[crow + i] * dE[j] : dE[j]) + dself[j];
+                if (i + 1 < length) dDelta += owed_after;
                 if (use_softplus && xv[j] <= acc_t(SCAN_SOFTPLUS_THRESHOLD)) dDelta *= sigmoid_acc(xv[j]);
                 du[row + i] = T(dy[j] * Dd + s[j] * dl[j]);
                 ddelta[row + i] = T(dDelta);
@@ -361,9 +465,9 @@ selective_scan_bwd(const T* __restrict__ dout, const T* __restrict__ u, const T*
                 dD_acc += dy[j] * uv[j];
                 dbias_acc += dDelta;
             }
-            dE_after = dE[j];
+            owed_after = owed[j];
         }
-        dE_next_chunk = s_x[0];
+        owed_next_chunk = s_x[0];
         __syncthreads();
     }
     const acc_t dD_total = block_sum(dD_acc, s_a);

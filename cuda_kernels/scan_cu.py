@@ -52,18 +52,17 @@ def launch_geometry(batch, dim, threads=THREADS):
 
 
 def _flags(args, coefficients):
+    """use_softplus, has_D, has_z, has_bias, has_map, has_hold."""
     return (np.int32(args.delta_softplus), np.int32(args.D is not None), np.int32(args.z is not None),
-            np.int32(args.delta_bias is not None), np.int32(coefficients is not None))
+            np.int32(args.delta_bias is not None), np.int32(coefficients is not None),
+            np.int32(coefficients is not None and args.alignment == "hold"))
 
 
 def _inputs(args, coefficients, xp, dt):
     dev = lambda x: None if x is None else xp.ascontiguousarray(xp.asarray(x), dtype=dt)
     x = dict(u=dev(args.u), delta=dev(args.delta), A=dev(args.A), B=dev(args.B), C=dev(args.C),
              D=dev(args.D), z=dev(args.z), bias=dev(args.delta_bias))
-    if coefficients is None:
-        coefs = (None, None, None)
-    else:
-        coefs = tuple(dev(a) for a in (coefficients.coef_self, coefficients.coef_prev, coefficients.trailing))
+    coefs = (None,) * 4 if coefficients is None else tuple(dev(a) for a in coefficients)
     return x, coefs
 
 
@@ -79,9 +78,9 @@ def _out(given, name, shape, xp, dt):
 def _forward_launch(args, coefficients, x, coefs, dt, launch, threads, out, last, states, write_out, want_last):
     b, d, m = args.u.shape
     grid, block = launch_geometry(b, d, threads)
-    coef_self, coef_prev, trailing = coefs
+    coef_self, coef_prev, hold, trailing = coefs
     launch("selective_scan_fwd", dt, grid, block, (
-        x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"], x["bias"], coef_self, coef_prev, trailing,
+        x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"], x["bias"], coef_self, coef_prev, hold, trailing,
         np.int32(d), np.int32(args.dstate), np.int32(args.groups), np.int32(m), *_flags(args, coefficients),
         np.int32(write_out), np.int32(want_last), out, last, states))
 
@@ -125,9 +124,9 @@ def backward(dout, args, coefficients, xp, launch, threads=THREADS, items=ITEMS,
     if b * d and m:
         _forward_launch(args, coefficients, x, coefs, dt, launch, threads, None, None, states, 0, 0)
         grid, block = launch_geometry(b, d, threads)
-        coef_self, coef_prev, _ = coefs
+        coef_self, coef_prev, hold, _ = coefs
         launch("selective_scan_bwd", dt, grid, block, (
-            dout_d, x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"], x["bias"], coef_self, coef_prev,
+            dout_d, x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"], x["bias"], coef_self, coef_prev, hold,
             np.int32(d), np.int32(n), np.int32(g), np.int32(m), *_flags(args, coefficients), states,
             du, ddelta, dz, dB, dC, dA_part, dD_part, dbias_part))
     else:

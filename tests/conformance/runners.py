@@ -58,18 +58,20 @@ def _torch_runner(fn):
 
 
 def runners():
-    """[(id, reason it cannot run here or None, (forward, backward), alignments it supports)].
-    The dense-kernel adapter cannot express "hold" (SPEC §2 oracle 5) and says so."""
+    """[(id, reason it cannot run here or None, (forward, backward), alignments it supports,
+    device it runs on)]. The dense-kernel adapter cannot express "hold" (SPEC §2 oracle 5)
+    and says so."""
     out = []
     every = R.ALIGNMENTS
     for name in backends.names(kernels_only=True):
         entry = backends.get(name)
-        out.append((f"{name} (front door)", entry.reason(), _kernel_runner(name), every))
+        out.append((f"{name} (front door)", entry.reason(), _kernel_runner(name), every, entry.device))
     for name in backends.names():
         entry = backends.get(name)
         if entry.takes("cpu"):
             op = lambda *a, name=name, **k: bridges.selective_scan_fn(*a, backend=name, **k)
-            out.append((f"{name} (torch op)", entry.reason(), _torch_runner(op), every))
+            out.append((f"{name} (torch op)", entry.reason(), _torch_runner(op), every, "cpu"))
     out.append(("dense_kernel_adapter(selective_scan_ref)", None,
-                _torch_runner(bridges.dense_kernel_adapter(bridges.selective_scan_ref)), ("prev", "self", "none")))
+                _torch_runner(bridges.dense_kernel_adapter(bridges.selective_scan_ref)), ("prev", "self", "none"),
+                "cpu"))
     return out

@@ -9,12 +9,13 @@ from tests.conformance.runners import runners
 from tests.kernels.equivalence import check_backward, check_forward
 from tests.strategies import scan_problems
 
-RUNNERS = runners()
+# The GPU backends' cases are marked gpu: bench.gpu_run runs them on a lent GPU.
+RUNNERS = [pytest.param(r, id=r[0], marks=[pytest.mark.gpu] if r[4] == "cuda" else []) for r in runners()]
 PROBLEMS = scan_problems(dtype=(np.float32, np.float64), max_dim=6, max_dstate=4, max_length=10)
 
 
 def _runner(case, p):
-    _, reason, fns, alignments = case
+    _, reason, fns, alignments, _ = case
     if reason is not None:
         pytest.skip(f"cannot run here: {reason}")
     if p.alignment not in alignments:    # it must say so, never answer
@@ -24,7 +25,7 @@ def _runner(case, p):
     return fns
 
 
-@pytest.mark.parametrize("case", RUNNERS, ids=[r[0] for r in RUNNERS])
+@pytest.mark.parametrize("case", RUNNERS)
 @settings(max_examples=25)
 @given(p=PROBLEMS)
 def test_forward_matches_reference(case, p):
@@ -33,7 +34,7 @@ def test_forward_matches_reference(case, p):
         check_forward(p, fns[0])
 
 
-@pytest.mark.parametrize("case", RUNNERS, ids=[r[0] for r in RUNNERS])
+@pytest.mark.parametrize("case", RUNNERS)
 @settings(max_examples=25)
 @given(p=PROBLEMS)
 def test_backward_matches_reference(case, p):

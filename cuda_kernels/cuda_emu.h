@@ -1,0 +1,101 @@
+// cuda_emu.h: the CUDA execution model on the CPU, enough of it to compile scan.cu
+// unmodified with a host C++20 compiler (g++, clang++) and run it (backend "cuda-emu").
+//
+// What is emulated, and how:
+// - A launch runs a grid of blocks on blockDim real threads (std::thread). Each thread runs
+//   every block of the grid in turn, so the threads of one block are truly concurrent and a
+//   data race between them is a real race (ThreadSanitizer sees it); blocks run one after
+//   another, each closed by a barrier.
+// - __syncthreads() is a pthread barrier across the block's threads (a full memory fence,
+//   as on the GPU).
+// - __shared__ storage is a function-static variable: shared by the threads of the block
+//   that is running, and, since blocks do not overlap in time, private to it. As on the
+//   GPU its contents are undefined when a block starts (here: what the last block left).
+// - threadIdx / blockIdx are per-thread variables; blockDim / gridDim the launch's.
+// - atomicAdd is std::atomic_ref<T>::fetch_add (any order of additions, as on the GPU).
+// - __global__ / __device__ / __forceinline__ / __restrict__ map to host C++; the math
+//   functions (expf, log1pf, expm1f, ...) are the C library's.
+// Not emulated: warps (no shuffles or votes), the memory model of a real GPU beyond
+// barriers and atomics, streams, launch bounds, dynamic shared memory.
+#pragma once
+
+#include <math.h>
+#include <pthread.h>
+
+#include <atomic>
+#include <cstddef>
+#include <thread>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+struct dim3 {
+    unsigned x, y, z;
+    constexpr dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
+};
+
+namespace cuda_emu {
+
+inline thread_local dim3 thread_index;
+inline thread_local dim3 block_index;
+inline dim3 block_dim;
+inline dim3 grid_dim;
+inline pthread_barrier_t block_barrier;
+
+inline void syncthreads() { pthread_barrier_wait(&block_barrier); }
+
+// Runs kernel() for every (block, thread) of the launch: blockDim threads, each walking the
+// grid's blocks in order; a barrier after every block keeps blocks from overlapping.
+template <typename Kernel>
+void launch(dim3 grid, dim3 block, Kernel&& kernel) {
+    grid_dim = grid;
+    block_dim = block;
+    const unsigned nthreads = block.x * block.y * block.z;
+    pthread_barrier_init(&block_barrier, nullptr, nthreads);
+    std::vector<std::thread> threads;
+    threads.reserve(nthreads);
+    for (unsigned t = 0; t < nthreads; ++t) {
+        threads.emplace_back([&, t] {
+            thread_index = dim3(t % block.x, (t / block.x) % block.y, t / (block.x * block.y));
+            for (unsigned bz = 0; bz < grid.z; ++bz)
+                for (unsigned by = 0; by < grid.y; ++by)
+                    for (unsigned bx = 0; bx < grid.x; ++bx) {
+                        block_index = dim3(bx, by, bz);
+                        kernel();
+                        syncthreads();
+                    }
+        });
+    }
+    for (auto& thread : threads) thread.join();
+    pthread_barrier_destroy(&block_barrier);
+}
+
+// cuLaunchKernel's calling convention: params[i] points at the value of argument i.
+template <typename... Args, std::size_t... I>
+void call_with_params(void (*kernel)(Args...), void** params, std::index_sequence<I...>) {
+    kernel(*static_cast<std::remove_reference_t<Args>*>(params[I])...);
+}
+
+template <typename... Args>
+int launch_kernel(void (*kernel)(Args...), dim3 grid, dim3 block, void** params) {
+    launch(grid, block, [&] { call_with_params(kernel, params, std::index_sequence_for<Args...>{}); });
+    return 0;
+}
+
+}  // namespace cuda_emu
+
+#define threadIdx (cuda_emu::thread_index)
+#define blockIdx (cuda_emu::block_index)
+#define blockDim (cuda_emu::block_dim)
+#define gridDim (cuda_emu::grid_dim)
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __shared__ static
+#define __syncthreads() cuda_emu::syncthreads()
+
+template <typename T>
+T atomicAdd(T* address, T value) {
+    return std::atomic_ref<T>(*address).fetch_add(value);
+}
