@@ -23,10 +23,13 @@ from __future__ import annotations
 from reference.arguments import compute_dtype, validate_scan_args
 
 from . import backends
+from ._numba_support import select_threading_layer
 from .backends import BackendUnavailable, available_backends
 
+THREADING_LAYER = select_threading_layer()   # thread- and fork-safe TBB (see _numba_support)
+
 __all__ = ["BACKENDS", "available_backends", "selective_scan_fwd", "selective_scan_bwd", "BackendUnavailable",
-           "backends"]
+           "backends", "THREADING_LAYER"]
 
 BACKENDS = backends.names(kernels_only=True)
 

@@ -1,5 +1,13 @@
-"""numba building blocks shared by the CPU kernels: caching that tolerates read-only
-directories, dtype-preserving casts, and an exp that LLVM can vectorise.
+"""numba building blocks shared by the CPU kernels: the threading layer, caching that
+tolerates read-only directories, dtype-preserving casts, and an exp that LLVM can vectorise.
+
+Threading: numba's TBB layer is the one that is both thread-safe (several Python threads
+may call the kernels at once) and fork-safe (a process that ran them may fork, e.g. a torch
+DataLoader with workers); OpenMP's kills forked workers, the workqueue aborts on concurrent
+calls. ``select_threading_layer`` (run when cuda_kernels is imported) makes TBB the layer:
+pip's ``tbb`` puts libtbb.so.12 in the environment's lib/, which the loader does not search,
+so it is loaded from there first. A layer chosen in $NUMBA_THREADING_LAYER, or one already
+started, is left alone.
 
 The float32 exp is a Cephes-style polynomial (range reduction to [-ln2/2, ln2/2], degree-6
 minimax, scale by 2^n through the exponent bits): branch-free, so the inner loop over the
@@ -10,8 +18,12 @@ series (t in (0, 1], error below 1e-8): also branch-free. float64 keeps ``math.e
 """
 from __future__ import annotations
 
+import ctypes
 import math
+import os
+import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
 from llvmlite import ir
@@ -21,7 +33,39 @@ from numba.extending import intrinsic, overload
 
 from reference.scan import SOFTPLUS_THRESHOLD
 
-__all__ = ["cached_njit", "cast_like", "fast_exp", "softplus", "softplus_grad", "sigmoid"]
+__all__ = ["cached_njit", "cast_like", "fast_exp", "softplus", "softplus_grad", "sigmoid", "select_threading_layer",
+           "hold_sum", "hold_sum_grad"]
+
+TBB_LIBRARY = "libtbb.so.12"
+
+
+def select_threading_layer():
+    """Make numba's TBB threading layer the one the kernels use (see the module doc);
+    returns the layer chosen, or None (with a warning) when TBB cannot be loaded."""
+    import numba
+    if os.environ.get("NUMBA_THREADING_LAYER"):
+        return os.environ["NUMBA_THREADING_LAYER"]
+    try:
+        return numba.threading_layer()          # already started: nothing to choose any more
+    except ValueError:
+        pass
+    for directory in dict.fromkeys((Path(sys.prefix) / "lib", Path(sys.base_prefix) / "lib")):
+        library = directory / TBB_LIBRARY
+        if library.exists():
+            try:
+                ctypes.CDLL(str(library), mode=ctypes.RTLD_GLOBAL)
+                break
+            except OSError:
+                pass
+    try:
+        from numba.np.ufunc import tbbpool
+    except ImportError as exc:
+        warnings.warn(f"alignscan: numba's TBB threading layer is not available ({exc}); the CPU kernels are then "
+                      "not fork-safe: install the 'tbb' package (pip install 'tbb>=2021.6,<2024')", RuntimeWarning,
+                      stacklevel=2)
+        return None
+    numba.config.THREADING_LAYER = "tbb"
+    return "tbb"
 
 
 def cached_njit(**options):

@@ -30,8 +30,16 @@ from numba import prange
 
 from reference.arguments import compute_dtype
 
-from ._numba_support import (cached_njit, cast_like, fast_exp, hold_sum, hold_sum_grad, sigmoid, softplus,
-                             softplus_grad)
+from ._numba_support import (
+    cached_njit,
+    cast_like,
+    fast_exp,
+    hold_sum,
+    hold_sum_grad,
+    sigmoid,
+    softplus,
+    softplus_grad,
+)
 
 __all__ = ["forward", "backward", "PAIRS", "CHANNEL_BLOCK", "CHUNK"]
 
@@ -42,6 +50,18 @@ _FASTMATH = {"contract", "reassoc", "nsz", "arcp"}
 # Kernels use NumPy's float error model: Python's adds a zero check to every division, which
 # keeps softplus and sigmoid (and so the loops around them) from vectorising (~10x slower).
 _KERNEL = dict(fastmath=_FASTMATH, error_model="numpy")
+
+
+@cached_njit(inline="never")
+def _ordered_sum(values, zero):
+    """Σ values in index order, from ``zero`` (which sets the type). Compiled without
+    fast-math reassociation (and not inlined into the kernels' fast-math code), so a sum
+    over tokens does not depend on how the loop around it was vectorised, which was seen
+    to vary with where the buffers were allocated."""
+    total = zero
+    for i in range(values.shape[0]):
+        total += values[i]
+    return total
 
 
 @cached_njit(inline="always")
@@ -374,8 +394,6 @@ def _backward_kernel(dout, u, delta, A, Bt, Ct, D, z, delta_bias, use_softplus, 
                 d = d0 + w
                 xr, dur, ddr = delta[b, d, t0:t0 + tn], du[b, d, t0:t0 + tn], ddelta[b, d, t0:t0 + tn]
                 Dd = D[d] if has_D else zero
-                dD_acc = zero
-                dbias_acc = zero
                 for t in range(tn):
                     dur[t] = DY[t, w] * Dd + S[t, w] * Dl[t, w]
                     dDelta = S[t, w] * U[t, w] + (cs[t] * dE[t, w] if has_map else dE[t, w])
@@ -391,8 +409,9 @@ def _backward_kernel(dout, u, delta, A, Bt, Ct, D, z, delta_bias, use_softplus, 
                     if use_softplus:
                         dDelta *= softplus_grad(cast_like(xr[t] + bias[w], zero))
                     ddr[t] = dDelta
-                    dbias_acc += dDelta
-                    dD_acc += DY[t, w] * U[t, w]
+                    row[t] = DY[t, w] * U[t, w]
+                dD_acc = _ordered_sum(row[:tn], zero)     # in token order, whatever the vectoriser does
+                dbias_acc = _ordered_sum(ddr, zero)
                 carry[w] = (cp[0] * dE[0, w] if has_map else zero) + (HO[0, w] if has_hold else zero)
                 if c == nchunks - 1:
                     dD_part[b, d] = dD_acc
