@@ -5,8 +5,8 @@ import statistics
 import time
 
 
-def median_time(fn, repeats=5, warmup=1, min_seconds=0.0):
-    """Median seconds of ``fn()`` over ``repeats`` calls after ``warmup`` calls.
+def timings(fn, repeats=5, warmup=1, min_seconds=0.0):
+    """Seconds of each of ``repeats`` calls of ``fn()`` after ``warmup`` calls.
 
     With ``min_seconds``, keeps repeating (up to 10x repeats) until that much time is spent,
     so very short calls still get a stable median.
@@ -21,7 +21,12 @@ def median_time(fn, repeats=5, warmup=1, min_seconds=0.0):
         dt = time.perf_counter() - t0
         times.append(dt)
         spent += dt
-    return statistics.median(times)
+    return times
+
+
+def median_time(fn, repeats=5, warmup=1, min_seconds=0.0):
+    """Median seconds of ``fn()`` (see ``timings``)."""
+    return statistics.median(timings(fn, repeats, warmup, min_seconds))
 
 
 def interleaved_medians(fns, repeats=9, warmup=1):
