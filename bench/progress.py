@@ -10,7 +10,7 @@ __all__ = ["progress_bar"]
 try:
     from tqdm.auto import tqdm as progress_bar
 except ImportError:      # pragma: no cover - exercised by tests/bench/test_gpu_run.py in a subprocess
-    class progress_bar:  # noqa: N801 - stands in for tqdm
+    class progress_bar:
         """A few lines instead of a bar: at the start, every tenth of the way, and at the end."""
 
         def __init__(self, iterable=None, desc="", total=None, disable=False, leave=True, **_):
@@ -36,4 +36,7 @@ except ImportError:      # pragma: no cover - exercised by tests/bench/test_gpu_
                 print(f"  {self.desc}: {self.n}/{self.total}", file=sys.stderr, flush=True)
 
         def set_postfix(self, **_):
+            pass
+
+        def close(self):
             pass

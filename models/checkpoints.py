@@ -1,35 +1,75 @@
 """Loading the official checkpoints: ViM's ``{"model": state_dict}`` and PlainMamba's mmcls
-``{"state_dict": ...}`` (keys ``backbone.*`` / ``head.*``, with ``ema_*`` entries to drop)."""
+``{"state_dict": ...}`` (keys ``backbone.*`` / ``head.*``, with ``ema_*`` entries to drop).
+
+A damaged file is a clear ValueError naming it, never a raw loader error or silently wrong
+weights: an empty file, a truncated one, a byte flipped inside a tensor (torch's zip
+checkpoints carry a CRC per entry, which torch does not check: ``zipfile`` does), an entry
+that is not a tensor. Files are read with ``weights_only=True``.
+"""
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 
 import torch
 
-__all__ = ["load_checkpoint", "checkpoint_state_dict"]
+__all__ = ["load_checkpoint", "checkpoint_state_dict", "read_checkpoint"]
 
 
-def checkpoint_state_dict(obj):
+def checkpoint_state_dict(obj, path="checkpoint"):
     """The model weights inside a loaded checkpoint object, in the model's key layout."""
     if not isinstance(obj, dict):
-        raise ValueError(f"a checkpoint must hold a dict, got {type(obj).__name__}")
+        raise ValueError(f"checkpoint {path} must hold a dict, got {type(obj).__name__}")
     if "model" in obj and isinstance(obj["model"], dict):
-        return dict(obj["model"])
-    if "state_dict" in obj and isinstance(obj["state_dict"], dict):
-        return {k: v for k, v in obj["state_dict"].items() if not k.startswith("ema_")}
-    if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-        return dict(obj)
-    raise ValueError("unrecognised checkpoint layout: expected {'model': ...} (ViM), {'state_dict': ...} (mmcls) "
-                     f"or a plain state dict; top-level keys: {sorted(obj)[:10]}")
+        state = dict(obj["model"])
+    elif "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        state = {k: v for k, v in obj["state_dict"].items() if not k.startswith("ema_")}
+    elif obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        state = dict(obj)
+    else:
+        raise ValueError(f"checkpoint {path}: unrecognised layout: expected {{'model': ...}} (ViM), "
+                         f"{{'state_dict': ...}} (mmcls) or a plain state dict; top-level keys: {sorted(obj)[:10]}")
+    wrong = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if wrong:
+        raise ValueError(f"checkpoint {path}: entry {wrong[0]!r} is a {type(state[wrong[0]]).__name__}, not a tensor"
+                         + (f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""))
+    return state
 
 
-def load_checkpoint(model, path):
-    """Load official weights into ``model`` (strict). Missing or unexpected keys, or shape
-    mismatches, raise ValueError listing them. Returns the model."""
+def read_checkpoint(path, whole=False):
+    """The weights in a checkpoint file (``whole``: the whole object), after checking it.
+
+    Raises:
+        ValueError: naming the file, when it is missing, empty, truncated, fails its CRC
+            check, cannot be unpickled with weights_only, or holds no state dict.
+    """
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"path must be an existing checkpoint file, got {str(path)!r}")
-    state = checkpoint_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    if path.stat().st_size == 0:
+        raise ValueError(f"checkpoint {path} is empty (0 bytes)")
+    if zipfile.is_zipfile(path):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                damaged = archive.testzip()          # reads every entry and checks its CRC-32
+        except (zipfile.BadZipFile, OSError, EOFError, RuntimeError) as exc:
+            raise ValueError(f"checkpoint {path} is damaged: {exc}") from None
+        if damaged is not None:
+            raise ValueError(f"checkpoint {path} is damaged: entry {damaged} fails its CRC check (changed bytes)")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:       # miniz's RuntimeError for a truncated file, EOFError, UnpicklingError, ...
+        raise ValueError(f"checkpoint {path} cannot be read, it is truncated or not a torch checkpoint "
+                         f"({type(exc).__name__}: {str(exc)[:200] or 'no detail'})") from None
+    return obj if whole else checkpoint_state_dict(obj, path)
+
+
+def load_checkpoint(model, path):
+    """Load official weights into ``model`` (strict). A damaged file, missing or unexpected
+    keys, or shape mismatches raise ValueError naming the file and listing them. Returns the
+    model."""
+    path = Path(path)
+    state = read_checkpoint(path)
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -40,6 +80,6 @@ def load_checkpoint(model, path):
         for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", wrong)):
             if items:
                 parts.append(f"{label} ({len(items)}): {', '.join(items[:20])}{' ...' if len(items) > 20 else ''}")
-        raise ValueError(f"checkpoint {path.name} does not fit {type(model).__name__}: " + "; ".join(parts))
+        raise ValueError(f"checkpoint {path} does not fit {type(model).__name__}: " + "; ".join(parts))
     model.load_state_dict(state, strict=True)
     return model

@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 import reference as R
 from bench.kernels import kernel_table
@@ -70,3 +71,73 @@ def test_every_subcommand_help():
         run = subprocess.run([sys.executable, "-m", "bench", sub, "--help"], cwd=REPO, capture_output=True,
                              text=True, timeout=120)
         assert run.returncode == 0 and "usage" in run.stdout
+
+
+def _bench(*args, env=None, timeout=300):
+    return subprocess.run([sys.executable, "-m", "bench", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def test_options_before_the_subcommand_are_honoured(tmp_path):
+    run = _bench("--quick", "--out", str(tmp_path / "D"), "--threads", "2", "flops")
+    assert run.returncode == 0, run.stderr[-2000:]
+    result = json.loads((tmp_path / "D" / "flops.json").read_text())
+    assert result["quick"] is True and result["arguments"]["threads"] == 2
+    assert result["machine"]["numba_threads"] == 2
+    assert set(result["machine"]["versions"]) >= {"python", "numpy", "numba", "torch"}
+
+
+def test_a_bad_out_folder_is_a_usage_error_before_any_work():
+    import time
+    t0 = time.monotonic()
+    run = _bench("--out", "/proc/x", "--quick")
+    assert run.returncode == 2 and "--out" in run.stderr and "Traceback" not in run.stderr
+    assert time.monotonic() - t0 < 5
+
+
+def test_bad_threads_and_a_bad_backend_variable_are_usage_errors(tmp_path):
+    run = _bench("--threads", "0", "flops", "--out", str(tmp_path))
+    assert run.returncode == 2 and "--threads must be >= 1" in run.stderr
+    env = {**__import__("os").environ, "ALIGNSCAN_BACKEND": "bogus"}
+    for command in ("kernels", "models"):
+        run = _bench(command, "--quick", "--out", str(tmp_path), env=env)
+        assert run.returncode == 2 and "ALIGNSCAN_BACKEND" in run.stderr and "Traceback" not in run.stderr, command
+
+
+def test_an_error_inside_a_run_is_not_hidden_as_a_usage_error(tmp_path, monkeypatch):
+    from bench import cli
+
+    def broken(args):
+        raise ValueError("a bug inside the run")
+    monkeypatch.setattr(cli, "run_flops", broken)
+    with pytest.raises(ValueError, match="a bug inside the run"):
+        cli.main(["flops", "--out", str(tmp_path)])
+
+
+def _fake_timing_check(values):
+    from bench.kernels import timing_check
+    values = iter(values)
+    first = next(values)
+    return timing_check("a ratio", first, "<= 1.10", lambda v: v <= 1.10, lambda: next(values))
+
+
+@pytest.mark.parametrize("values,strict,code,passed", [((1.18, 1.04), False, 0, True), ((1.18, 1.20), False, 0, False),
+                                                        ((1.18, 1.20), True, 1, False)])
+def test_a_missed_timing_goal_is_timed_again_and_fails_only_with_strict(tmp_path, monkeypatch, capsys, values,
+                                                                         strict, code, passed):
+    from bench import cli
+    monkeypatch.setattr(cli, "run_flops", lambda args: {"performance_checks": [_fake_timing_check(values)]})
+    argv = ["flops", "--out", str(tmp_path)] + (["--strict"] if strict else [])
+    assert cli.main(argv) == code
+    out = capsys.readouterr().out
+    assert "first measured 1.18, timed again" in out
+    check = json.loads((tmp_path / "flops.json").read_text())["performance_checks"][0]
+    assert check["passed"] is passed and check["first_value"] == 1.18 and check["kind"] == "timing"
+    if not passed:
+        assert "only with --strict" in out
+
+
+def test_model_names_of_the_command_line_are_the_models(tmp_path):
+    import models
+    from bench.imagenet import MODEL_NAMES
+    assert MODEL_NAMES == models.NAMES
