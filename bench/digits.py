@@ -1,6 +1,7 @@
-"""A small ViM trained on scikit-learn's digits, for experiments that need trained weights.
+"""Small ViMs trained here, for experiments that need trained weights: on scikit-learn's
+digits, and on the generated scan-distance task (``bench.distance_task``).
 
-The data set ships inside scikit-learn (1,797 grey 8x8 images, no download); images are
+The digits ship inside scikit-learn (1,797 grey 8x8 images, no download); images are
 upsampled to 32x32 and cut into 4x4 patches (64 patches + the middle class token = 65
 tokens). The split (80/20, stratified) and the seed are fixed. Trained weights are cached
 with their configuration and a SHA-256 digest of the weights: a corrupt file or one whose
@@ -16,14 +17,23 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+
 from bench.progress import progress_bar
 
-__all__ = ["DigitsConfig", "load_digits_split", "build_model", "train", "evaluate", "trained_model",
-           "weights_digest"]
+__all__ = ["DigitsConfig", "TASKS", "load_digits_split", "load_split", "build_model", "train", "evaluate",
+           "trained_model", "weights_digest"]
+
+
+TASKS = ("digits", "distance")
 
 
 @dataclass(frozen=True)
 class DigitsConfig:
+    """A small ViM and how it is trained. ``task``: "digits" (10 classes) or "distance" (2
+    classes, bench.distance_task); ``position_embedding=False`` keeps pos_embed at zero."""
+
+    task: str = "digits"
+    position_embedding: bool = True
     embed_dim: int = 96
     depth: int = 8
     img_size: int = 32
@@ -57,10 +67,23 @@ def load_digits_split(img_size=32, seed=0):
     return images[idx_train], labels[idx_train], images[idx_test], labels[idx_test]
 
 
-def build_model(cfg, pruning=None):
+def load_split(cfg):
+    """(x_train, y_train, x_test, y_test) of the configuration's task."""
+    if cfg.task == "digits":
+        return load_digits_split(cfg.img_size, cfg.split_seed)
+    if cfg.task == "distance":
+        from bench.distance_task import load_distance_split
+        return load_distance_split(cfg.split_seed)
+    raise ValueError(f"task must be one of {TASKS}, got {cfg.task!r}")
+
+
+def build_model(cfg, pruning=None, backend=None):
     from models.vim import VisionMamba
     model = VisionMamba(embed_dim=cfg.embed_dim, depth=cfg.depth, img_size=cfg.img_size, patch_size=cfg.patch_size,
-                        num_classes=10, channels=1, pruning=pruning)
+                        num_classes=10 if cfg.task == "digits" else 2, channels=1, pruning=pruning, backend=backend)
+    if not cfg.position_embedding:      # no absolute positions: what the model knows of order comes from the scan
+        model.pos_embed.data.zero_()
+        model.pos_embed.requires_grad_(False)
     model.arch_name = None
     return model
 
@@ -78,7 +101,8 @@ def train(model, x, y, cfg, epochs=None, desc="train"):
     epochs = cfg.epochs if epochs is None else epochs
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+                            weight_decay=cfg.weight_decay)
     steps = epochs * ((len(x) + cfg.batch_size - 1) // cfg.batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=max(steps, 1), pct_start=0.15)
     losses = []
@@ -89,7 +113,8 @@ def train(model, x, y, cfg, epochs=None, desc="train"):
             total = 0.0
             for start in range(0, len(x), cfg.batch_size):
                 idx = order[start:start + cfg.batch_size]
-                loss = torch.nn.functional.cross_entropy(model(_augment(x[idx], gen)), y[idx])
+                batch = _augment(x[idx], gen) if cfg.task == "digits" else x[idx]   # shifts would move the marks
+                loss = torch.nn.functional.cross_entropy(model(batch), y[idx])
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
@@ -102,14 +127,17 @@ def train(model, x, y, cfg, epochs=None, desc="train"):
     return losses
 
 
-def evaluate(model, x, y, batch_size=256):
-    """(top-1 accuracy, per-image correctness as a bool array)."""
+def evaluate(model, x, y, batch_size=256, keep_plan=None):
+    """(top-1 accuracy, per-image correctness as a bool array). keep_plan: one (n, K) tensor
+    per pruning stage for the n images (the tokens to keep, instead of choosing them)."""
     import torch
     model.eval()
     correct = []
     with torch.no_grad():
         for start in range(0, len(x), batch_size):
-            correct.append((model(x[start:start + batch_size]).argmax(1) == y[start:start + batch_size]).numpy())
+            part = slice(start, start + batch_size)
+            plan = None if keep_plan is None else [stage[part] for stage in keep_plan]
+            correct.append((model(x[part], keep_plan=plan).argmax(1) == y[part]).numpy())
     correct = np.concatenate(correct)
     return float(correct.mean()), correct
 
@@ -147,7 +175,7 @@ def trained_model(cfg=DigitsConfig(), cache_dir=Path("bench_out") / "cache", log
     info: {"path", "source": "cache" | "trained", "train_seconds", "losses", "reason"}."""
     import torch
     cache_dir = Path(cache_dir)
-    path = cache_dir / f"digits_vim_{cfg.key}.pt"
+    path = cache_dir / f"{cfg.task}_vim_{cfg.key}.pt"
     model = build_model(cfg)
     info = {"path": str(path), "config": asdict(cfg)}
     if path.exists():
@@ -157,15 +185,15 @@ def trained_model(cfg=DigitsConfig(), cache_dir=Path("bench_out") / "cache", log
             model.eval()
             return model, {**info, "source": "cache", "train_seconds": blob.get("train_seconds"),
                            "losses": blob.get("losses")}
-        log(f"cached digits weights at {path} rejected: {reason}; retraining")
+        log(f"cached {cfg.task} weights at {path} rejected: {reason}; retraining")
         info["reason"] = reason
-    x_train, y_train, _, _ = load_digits_split(cfg.img_size, cfg.split_seed)
+    x_train, y_train, _, _ = load_split(cfg)
     if cfg.train_subset:
         x_train, y_train = x_train[:cfg.train_subset], y_train[:cfg.train_subset]
     torch.manual_seed(cfg.seed)
     model = build_model(cfg)
     start = time.perf_counter()
-    losses = train(model, x_train, y_train, cfg, desc="train digits ViM")
+    losses = train(model, x_train, y_train, cfg, desc=f"train {cfg.task} ViM")
     seconds = time.perf_counter() - start
     state = model.state_dict()
     cache_dir.mkdir(parents=True, exist_ok=True)

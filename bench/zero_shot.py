@@ -1,42 +1,228 @@
-"""The paper's central claim, measured: prune a trained model with no fine-tuning and compare
-alignment with relabelling (paper Fig. 2 / Table 4), then fine-tune both briefly and compare
-again; plus a fidelity number that needs no training.
+"""The alignment on trial: zero-shot pruning of small ViMs trained here, with the factors
+that could explain a difference between modes isolated, and paired tests on the same images.
 
-    python -m bench zero-shot [--quick] [--out DIR]
+    python -m bench zero-shot [--quick] [--out DIR] [--cache DIR] [--seed S]
+
+Tasks: digits (``bench.digits``) and scan distance (``bench.distance_task``: a task where the
+distance along the scan decides the label).
+Factors: mode (dense, align, hold, self, relabel, mask); keep ratio per stage; ViM's conv1d
+over the compacted sequence ("compact", as the paper) or with pruned neighbours read as zero
+("position_aware"); and where the kept tokens come from: "own" (each mode chooses from its
+own outputs: the modes then drop different tokens), "dense" (chosen once from the dense
+model's outputs, the same for every mode), "random" (one shared seeded draw), and on the
+distance task "background" (background tokens only, seeded: the marks and the class token
+always stay).
+Each pair that matters (align vs relabel, hold vs relabel, hold vs align) is compared on the
+same images: the counts of images both / only one / neither got right, and an exact McNemar
+p-value. On digits also: the importance metrics, brief fine-tuning, and fidelity.
 """
 from __future__ import annotations
 
-import json
+import math
 import time
 from dataclasses import replace
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
+
+from bench.digits import (
+    DigitsConfig,
+    build_model,
+    evaluate,
+    load_split,
+    train,
+    trained_model,
+)
+from bench.outputs import write_json, write_text
 from bench.progress import progress_bar
 
-from bench.digits import DigitsConfig, build_model, evaluate, load_digits_split, train, trained_model
+__all__ = ["mcnemar_exact", "paired_counts", "run", "TASK_CONFIGS"]
 
-KEEP_RATIOS = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3)
-MODES = ("align", "relabel", "self", "mask")
+KEEP_RATIOS = (0.9, 0.7, 0.5, 0.3)
+MODES = ("align", "hold", "self", "relabel", "mask")
+PAIRS = (("align", "relabel"), ("hold", "relabel"), ("hold", "align"))
+CONVS = ("compact", "position_aware")
 METRICS = ("clip", "raw", "l1", "l2")
-SCHEDULE = (2, 4, 6)          # the digits ViM has 8 layers: prune after layers 2, 4 and 6
+FINETUNE_MODES = ("align", "hold", "relabel")
 FINETUNE_RATIOS = (0.5, 0.3)
 BOOTSTRAP = 1000
+SIGNIFICANCE = 0.05
+
+# The two tasks' models. Digits: pruned after layers 2, 4, 6 of 8; distance: after 2 and 4 of
+# 6 (width 64, 6 epochs on 8,000 images: about 5 minutes on 2 cores).
+TASK_CONFIGS = {
+    "digits": (DigitsConfig(), (2, 4, 6), ("own", "dense", "random")),
+    "distance": (DigitsConfig(task="distance", embed_dim=64, depth=6, epochs=6), (2, 4), ("background",)),
+}
+QUICK_CONFIGS = {
+    "digits": (DigitsConfig(epochs=1, train_subset=128, embed_dim=16, depth=8), (2, 4, 6), ("own", "dense", "random")),
+    "distance": (DigitsConfig(task="distance", embed_dim=16, depth=6, epochs=1, train_subset=128), (2, 4),
+                 ("background",)),
+}
+
+
+def mcnemar_exact(only_a, only_b):
+    """Two-sided exact McNemar test: p = P(|X - n/2| >= |only_a - n/2|), X ~ Binomial(n, 1/2)
+    with n = only_a + only_b discordant images (1.0 when there are none)."""
+    n = only_a + only_b
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(only_a, only_b) + 1))
+    return float(min(Fraction(1), 2 * Fraction(tail, 2 ** n)))
+
+
+def paired_counts(correct_a, correct_b):
+    """Counts of images both models got right, only a, only b, neither; and McNemar's p."""
+    a, b = np.asarray(correct_a, bool), np.asarray(correct_b, bool)
+    if a.shape != b.shape:
+        raise ValueError(f"correct_a and correct_b must describe the same images, got {a.shape} and {b.shape}")
+    counts = {"both": int((a & b).sum()), "only_a": int((a & ~b).sum()), "only_b": int((~a & b).sum()),
+              "neither": int((~a & ~b).sum())}
+    return {**counts, "p_value": mcnemar_exact(counts["only_a"], counts["only_b"])}
 
 
 def bootstrap_interval(correct, seed=0, resamples=BOOTSTRAP):
-    """95 % bootstrap interval of the accuracy over the test images (the run-to-run spread a
-    different test sample would give)."""
+    """95 % bootstrap interval of the accuracy over the test images."""
     rng = np.random.default_rng(seed)
     means = rng.choice(correct, size=(resamples, len(correct)), replace=True).mean(axis=1)
     return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
 
 
-def _pruned_copy(dense, cfg, mode, ratio, metric, schedule):
+def _pruned_copy(dense, cfg, mode, ratio, metric, schedule, conv="compact"):
     from models.pruning import PruningConfig
-    model = build_model(cfg, pruning=PruningConfig(mode=mode, schedule=schedule, keep_ratio=ratio, metric=metric))
+    model = build_model(cfg, pruning=PruningConfig(mode=mode, schedule=schedule, keep_ratio=ratio, metric=metric,
+                                                   conv=conv))
     model.load_state_dict(dense.state_dict())
     return model.eval()
+
+
+def dense_plan(dense, cfg, x, schedule, ratio, batch_size=256):
+    """The tokens the dense model's own outputs choose (clip importance, nested, class token
+    protected), once, for every mode: at each scheduled layer the dense model's merged SSM
+    output scores the tokens still in the plan."""
+    import torch
+
+    from models.pruning import PruningConfig, select_kept
+    selector = PruningConfig(mode="mask", schedule=schedule, keep_ratio=ratio)
+    stages = [[] for _ in schedule]
+    with torch.no_grad():
+        for start in range(0, len(x), batch_size):
+            outputs = []
+            dense(x[start:start + batch_size], mixer_outputs=outputs)
+            n, L = outputs[0][1].shape[0], outputs[0][1].shape[-1]
+            active = torch.ones(n, L, dtype=torch.bool)
+            protected = torch.full((n, 1), dense.cls_index)
+            for stage, layer in enumerate(schedule):
+                kept = select_kept(outputs[layer - 1][1], selector, stage, active=active, protected=protected)
+                active = torch.zeros_like(active).scatter(1, kept, True)
+                stages[stage].append(kept)
+    return [torch.cat(parts) for parts in stages]
+
+
+def random_plan(n, tokens, cls_index, schedule, ratio, seed):
+    """One shared seeded draw of nested random subsets (class token protected)."""
+    import torch
+
+    import reference as R
+    rng = np.random.default_rng(seed)
+    current = np.tile(np.arange(tokens), (n, 1))
+    plan = []
+    for _ in schedule:
+        rows = []
+        for row in current:
+            k = R.keep_count(len(row), ratio, n_protected=1)
+            others = row[row != cls_index]
+            rows.append(np.sort(np.append(rng.choice(others, k - 1, replace=False), cls_index)))
+        current = np.stack(rows)
+        plan.append(torch.as_tensor(current, dtype=torch.int64))
+    return plan
+
+
+def _plan(selection, dense, cfg, x, schedule, ratio, marks, seed):
+    if selection == "own":
+        return None
+    if selection == "dense":
+        return dense_plan(dense, cfg, x, schedule, ratio)
+    if selection == "random":
+        return random_plan(len(x), dense.num_tokens, dense.cls_index, schedule, ratio, seed)
+    if selection == "background":
+        from bench.distance_task import background_plan
+        return background_plan(marks, [ratio] * len(schedule), seed, dense.num_tokens, dense.cls_index)
+    raise ValueError(f"selection must be own, dense, random or background, got {selection!r}")
+
+
+def _row(task, mode, ratio, conv, selection, correct, metric="clip", **extra):
+    return {"task": task, "mode": mode, "keep_ratio": ratio, "conv": conv, "selection": selection, "metric": metric,
+            "finetuned": False, "top1": float(np.mean(correct)), "correct": int(np.sum(correct)),
+            "images": int(len(correct)), "ci95": bootstrap_interval(correct), **extra}
+
+
+def run_task(task, cfg, schedule, selections, out_dir, cache_dir, quick, seed, log):
+    """The zero-shot grid of one task: rows, the correctness vectors behind them, and info."""
+    cfg = replace(cfg, seed=seed)
+    model, info = trained_model(cfg, cache_dir, log=log)
+    log(f"{task} ViM (dim {cfg.embed_dim}, depth {cfg.depth}, position embedding {cfg.position_embedding}): "
+        f"{'loaded from cache' if info['source'] == 'cache' else 'trained'} {info['path']}"
+        + (f" ({info['train_seconds']:.0f} s)" if info.get("train_seconds") else ""))
+    _, _, x_test, y_test = load_split(cfg)
+    marks = None
+    if task == "distance":
+        from bench.distance_task import TEST, make_images
+        _, _, marks = make_images(TEST, seed=2000 + cfg.split_seed)
+    if quick:
+        x_test, y_test = x_test[:64], y_test[:64]
+        marks = None if marks is None else marks[:64]
+    _, dense_correct = evaluate(model, x_test, y_test)
+    rows = [_row(task, "dense", 1.0, "-", "-", dense_correct)]
+    correct = {("dense",): dense_correct}
+    ratios = (0.7, 0.3) if quick else KEEP_RATIOS
+    jobs = [(s, c, r, m) for s in selections for c in CONVS for r in ratios for m in MODES]
+    plans = {}
+    for selection, conv, ratio, mode in progress_bar(jobs, desc=f"{task} zero-shot grid", leave=False):
+        if (selection, ratio) not in plans:
+            plans[(selection, ratio)] = _plan(selection, model, cfg, x_test, schedule, ratio, marks, seed=17)
+        pruned = _pruned_copy(model, cfg, mode, ratio, "clip", schedule, conv)
+        _, c = evaluate(pruned, x_test, y_test, keep_plan=plans[(selection, ratio)])
+        correct[(selection, conv, ratio, mode)] = c
+        rows.append(_row(task, mode, ratio, conv, selection, c))
+    return model, cfg, info, (x_test, y_test), rows, correct
+
+
+def paired_rows(task, correct, ratios, selections):
+    out = []
+    for selection in selections:
+        for conv in CONVS:
+            for ratio in ratios:
+                for a, b in PAIRS:
+                    if (selection, conv, ratio, a) in correct and (selection, conv, ratio, b) in correct:
+                        out.append({"task": task, "keep": ratio, "conv": conv, "selection": selection, "a": a, "b": b,
+                                    **paired_counts(correct[(selection, conv, ratio, a)],
+                                                    correct[(selection, conv, ratio, b)])})
+    return out
+
+
+def digits_extras(model, cfg, schedule, test, quick, log):
+    """On digits: the importance metrics (align, own tokens), brief fine-tuning, fidelity."""
+    x_test, y_test = test
+    rows = []
+    ratios = (0.7, 0.3) if quick else KEEP_RATIOS
+    for metric in progress_bar((("clip", "raw") if quick else METRICS), desc="metrics", leave=False):
+        for ratio in ratios:
+            _, c = evaluate(_pruned_copy(model, cfg, "align", ratio, metric, schedule), x_test, y_test)
+            rows.append(_row("digits", "align", ratio, "compact", "own", c, metric=metric, ablation="metric"))
+    x_train, y_train, _, _ = load_split(cfg)
+    ft_x, ft_y = (x_train[:128], y_train[:128]) if quick else (x_train, y_train)
+    epochs = 1 if quick else 3
+    for mode in FINETUNE_MODES:
+        for ratio in ((ratios[-1],) if quick else FINETUNE_RATIOS):
+            pruned = _pruned_copy(model, cfg, mode, ratio, "clip", schedule)
+            start = time.perf_counter()
+            train(pruned, ft_x, ft_y, replace(cfg, lr=cfg.lr / 4), epochs=epochs, desc=f"fine-tune {mode} keep {ratio}")
+            _, c = evaluate(pruned, x_test, y_test)
+            rows.append(dict(_row("digits", mode, ratio, "compact", "own", c), finetuned=True,
+                             finetune_epochs=epochs, finetune_seconds=time.perf_counter() - start))
+    return rows, fidelity_table(model, cfg, schedule, x_test, quick=quick)
 
 
 def fidelity(dense, pruned, images):
@@ -57,14 +243,14 @@ def fidelity(dense, pruned, images):
     return rows
 
 
-def fidelity_table(digits_model, cfg, x_test, quick=False):
-    """Fidelity of "align" and "relabel" on the trained digits ViM and on random-init ViM-S
-    and PlainMamba-L3 (paper presets)."""
+def fidelity_table(digits_model, cfg, schedule, x_test, quick=False):
+    """Fidelity of "align", "hold" and "relabel" on the trained digits ViM and on random-init
+    ViM-S and PlainMamba-L3 (paper presets)."""
     import torch
 
     import models
     out = {}
-    cases = [("digits ViM (trained)", lambda mode: _pruned_copy(digits_model, cfg, mode, 0.7, "clip", SCHEDULE),
+    cases = [("digits ViM (trained)", lambda mode: _pruned_copy(digits_model, cfg, mode, 0.7, "clip", schedule),
               digits_model, x_test[:64])]
     for name in ("vim_small", "plainmamba_l3"):
         kwargs = dict(img_size=64) if quick else {}
@@ -79,126 +265,139 @@ def fidelity_table(digits_model, cfg, x_test, quick=False):
             return m.eval()
         cases.append((f"{name} (random init)", make, dense, images))
     for label, make, dense, images in progress_bar(cases, desc="fidelity", leave=False):
-        out[label] = {mode: fidelity(dense, make(mode), images) for mode in ("align", "relabel")}
+        out[label] = {mode: fidelity(dense, make(mode), images) for mode in ("align", "hold", "relabel")}
     return out
 
 
-def run(out_dir, quick=False, cache_dir=None, seed=0, log=print):
-    cfg = DigitsConfig(epochs=1, train_subset=128, embed_dim=32, depth=8, seed=seed) if quick else DigitsConfig(seed=seed)
-    keep_ratios = (0.7, 0.3) if quick else KEEP_RATIOS
-    metrics = ("clip", "raw") if quick else METRICS
-    finetune_epochs = 1 if quick else 3
+def run(out_dir, quick=False, cache_dir=None, seed=0, log=print, tasks=("digits", "distance")):
+    """Every task's grid, the paired comparisons, the digits extras; JSON, Markdown, figures."""
     out_dir = Path(out_dir)
-    model, info = trained_model(cfg, cache_dir or out_dir / "cache", log=log)
-    log(f"digits ViM (dim {cfg.embed_dim}, depth {cfg.depth}, {cfg.img_size}px, patch {cfg.patch_size}): "
-        f"{'loaded from cache' if info['source'] == 'cache' else 'trained'} {info['path']}"
-        + (f" ({info['train_seconds']:.0f} s)" if info.get("train_seconds") else ""))
-    x_train, y_train, x_test, y_test = load_digits_split(cfg.img_size, cfg.split_seed)
-    if quick:
-        x_test, y_test = x_test[:64], y_test[:64]
-    dense_acc, dense_correct = evaluate(model, x_test, y_test)
-    rows = [{"mode": "dense", "metric": "-", "keep_ratio": 1.0, "finetuned": False, "top1": dense_acc,
-             "ci95": bootstrap_interval(dense_correct)}]
-    jobs = [(m, k, r) for k in metrics for m in MODES for r in keep_ratios]
-    for mode, metric, ratio in progress_bar(jobs, desc="zero-shot grid", leave=False):
-        acc, correct = evaluate(_pruned_copy(model, cfg, mode, ratio, metric, SCHEDULE), x_test, y_test)
-        rows.append({"mode": mode, "metric": metric, "keep_ratio": ratio, "finetuned": False, "top1": acc,
-                     "ci95": bootstrap_interval(correct)})
-    ft_ratios = (keep_ratios[-1],) if quick else FINETUNE_RATIOS
-    ft_x, ft_y = (x_train[:128], y_train[:128]) if quick else (x_train, y_train)
-    for mode in ("align", "relabel"):
-        for ratio in ft_ratios:
-            pruned = _pruned_copy(model, cfg, mode, ratio, "clip", SCHEDULE)
-            ft_cfg = replace(cfg, lr=cfg.lr / 4)
-            start = time.perf_counter()
-            train(pruned, ft_x, ft_y, ft_cfg, epochs=finetune_epochs, desc=f"fine-tune {mode} keep {ratio}")
-            acc, correct = evaluate(pruned, x_test, y_test)
-            rows.append({"mode": mode, "metric": "clip", "keep_ratio": ratio, "finetuned": True, "top1": acc,
-                         "ci95": bootstrap_interval(correct), "finetune_epochs": finetune_epochs,
-                         "finetune_seconds": time.perf_counter() - start})
-    fid = fidelity_table(model, cfg, x_test, quick=quick)
-    result = {"model": info, "schedule": list(SCHEDULE), "test_images": int(len(y_test)), "rows": rows,
-              "fidelity": fid, "seed": cfg.seed,
-              "spread": f"95% bootstrap interval over the {len(y_test)} test images ({BOOTSTRAP} resamples); "
-                        f"training seed {cfg.seed} (other seeds: --seed)"}
+    cache_dir = Path(cache_dir) if cache_dir is not None else out_dir / "cache"
+    configs = QUICK_CONFIGS if quick else TASK_CONFIGS
+    result = {"quick": quick, "seed": seed, "rows": [], "paired": [], "tasks": {}, "fidelity": {},
+              "spread": f"95% bootstrap intervals over the test images ({BOOTSTRAP} resamples); paired: exact McNemar "
+                        f"test on the images two modes disagree on; training seed {seed}"}
+    for task in tasks:
+        cfg, schedule, selections = configs[task]
+        model, cfg, info, test, rows, correct = run_task(task, cfg, schedule, selections, out_dir, cache_dir, quick,
+                                                         seed, log)
+        ratios = sorted({r["keep_ratio"] for r in rows if r["mode"] != "dense"}, reverse=True)
+        result["rows"] += rows
+        result["paired"] += paired_rows(task, correct, ratios, selections)
+        result["tasks"][task] = {"model": info, "schedule": list(schedule), "test_images": int(len(test[1])),
+                                 "selections": list(selections)}
+        if task == "digits":
+            extra_rows, result["fidelity"] = digits_extras(model, cfg, schedule, test, quick, log)
+            result["rows"] += extra_rows
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "zero_shot.json").write_text(json.dumps(result, indent=2))
-    (out_dir / "zero_shot.md").write_text(markdown(result))
-    plot(result, out_dir / "zero_shot.png")
+    write_json(out_dir / "zero_shot.json", result)
+    write_text(out_dir / "zero_shot.md", markdown(result))
+    result["figures"] = [str(plot(result, task, out_dir / f"zero_shot_{task}.png")) for task in tasks]
     return result
 
 
+def _fmt(r):
+    return f"{100 * r['top1']:.1f}"
+
+
 def markdown(result):
+    lines = []
+    smoke = ["**Smoke test (--quick): tiny models trained for seconds; the numbers mean nothing.**", ""] \
+        if result["quick"] else []
+    lines += smoke
     rows = result["rows"]
-    dense = rows[0]["top1"]
-    ratios = sorted({r["keep_ratio"] for r in rows if r["mode"] != "dense"}, reverse=True)
-    lines = [f"Digits ViM, test top-1 (%) without fine-tuning, metric clip; dense {100 * dense:.1f}. "
-             f"Pruning after layers {result['schedule']} at the keep ratio per stage. "
-             f"Spread: {result['spread']}.", "",
-             "| mode | " + " | ".join(f"keep {r}" for r in ratios) + " |",
-             "|---|" + "---|" * len(ratios)]
-    get = {(r["mode"], r["metric"], r["keep_ratio"], r["finetuned"]): r for r in rows}
-    for mode in MODES:
-        cells = []
-        for ratio in ratios:
-            r = get.get((mode, "clip", ratio, False))
-            cells.append(f"{100 * r['top1']:.1f} [{100 * r['ci95'][0]:.0f}–{100 * r['ci95'][1]:.0f}]" if r else "-")
-        lines.append(f"| {mode} | " + " | ".join(cells) + " |")
-    metrics = sorted({r["metric"] for r in rows if r["mode"] != "dense"})
-    lines += ["", "Importance metrics, mode align, top-1 (%):", "",
-              "| metric | " + " | ".join(f"keep {r}" for r in ratios) + " |", "|---|" + "---|" * len(ratios)]
-    for metric in metrics:
-        lines.append(f"| {metric} | " + " | ".join(
-            f"{100 * get[('align', metric, r, False)]['top1']:.1f}" if ("align", metric, r, False) in get else "-"
-            for r in ratios) + " |")
+    for task, meta in result["tasks"].items():
+        task_rows = [r for r in rows if r["task"] == task and not r["finetuned"] and "ablation" not in r]
+        dense = next(r for r in task_rows if r["mode"] == "dense")
+        ratios = sorted({r["keep_ratio"] for r in task_rows if r["mode"] != "dense"}, reverse=True)
+        lines += [f"### {task}: zero-shot top-1 (%), dense {_fmt(dense)}, {meta['test_images']} test images, "
+                  f"pruned after layers {meta['schedule']}", ""]
+        get = {(r["selection"], r["conv"], r["keep_ratio"], r["mode"]): r for r in task_rows}
+        for selection in meta["selections"]:
+            for conv in CONVS:
+                lines += [f"tokens: {selection}, conv: {conv}", "",
+                          "| mode | " + " | ".join(f"keep {k}" for k in ratios) + " |", "|---|" + "---|" * len(ratios)]
+                for mode in MODES:
+                    cells = [_fmt(get[(selection, conv, k, mode)]) if (selection, conv, k, mode) in get else "-"
+                             for k in ratios]
+                    lines.append(f"| {mode} | " + " | ".join(cells) + " |")
+                lines.append("")
+        lines += ["Paired on the same images (both / only a / only b / neither, exact McNemar p):", "",
+                  "| tokens | conv | keep | a vs b | both | only a | only b | neither | p |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for p in result["paired"]:
+            if p["task"] == task:
+                mark = " *" if p["p_value"] < SIGNIFICANCE else ""
+                lines.append(f"| {p['selection']} | {p['conv']} | {p['keep']} | {p['a']} vs {p['b']} | {p['both']} | "
+                             f"{p['only_a']} | {p['only_b']} | {p['neither']} | {p['p_value']:.3g}{mark} |")
+        lines.append("")
+    metric_rows = [r for r in rows if r.get("ablation") == "metric"]
+    if metric_rows:
+        ratios = sorted({r["keep_ratio"] for r in metric_rows}, reverse=True)
+        lines += ["### digits: importance metrics (align, own tokens, compact conv), top-1 (%)", "",
+                  "| metric | " + " | ".join(f"keep {k}" for k in ratios) + " |", "|---|" + "---|" * len(ratios)]
+        get = {(r["metric"], r["keep_ratio"]): r for r in metric_rows}
+        for metric in sorted({r["metric"] for r in metric_rows}):
+            lines.append(f"| {metric} | " + " | ".join(_fmt(get[(metric, k)]) for k in ratios) + " |")
+        lines.append("")
     ft = [r for r in rows if r["finetuned"]]
     if ft:
-        lines += ["", f"After fine-tuning ({ft[0]['finetune_epochs']} epochs each), top-1 (%):", "",
+        zs = {(r["mode"], r["keep_ratio"]): r for r in rows if r["task"] == "digits" and r["selection"] == "own"
+              and r["conv"] == "compact" and not r["finetuned"] and "ablation" not in r}
+        lines += [f"### digits: after fine-tuning ({ft[0]['finetune_epochs']} epochs each), top-1 (%)", "",
                   "| mode | keep | zero-shot | fine-tuned |", "|---|---|---|---|"]
         for r in ft:
-            zs = get[(r["mode"], "clip", r["keep_ratio"], False)]["top1"]
-            lines.append(f"| {r['mode']} | {r['keep_ratio']} | {100 * zs:.1f} | {100 * r['top1']:.1f} |")
-    lines += ["", "Fidelity: relative deviation of the remaining tokens' layer outputs from the dense model's "
-                  "outputs at the same tokens (no training needed):", "",
-              "| model | layer | tokens | align | relabel |", "|---|---|---|---|---|"]
-    for label, modes in result["fidelity"].items():
-        for a, rl in zip(modes["align"], modes["relabel"]):
-            lines.append(f"| {label} | {a['layer']} | {a['tokens']} | {a['rel_dev']:.4f} | {rl['rel_dev']:.4f} |")
+            lines.append(f"| {r['mode']} | {r['keep_ratio']} | {_fmt(zs[(r['mode'], r['keep_ratio'])])} | {_fmt(r)} |")
+        lines.append("")
+    if result["fidelity"]:
+        lines += ["### Fidelity: relative deviation of the remaining tokens' layer outputs from the dense model's at "
+                  "the same tokens", "", "| model | layer | tokens | align | hold | relabel |", "|---|---|---|---|---|---|"]
+        for label, modes in result["fidelity"].items():
+            for a, h, rl in zip(modes["align"], modes["hold"], modes["relabel"]):
+                lines.append(f"| {label} | {a['layer']} | {a['tokens']} | {a['rel_dev']:.4f} | {h['rel_dev']:.4f} | "
+                             f"{rl['rel_dev']:.4f} |")
+        lines.append("")
+    lines.append(f"Spread: {result['spread']}. `*`: p < {SIGNIFICANCE}.")
     return "\n".join(lines) + "\n"
 
 
-def plot(result, path):
+def plot(result, task, path):
+    """Accuracy vs keep ratio per mode, one panel per (token source, conv); a marker where a
+    pair differs significantly on the same images."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    rows = result["rows"]
-    dense = rows[0]["top1"]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for mode, style in zip(MODES, ("-o", "--s", ":^", "-.d")):
-        pts = sorted((r["keep_ratio"], 100 * r["top1"], 100 * r["ci95"][0], 100 * r["ci95"][1]) for r in rows
-                     if r["mode"] == mode and r["metric"] == "clip" and not r["finetuned"])
-        if pts:
-            k, a, lo, hi = map(np.array, zip(*pts))
-            axes[0].plot(k, a, style, label=mode)
-            axes[0].fill_between(k, lo, hi, alpha=0.15)
-    for r in rows:
-        if r["finetuned"]:
-            axes[0].plot(r["keep_ratio"], 100 * r["top1"], "*", ms=12,
-                         color="C0" if r["mode"] == "align" else "C1")
-    axes[0].axhline(100 * dense, color="k", lw=0.8, label="dense")
-    axes[0].set(title="Digits ViM: zero-shot top-1 (stars: after fine-tuning)", xlabel="keep ratio per stage",
-                ylabel="top-1 (%)")
-    axes[0].legend()
-    for metric, style in zip(METRICS, ("-o", "--s", ":^", "-.d")):
-        pts = sorted((r["keep_ratio"], 100 * r["top1"]) for r in rows
-                     if r["mode"] == "align" and r["metric"] == metric and not r["finetuned"])
-        if pts:
-            axes[1].plot(*zip(*pts), style, label=metric)
-    axes[1].set(title="align: importance metrics", xlabel="keep ratio per stage", ylabel="top-1 (%)")
-    axes[1].legend()
-    for ax in axes:
+
+    from bench.outputs import save_figure
+    meta = result["tasks"][task]
+    rows = [r for r in result["rows"] if r["task"] == task and not r["finetuned"] and "ablation" not in r]
+    dense = next(r for r in rows if r["mode"] == "dense")
+    panels = [(s, c) for s in meta["selections"] for c in CONVS]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 4.2), squeeze=False, sharey=True)
+    styles = dict(zip(MODES, ("-o", "-s", ":^", "--v", "-.d")))
+    for ax, (selection, conv) in zip(axes[0], panels):
+        for mode in MODES:
+            pts = sorted((r["keep_ratio"], 100 * r["top1"]) for r in rows
+                         if r["mode"] == mode and r["selection"] == selection and r["conv"] == conv)
+            if pts:
+                ax.plot(*zip(*pts), styles[mode], label=mode, ms=5)
+        for p in result["paired"]:
+            if p["task"] == task and p["selection"] == selection and p["conv"] == conv and p["b"] == "relabel" \
+                    and p["p_value"] < SIGNIFICANCE:
+                ax.annotate("*" if p["a"] == "align" else "+", (p["keep"], 100 * (p["both"] + p["only_a"])
+                                                               / (p["both"] + p["only_a"] + p["only_b"] + p["neither"])),
+                            textcoords="offset points", xytext=(0, 6), ha="center", fontsize=13)
+        ax.axhline(100 * dense["top1"], color="k", lw=0.8, label="dense")
+        ax.set(title=f"tokens: {selection}, conv: {conv}", xlabel="keep ratio per stage")
         ax.grid(alpha=0.3)
+    axes[0, 0].set_ylabel("top-1 (%)")
+    axes[0, -1].legend(fontsize=8)
+    title = (f"{task}: zero-shot pruning (dense {100 * dense['top1']:.1f} %); * align, + hold differ from relabel "
+             f"on the same images (McNemar p < {SIGNIFICANCE})")
+    if result["quick"]:
+        title = "SMOKE TEST (--quick): " + title
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
     return path

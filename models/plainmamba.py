@@ -19,7 +19,7 @@ from torch import nn
 import reference as R
 from bridges import TorchPositionMap, selective_scan_fn
 
-from .pruning import PruningConfig, select_kept
+from .pruning import PruningConfig, plan_indices, select_kept
 
 __all__ = ["PlainMamba", "PlainMamba2D", "plainmamba_l1", "plainmamba_l2", "plainmamba_l3", "PLAINMAMBA_CONFIGS"]
 
@@ -161,10 +161,12 @@ class PlainMamba(nn.Module):
     def grid(self):
         return self.backbone.grid
 
-    def forward(self, images, return_kept=False, trace=None):
+    def forward(self, images, return_kept=False, trace=None, keep_plan=None):
         """logits (b, classes); with return_kept also the kept raster indices (b, K) after
         each pruning stage. A list passed as ``trace`` receives, per layer, (kept raster
-        indices (b, K), layer output (b, K, D))."""
+        indices (b, K), layer output (b, K, D)). keep_plan: optional list, one (b, K) tensor
+        per stage of the raster indices to keep (ascending, nested) instead of choosing them
+        by importance."""
         cfg = self.pruning
         bb = self.backbone
         x = bb.patch_embed(images).flatten(2).transpose(1, 2) + bb.pos_embed               # (b, HW, D)
@@ -181,7 +183,11 @@ class PlainMamba(nn.Module):
             stage = cfg.stage_after(i)
             if stage is None:
                 continue
-            sel = select_kept(y, cfg, stage, active=active)
+            if keep_plan is not None:
+                sel = plan_indices(kept if cfg.mode != "mask" else torch.arange(L, device=x.device).expand(b, L),
+                                   keep_plan[stage], stage)
+            else:
+                sel = select_kept(y, cfg, stage, active=active)
             if cfg.mode == "mask":
                 active = torch.zeros_like(active).scatter(1, sel, True)
                 x = x * active[..., None].to(x.dtype)

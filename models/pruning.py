@@ -9,6 +9,8 @@ importance and the selection themselves are ``reference.token_importance`` and
 Modes:
     "dense"    no pruning
     "align"    compact tokens + position map, alignment "prev" (the paper)
+    "hold"     compact tokens + position map, alignment "hold" (ours: pruned steps repeat
+               the previous token's input, SPEC §1)
     "self"     compact tokens + position map, alignment "self" (ablation)
     "relabel"  compact tokens, gaps closed (alignment "none"): the ViT / EViT baseline
     "mask"     tokens stay in place, pruned ones are zeroed: no compute saved
@@ -22,10 +24,10 @@ import torch
 
 import reference as R
 
-__all__ = ["MODES", "PruningConfig", "paper_preset", "select_kept", "alignment_of", "PAPER_PRESETS"]
+__all__ = ["MODES", "PruningConfig", "paper_preset", "select_kept", "alignment_of", "PAPER_PRESETS", "plan_indices"]
 
-MODES = ("dense", "align", "self", "relabel", "mask")
-_ALIGNMENT = {"dense": "none", "align": "prev", "self": "self", "relabel": "none", "mask": "none"}
+MODES = ("dense", "align", "hold", "self", "relabel", "mask")
+_ALIGNMENT = {"dense": "none", "align": "prev", "hold": "hold", "self": "self", "relabel": "none", "mask": "none"}
 CONV_MODES = ("compact", "position_aware")
 
 
@@ -137,3 +139,22 @@ def select_kept(y, config, stage, active=None, protected=None):
         sub_protected = np.stack([np.searchsorted(row, p) for row, p in zip(live, prot)])
     sub = R.select_tokens(sub_scores, ratio, protected=sub_protected, rule=config.count_rule)
     return torch.as_tensor(np.take_along_axis(live, sub, axis=1), device=y.device)
+
+
+def plan_indices(current, planned, stage):
+    """Indices (batch, K) into the current token axis of the tokens a keep plan keeps.
+
+    Args:
+        current: (batch, L) ascending positions of the current tokens (original indices).
+        planned: (batch, K) ascending positions the plan keeps at this stage: a subset of
+            ``current`` (plans are nested across stages).
+    """
+    planned = planned.to(current.device)
+    if planned.dim() != 2 or planned.shape[0] != current.shape[0]:
+        raise ValueError(f"keep_plan[{stage}] must have shape (batch={current.shape[0]}, K), "
+                         f"got {tuple(planned.shape)}")
+    index = torch.searchsorted(current.contiguous(), planned.contiguous()).clamp(max=current.shape[1] - 1)
+    if not torch.equal(torch.gather(current, 1, index), planned):
+        raise ValueError(f"keep_plan[{stage}] must keep a subset of the tokens still there at that stage "
+                         f"(plans are nested, ascending, original indices)")
+    return index

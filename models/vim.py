@@ -17,7 +17,7 @@ from torch import nn
 
 from bridges import TorchPositionMap, selective_scan_fn
 
-from .pruning import PruningConfig, select_kept
+from .pruning import PruningConfig, plan_indices, select_kept
 
 __all__ = ["VisionMamba", "RMSNorm", "BiMambaMixer", "vim_tiny", "vim_small", "VIM_CONFIGS"]
 
@@ -168,12 +168,19 @@ class VisionMamba(nn.Module):
         x = torch.cat([x[:, :c], self.cls_token.expand(b, -1, -1), x[:, c:]], dim=1)
         return x + self.pos_embed
 
-    def forward(self, images, return_kept=False, trace=None, scans=None):
+    def forward(self, images, return_kept=False, trace=None, scans=None, keep_plan=None, mixer_outputs=None):
         """logits (b, classes); with return_kept also the kept positions (b, K) after each
-        pruning stage (indices into the 197 tokens, the class token at index 98). A list
-        passed as ``trace`` receives, per layer, (positions (b, L), residual stream (b, L, D));
-        one passed as ``scans`` receives every scan's arguments, map and output (forward
-        branch, then backward branch, layer by layer)."""
+        pruning stage (indices into the 197 tokens, the class token at index 98).
+
+        keep_plan: optional list, one (b, K) tensor per stage of the original indices to keep
+            (ascending, nested, the class token included): the tokens are then not chosen
+            by importance, so several modes can be run on exactly the same tokens.
+        trace: a list that receives, per layer, (positions (b, L), residual stream (b, L, D)).
+        scans: a list that receives every scan's arguments, map and output (forward branch,
+            then backward branch, layer by layer).
+        mixer_outputs: a list that receives, per layer, (positions (b, L), y (b, E, L)), the
+            merged gated SSM output the importance is computed from.
+        """
         cfg = self.pruning
         hidden = self.embed(images)
         b, L, _ = hidden.shape
@@ -191,10 +198,18 @@ class VisionMamba(nn.Module):
             hidden, residual, y = layer(hidden, residual, **scan)
             if trace is not None:
                 trace.append((positions, residual + hidden.float()))
+            if mixer_outputs is not None:
+                mixer_outputs.append((positions, y))
             stage = cfg.stage_after(i)
             if stage is None:
                 continue
-            kept = select_kept(y, cfg, stage, active=active, protected=cls_at)
+            if keep_plan is not None:
+                kept = plan_indices(positions if cfg.mode != "mask" else torch.arange(L, device=device).expand(b, L),
+                                    keep_plan[stage], stage)
+                if not (torch.gather(positions, 1, kept) == self.cls_index).any(dim=1).all() and cfg.mode != "mask":
+                    raise ValueError(f"keep_plan[{stage}] must keep the class token (index {self.cls_index})")
+            else:
+                kept = select_kept(y, cfg, stage, active=active, protected=cls_at)
             if cfg.mode == "mask":
                 active = torch.zeros_like(active).scatter(1, kept, True)
                 keep = active[..., None].to(hidden.dtype)

@@ -59,8 +59,8 @@ def test_bootstrap_interval_brackets_the_accuracy():
 
 
 def test_fidelity_is_zero_at_keep_one_and_positive_when_pruned():
-    from models.pruning import PruningConfig
     from bench.digits import build_model
+    from models.pruning import PruningConfig
     cfg = replace(TINY, depth=3)
     torch.manual_seed(0)
     dense = build_model(cfg).eval()
@@ -82,18 +82,54 @@ def _run(*args, tmp_path):
     return run
 
 
-def test_zero_shot_quick_writes_table_plot_and_numbers(tmp_path):
+def test_zero_shot_quick_writes_paired_results_tables_and_figures(tmp_path):
     _run("zero-shot", tmp_path=tmp_path)
     result = json.loads((tmp_path / "zero_shot.json").read_text())
-    modes = {r["mode"] for r in result["rows"]}
-    assert modes == {"dense", "align", "relabel", "self", "mask"}
-    assert any(r["finetuned"] for r in result["rows"])
+    assert result["quick"] is True
+    rows = result["rows"]
+    assert {r["task"] for r in rows} == {"digits", "distance"}
+    assert {r["mode"] for r in rows} == {"dense", "align", "hold", "relabel", "self", "mask"}
+    assert any(r["finetuned"] for r in rows)
+    paired = result["paired"]
+    assert {p["selection"] for p in paired} >= {"dense", "random", "background", "own"}
+    assert {p["conv"] for p in paired} == {"compact", "position_aware"}
+    assert {(p["a"], p["b"]) for p in paired} == {("align", "relabel"), ("hold", "relabel"), ("hold", "align")}
+    for p in paired:
+        assert p["both"] + p["only_a"] + p["only_b"] + p["neither"] == result["tasks"][p["task"]]["test_images"]
+        assert 0.0 <= p["p_value"] <= 1.0
     assert set(result["fidelity"]) == {"digits ViM (trained)", "vim_small (random init)",
                                        "plainmamba_l3 (random init)"}
-    assert (tmp_path / "zero_shot.png").stat().st_size > 1000
+    for task in ("digits", "distance"):
+        assert (tmp_path / f"zero_shot_{task}.png").stat().st_size > 1000
     table = (tmp_path / "zero_shot.md").read_text()
-    dense = result["rows"][0]["top1"]
-    assert f"dense {100 * dense:.1f}" in table
+    assert "Smoke test" in table and "McNemar" in table
+
+
+def test_mcnemar_exact_matches_the_binomial_tail():
+    from bench.zero_shot import mcnemar_exact, paired_counts
+    assert mcnemar_exact(0, 0) == 1.0
+    assert mcnemar_exact(5, 5) == 1.0
+    assert mcnemar_exact(0, 6) == 2 / 2 ** 6                     # P(X = 0) + P(X = 6) for n = 6
+    assert abs(mcnemar_exact(2, 10) - 2 * sum(__import__("math").comb(12, i) for i in range(3)) / 2 ** 12) < 1e-15
+    assert mcnemar_exact(600, 500) < 0.01 and mcnemar_exact(1, 1000) < 1e-250
+    counts = paired_counts([True, True, False, False, True], [True, False, True, False, False])
+    assert (counts["both"], counts["only_a"], counts["only_b"], counts["neither"]) == (1, 2, 1, 1)
+
+
+def test_background_plans_keep_the_marks_and_the_class_token_and_are_nested():
+    from bench.distance_task import background_plan, make_images, mark_tokens
+    images, labels, marks = make_images(20, seed=3)
+    assert images.shape == (20, 1, 32, 32) and set(labels.tolist()) <= {0, 1}
+    distance = marks[:, 1] - marks[:, 0]
+    assert ((distance > 19) == (labels == 1)).all() and (np.abs(distance - 19) > 3).all()
+    plan = background_plan(marks, [0.7, 0.5], seed=0)
+    previous = None
+    for stage in plan:
+        for row, mark in zip(stage.numpy(), mark_tokens(marks)):
+            assert 32 in row and set(mark.tolist()) <= set(row.tolist())
+        if previous is not None:
+            assert all(set(r.tolist()) <= set(q.tolist()) for r, q in zip(stage, previous))
+        previous = stage
 
 
 def test_visualize_quick_writes_figures(tmp_path):

@@ -83,7 +83,7 @@ def _vim_branch_reference(x, z, conv, x_proj, dt_proj, A_log, D, positions, seql
                             z, _np(dt_proj.bias), True, positions=positions, seqlen=seqlen, alignment=alignment)
 
 
-@pytest.mark.parametrize("alignment", ["none", "prev", "self"])
+@pytest.mark.parametrize("alignment", ["none", "prev", "self", "hold"])
 def test_vim_mixer_matches_reference_rebuild(alignment):
     torch.manual_seed(0)
     mixer = models.vim.BiMambaMixer(16).double()
@@ -104,7 +104,7 @@ def test_vim_mixer_matches_reference_rebuild(alignment):
     np.testing.assert_allclose(_np(out), out_ref, **LAYER_TOL)
 
 
-@pytest.mark.parametrize("alignment", ["none", "prev"])
+@pytest.mark.parametrize("alignment", ["none", "prev", "hold"])
 def test_plainmamba_mixer_matches_reference_rebuild(alignment):
     torch.manual_seed(0)
     H = W = 4

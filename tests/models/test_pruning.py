@@ -4,7 +4,8 @@ is what the head reads, positions compose."""
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import models
 import reference as R
@@ -29,7 +30,7 @@ def _pm(name="plainmamba_l1", mode="dense", **cfg):
     return models.create(name, pruning=PruningConfig(mode=mode, **cfg) if mode != "dense" else None, **TINY_PM).eval()
 
 
-@pytest.mark.parametrize("mode", ["align", "relabel", "self", "mask"])
+@pytest.mark.parametrize("mode", ["align", "hold", "relabel", "self", "mask"])
 @pytest.mark.parametrize("build", [_vim, _pm])
 def test_keep_ratio_one_equals_dense(build, mode):
     x = _images()
@@ -100,7 +101,7 @@ def test_aligned_vim_scans_agree_with_the_expansion_oracle_layer_by_layer(mode, 
 
 
 @pytest.mark.parametrize("build", [_vim, _pm])
-@pytest.mark.parametrize("mode", ["align", "relabel", "self", "mask"])
+@pytest.mark.parametrize("mode", ["align", "hold", "relabel", "self", "mask"])
 def test_positions_increase_and_compose_across_stages(build, mode):
     model = build(mode=mode, schedule=(1, 2, 3), keep_ratio=0.7)
     with torch.no_grad():
@@ -161,7 +162,7 @@ def test_paper_presets_and_names():
 
 @settings(max_examples=12, deadline=None)
 @given(st.lists(st.integers(1, 4), min_size=1, max_size=3, unique=True),
-       st.lists(st.floats(0.1, 1.0), min_size=3, max_size=3), st.sampled_from(["align", "relabel", "self"]),
+       st.lists(st.floats(0.1, 1.0), min_size=3, max_size=3), st.sampled_from(["align", "hold", "relabel", "self"]),
        st.sampled_from(["clip", "raw", "l1", "l2"]), st.integers(0, 1000))
 def test_any_schedule_keeps_the_class_token_and_composes(schedule, ratios, mode, metric, seed):
     schedule = tuple(sorted(schedule))
@@ -200,3 +201,23 @@ def test_the_backend_argument_reaches_every_scan(monkeypatch, build):
     model.backend = "bogus"
     with pytest.raises(ValueError, match="backend"), torch.no_grad():
         model(x)
+
+
+@pytest.mark.parametrize("build", [_vim, _pm])
+def test_a_keep_plan_runs_every_mode_on_the_same_tokens(build):
+    """With a keep plan, the kept tokens are the plan's whatever the mode; "hold" runs."""
+    x = _images(6)
+    with torch.no_grad():
+        _, own = build(mode="align", schedule=(1, 2), keep_ratio=0.6)(x, return_kept=True)
+        for mode in ("align", "hold", "self", "relabel", "mask"):
+            logits, kept = build(mode=mode, schedule=(1, 2), keep_ratio=0.6)(x, return_kept=True, keep_plan=own)
+            assert torch.isfinite(logits).all()
+            for a, b in zip(kept, own):
+                assert torch.equal(a, b), mode
+
+
+def test_a_keep_plan_that_is_not_nested_is_refused():
+    model = _vim("align", schedule=(1, 2), keep_ratio=0.6)
+    plan = [torch.tensor([[0, 2, 8, 9, 11], [1, 3, 8, 10, 12]]), torch.tensor([[1, 8, 9], [1, 8, 10]])]
+    with pytest.raises(ValueError, match="keep_plan\\[1\\] must keep a subset"), torch.no_grad():
+        model(_images(7), keep_plan=plan)
