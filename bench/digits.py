@@ -10,7 +10,6 @@ configuration or digest does not match is reported and retrained, never used.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.outputs import save_torch
 from bench.progress import progress_bar
 
 __all__ = ["DigitsConfig", "TASKS", "load_digits_split", "load_split", "build_model", "train", "evaluate",
@@ -181,7 +181,11 @@ def trained_model(cfg=DigitsConfig(), cache_dir=Path("bench_out") / "cache", log
     if path.exists():
         blob, reason = _load_cached(path, cfg)
         if blob is not None:
-            model.load_state_dict(blob["state_dict"])
+            try:
+                model.load_state_dict(blob["state_dict"])       # strict: a model changed since, same config
+            except RuntimeError as exc:
+                blob, reason = None, f"its weights no longer fit the model ({str(exc).splitlines()[0][:120]})"
+        if blob is not None:
             model.eval()
             return model, {**info, "source": "cache", "train_seconds": blob.get("train_seconds"),
                            "losses": blob.get("losses")}
@@ -196,9 +200,12 @@ def trained_model(cfg=DigitsConfig(), cache_dir=Path("bench_out") / "cache", log
     losses = train(model, x_train, y_train, cfg, desc=f"train {cfg.task} ViM")
     seconds = time.perf_counter() - start
     state = model.state_dict()
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    buffer = io.BytesIO()
-    torch.save({"state_dict": state, "config": asdict(cfg), "digest": weights_digest(state),
-                "train_seconds": seconds, "losses": losses}, buffer)
-    path.write_bytes(buffer.getvalue())
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        save_torch({"state_dict": state, "config": asdict(cfg), "digest": weights_digest(state),
+                    "train_seconds": seconds, "losses": losses}, path)
+    except OSError as exc:             # the training is not lost for a cache that cannot be written
+        log(f"warning: could not cache the trained {cfg.task} weights at {path} ({exc.strerror or exc}); "
+            f"going on with the trained model")
+        info["cache_error"] = str(exc)
     return model, {**info, "source": "trained", "train_seconds": seconds, "losses": losses}

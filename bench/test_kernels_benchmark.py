@@ -1,19 +1,27 @@
 """pytest-benchmark: forward and forward+backward of numba-cpu and the reference at the ViM-S
-layer shape (batch 8, dim 768, N 16, L 197), keep 1.0 / 0.7 / 0.5, every alignment.
+layer shape (batch 8, dim 768, N 16, L 197), keep 1.0 / 0.7 / 0.5, every alignment; and how
+numba-cpu scales with threads (1 to all cores, batch 1 at L 4096 and batch 8 at L 197) and
+with sequence length (197 to 65,536 tokens, every other token kept).
 
     pytest bench --benchmark-only                       # all
     pytest bench --benchmark-only -k numba              # only the kernel
+    pytest bench --benchmark-only -k scaling            # threads and lengths
 Not part of the test command (testpaths = tests): it takes minutes, mostly the reference.
+Peak memory per length is in ``python -m bench kernels`` (each length in a fresh process).
 """
 import numba
 import numpy as np
 import pytest
 
+import cuda_kernels as K
 from bench.kernels import backend_fns
-from bench.problems import vim_layer_problem
+from bench.problems import make_problem, vim_layer_problem
+from bench.scaling import LENGTHS, THREAD_SHAPES
 
 KEEP = (1.0, 0.7, 0.5)
-ALIGN = ("prev", "self", "none")
+ALIGN = ("prev", "self", "none", "hold")
+THREADS = tuple(range(1, numba.config.NUMBA_NUM_THREADS + 1))
+PARTS = ("forward", "forward+backward")
 
 
 @pytest.fixture(autouse=True)
@@ -51,3 +59,34 @@ def test_forward_backward(benchmark, backend, keep, alignment):
     rounds = 2 if backend == "reference" else 10
     benchmark.group = f"forward+backward {alignment}"
     benchmark.pedantic(lambda: (fwd(**kw), bwd(dout, **kw)), rounds=rounds, warmup_rounds=1)
+
+
+def _scaling_call(part, batch, dim, length, positions=None, seqlen=None):
+    p = make_problem(np.random.default_rng(0), batch=batch, dim=dim, dstate=16, length=length, dtype=np.float32,
+                     positions=positions, seqlen=seqlen, return_last_state=False)
+    kw, dout = p.kwargs(), p.dout()
+    if part == "forward":
+        return lambda: K.selective_scan_fwd(**kw)
+    return lambda: (K.selective_scan_fwd(**kw), K.selective_scan_bwd(dout, **kw))
+
+
+@pytest.mark.parametrize("threads", THREADS)
+@pytest.mark.parametrize("shape", THREAD_SHAPES, ids=lambda s: f"batch{s['batch']}-L{s['length']}")
+@pytest.mark.parametrize("part", PARTS)
+def test_scaling_threads(benchmark, part, shape, threads):
+    call = _scaling_call(part, shape["batch"], shape["dim"], shape["length"])
+    numba.set_num_threads(threads)            # the autouse fixture restores the count
+    call()
+    benchmark.group = f"scaling: {part}, batch {shape['batch']}, L {shape['length']}, by threads"
+    benchmark.extra_info.update(threads=threads, **shape)
+    benchmark.pedantic(call, rounds=5, warmup_rounds=1)
+
+
+@pytest.mark.parametrize("length", LENGTHS)
+@pytest.mark.parametrize("part", PARTS)
+def test_scaling_length(benchmark, part, length):
+    call = _scaling_call(part, 1, 64, length, positions=np.arange(length) * 2, seqlen=2 * length)
+    call()
+    benchmark.group = f"scaling: {part}, batch 1, dim 64, by tokens (divide by tokens for time per token)"
+    benchmark.extra_info.update(tokens=length, threads=numba.get_num_threads())
+    benchmark.pedantic(call, rounds=3, warmup_rounds=1)

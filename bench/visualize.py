@@ -1,6 +1,7 @@
 """Pictures: the kept tokens after each pruning stage on the image (the paper's Fig. A1) and
 the class token's hidden attention (``reference.hidden_attention``, averaged over channels,
-both scan directions) for dense, "align" and "relabel" side by side (the paper's Fig. 3).
+both scan directions) for dense, "align", "hold" and "relabel" side by side on one colour
+scale (the paper's Fig. 3).
 
     python -m bench visualize [--image PATH] [--model NAME] [--checkpoint PATH] [--quick]
 
@@ -71,41 +72,65 @@ def _grid_map(model, positions, values):
     return out.reshape(g, g)
 
 
-def figure(model_factory, image, title, path):
-    """Kept tokens per stage (align) and class-token attention for dense / align / relabel."""
+ATTENTION_MODES = ("dense", "align", "hold", "relabel")
+PRUNED_COLOUR = (0.10, 0.55, 1.00)       # a blue no grey-scale input or inferno value has
+
+
+def figure(model_factory, image, title, path, quick=False):
+    """Top row: the input and the kept tokens after each stage (align), pruned patches blue.
+    Bottom row: the class token's attention for dense / align / hold / relabel on one colour
+    scale (one colour bar), pruned patches blue. No panel is left empty."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import torch
+    from matplotlib.patches import Patch
+
+    from bench.outputs import save_figure
     align = model_factory("align")
     with torch.no_grad():
         _, kept = align(image, return_kept=True)
     shown = image[0].permute(1, 2, 0).numpy()
     shown = shown[..., 0] if shown.shape[-1] == 1 else np.clip(shown, 0, 1)
     cmap = "gray" if shown.ndim == 2 else None
-    stages = len(kept)
-    fig, axes = plt.subplots(2, max(stages + 1, 3), figsize=(3.2 * max(stages + 1, 3), 6.4))
-    for ax in axes.ravel():
-        ax.axis("off")
-    axes[0, 0].imshow(shown, cmap=cmap)
-    axes[0, 0].set_title("input")
     g = align.grid
     extent = (-0.5, shown.shape[1] - 0.5, shown.shape[0] - 0.5, -0.5)
+    maps = {mode: _grid_map(align, *class_token_attention(model_factory(mode), image)) for mode in ATTENTION_MODES}
+    top = max(np.nanmax(m) for m in maps.values())
+
+    fig = plt.figure(figsize=(3.0 * max(len(kept) + 1, len(ATTENTION_MODES)) + 1.0, 6.6), layout="constrained")
+    upper, lower = fig.subfigures(2, 1)
+    axes = np.atleast_1d(upper.subplots(1, len(kept) + 1))
+    axes[0].imshow(shown, cmap=cmap)
+    axes[0].set_title("input")
+    pruned_rgba = np.zeros((g, g, 4))
+    pruned_rgba[..., :3] = PRUNED_COLOUR
     for s, positions in enumerate(kept, start=1):
         mask = _grid_map(align, positions[0].numpy(), np.ones(positions.shape[1]))
-        axes[0, s].imshow(shown, cmap=cmap)
-        axes[0, s].imshow(np.where(np.isnan(mask), 0.75, np.nan).reshape(g, g), cmap="Greys", vmin=0, vmax=1,
-                          alpha=0.85, extent=extent, interpolation="nearest")
-        axes[0, s].set_title(f"after stage {s}: {positions.shape[1]} tokens")
-    for col, mode in enumerate(("dense", "align", "relabel")):
-        positions, attention = class_token_attention(model_factory(mode), image)
-        axes[1, col].imshow(_grid_map(align, positions, attention), cmap="inferno", interpolation="nearest")
-        axes[1, col].set_title(f"{mode}: class-token attention")
-    fig.suptitle(f"{title}\ntop: kept tokens after each stage (align; pruned patches greyed); bottom: the class "
-                 "token's hidden attention at the last layer, |alpha| averaged over channels, both scan directions "
-                 "(white: pruned)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+        overlay = pruned_rgba.copy()
+        overlay[..., 3] = np.where(np.isnan(mask), 0.85, 0.0)
+        axes[s].imshow(shown, cmap=cmap)
+        axes[s].imshow(overlay, extent=extent, interpolation="nearest")
+        axes[s].set_title(f"after stage {s}: {positions.shape[1]} tokens")
+    for ax in axes:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    axes[-1].legend(handles=[Patch(color=PRUNED_COLOUR, label="pruned")], loc="lower right", fontsize=8)
+    heat = plt.get_cmap("inferno").copy()
+    heat.set_bad(PRUNED_COLOUR)
+    bottom = np.atleast_1d(lower.subplots(1, len(ATTENTION_MODES)))
+    for ax, mode in zip(bottom, ATTENTION_MODES):
+        im = ax.imshow(np.ma.masked_invalid(maps[mode]), cmap=heat, vmin=0.0, vmax=top, interpolation="nearest")
+        ax.set_title(f"{mode}: class-token attention")
+        ax.set_xticks([])
+        ax.set_yticks([])
+    lower.colorbar(im, ax=list(bottom), shrink=0.85, label="|alpha| (class token row, channel mean)")
+    heading = (f"{title}\ntop: kept tokens after each stage (align); bottom: the class token's hidden attention at "
+               "the last layer, both scan directions, one colour scale; blue: pruned")
+    if quick:
+        heading = "SMOKE TEST (--quick): a model trained for seconds\n" + heading
+    fig.suptitle(heading, fontsize=9, color="red" if quick else "black")
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
     return path
 
@@ -160,5 +185,5 @@ def run(out_dir, image_path=None, model_name=None, checkpoint=None, quick=False,
     paths = []
     for i, image in enumerate(images):
         paths.append(figure(factory, image, f"weights: {weights}; image: {image_path or f'test image {i}'}",
-                            out_dir / f"visualize_{i}.png"))
+                            out_dir / f"visualize_{i}.png", quick=quick))
     return {"figures": [str(p) for p in paths], "weights": weights}

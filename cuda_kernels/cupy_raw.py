@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import re
 
 import numpy as np
 
@@ -29,7 +30,11 @@ def unavailable_reason():
     try:
         count = cupy.cuda.runtime.getDeviceCount()
     except Exception as exc:
-        return f"no CUDA GPU found (CuPy: {type(exc).__name__}: {str(exc)[:120]})"
+        # Without a GPU the runtime reports "cudaErrorInsufficientDriver: CUDA driver version is
+        # insufficient ...", which reads as "upgrade the driver": name the error code only.
+        code = re.search(r"cudaError\w+", str(exc))
+        return (f"no CUDA GPU found: CuPy finds no NVIDIA driver and device to run on "
+                f"({code.group(0) if code else type(exc).__name__})")
     return None if count > 0 else "no CUDA GPU found (CuPy sees no device)"
 
 

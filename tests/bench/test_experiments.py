@@ -50,6 +50,22 @@ def test_corrupt_or_mismatched_cache_is_retrained_not_used(tmp_path):
     torch.save(blob, path)
     _, info = trained_model(TINY, tmp_path, log=messages.append)
     assert info["source"] == "trained" and "configuration" in info["reason"]
+    blob = torch.load(path, weights_only=True)                    # same config, digest consistent, but the
+    blob["state_dict"]["head.extra"] = torch.zeros(2)             # model changed since: the weights do not fit
+    blob["digest"] = weights_digest(blob["state_dict"])
+    torch.save(blob, path)
+    _, info = trained_model(TINY, tmp_path, log=messages.append)
+    assert info["source"] == "trained" and "no longer fit" in info["reason"]
+    _, info = trained_model(TINY, tmp_path, log=messages.append)
+    assert info["source"] == "cache"                              # the retrained weights replaced it
+
+
+def test_a_cache_that_cannot_be_written_warns_and_keeps_the_trained_model(tmp_path):
+    (tmp_path / "a_file").write_text("in the way")
+    messages = []
+    model, info = trained_model(TINY, tmp_path / "a_file" / "cache", log=messages.append)
+    assert info["source"] == "trained" and "cache_error" in info and model is not None
+    assert any("could not cache" in m for m in messages)
 
 
 def test_bootstrap_interval_brackets_the_accuracy():

@@ -75,3 +75,12 @@ def test_cupy_vim_layer_shape():
     p = vim_layer_problem(batch=2, keep_ratio=0.5, dtype=np.float32)
     check_forward(p, fwd)
     check_backward(p, bwd)
+
+
+def test_without_a_gpu_the_skip_reason_says_no_gpu_was_found():
+    reason = cupy_raw.unavailable_reason()
+    if reason is None:
+        pytest.skip("a GPU is here: there is no skip reason to read")
+    if "not installed" in reason:
+        pytest.skip(reason)
+    assert reason.startswith("no CUDA GPU found") and "insufficient" not in reason

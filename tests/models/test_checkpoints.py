@@ -1,4 +1,7 @@
 """Checkpoint round trips in both official layouts, and clear errors for bad ones."""
+import struct
+import zipfile
+
 import pytest
 import torch
 
@@ -56,7 +59,39 @@ def test_unrecognised_layout_and_missing_file(tmp_path):
     a, _ = _pair("vim_tiny")
     path = tmp_path / "odd.pth"
     torch.save({"weights": [1, 2]}, path)
-    with pytest.raises(ValueError, match="unrecognised checkpoint layout"):
+    with pytest.raises(ValueError, match="unrecognised layout"):
         models.load_checkpoint(a, path)
     with pytest.raises(ValueError, match="path"):
         models.load_checkpoint(a, tmp_path / "nope.pth")
+
+
+def _flip_a_byte_inside_the_largest_tensor(path):
+    """XOR one byte in the middle of the largest stored entry (a tensor's raw bytes)."""
+    with zipfile.ZipFile(path) as archive:
+        info = max(archive.infolist(), key=lambda i: i.file_size)
+    data = bytearray(path.read_bytes())
+    name_len, extra_len = struct.unpack_from("<HH", data, info.header_offset + 26)
+    start = info.header_offset + 30 + name_len + extra_len         # the entry's data (stored, not compressed)
+    data[start + info.compress_size // 2] ^= 0x40
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated", "byte flipped", "not a tensor"])
+def test_a_damaged_checkpoint_is_a_value_error_naming_the_file(tmp_path, damage):
+    a, b = _pair("vim_tiny")
+    path = tmp_path / f"{damage.replace(' ', '_')}.pth"
+    state = a.state_dict()
+    if damage == "not a tensor":
+        state["head.bias"] = [0.0] * 10
+    torch.save({"model": state}, path)
+    if damage == "empty":
+        path.write_bytes(b"")
+    elif damage == "truncated":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    elif damage == "byte flipped":
+        _flip_a_byte_inside_the_largest_tensor(path)
+    expected = {"empty": "is empty", "truncated": "truncated", "byte flipped": "fails its CRC check",
+                "not a tensor": "'head.bias' is a list, not a tensor"}[damage]
+    with pytest.raises(ValueError, match=expected) as err:
+        models.load_checkpoint(b, path)
+    assert str(path) in str(err.value)
