@@ -505,8 +505,13 @@ def _finetune(args, world):
                                                               shuffle=True, seed=args.seed, drop_last=True) \
         if world.size > 1 else None
     generator = torch.Generator().manual_seed(args.seed)
+    # Every rank gets the same number of images (the sampler drops the remainder of n / world)
+    # and so the same number of steps; a last, smaller batch is kept, so that a folder smaller
+    # than one batch (--limit) still trains.
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch, shuffle=sampler is None, sampler=sampler,
-                                         num_workers=args.workers, drop_last=True, generator=generator)
+                                         num_workers=args.workers, drop_last=False, generator=generator)
+    if len(dataset) < world.size:
+        raise ValueError(f"--data {args.data}: {len(dataset)} image(s) for {world.size} processes: each needs one")
     steps_per_epoch = max(1, len(loader))
     total_steps = steps_per_epoch * args.epochs
     if args.max_steps:
@@ -537,7 +542,7 @@ def _finetune(args, world):
         skip = step - epoch * steps_per_epoch          # batches of this epoch done before a resume
         bar = progress_bar(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not world.main,
                            leave=False)
-        t0, seen = time.perf_counter(), 0
+        t0, seen, value = time.perf_counter(), 0, float("nan")
         for k, (images, labels) in enumerate(loader):
             if k < skip:
                 continue

@@ -152,7 +152,8 @@ def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
         positions: a ``TorchPositionMap`` (made once per pruning stage: the fast path), or
             integers (batch, M) or (M,) with ``seqlen``, the original index of each token on
             the unpruned path, or None (no pruning). seqlen: that path's length or None.
-        alignment: "prev" (the paper), "self" (ablation) or "none" (relabel, EViT).
+        alignment: "prev" (the paper), "hold" (zero-order hold, ours), "self" (ablation) or
+            "none" (relabel, EViT).
         backend: a name from the registry (``cuda_kernels.backends``): "numba-cpu",
             "cupy", "numba-cuda", "torch" (the autograd twin), ...; default
             $ALIGNSCAN_BACKEND, else by device.

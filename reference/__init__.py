@@ -16,7 +16,7 @@ Glossary (code name — paper / SPEC symbol — shape):
     B, C         input / output projections                        (batch, [G,] N, M)
     D, z         skip and gate                                     (dim,), (batch, dim, M)
     seqlen       L, length of the unpruned scan path
-    alignment    "prev" (the paper), "self" (ablation), "none" (relabel, EViT)
+    alignment    "prev" (the paper), "hold" (zero-order hold, SPEC §1), "self" (ablation), "none" (relabel, EViT)
 
 SPEC.md §1 is the contract; every kernel in ``cuda_kernels`` is judged against this package.
 """

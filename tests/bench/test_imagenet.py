@@ -148,6 +148,17 @@ def test_finetune_from_the_command_line(data, tmp_path, torchrun):
     models.load_checkpoint(models.create("vim_tiny", num_classes=3, img_size=64), saved)
 
 
+@pytest.mark.parametrize("torchrun", [False, True], ids=["one process", "torchrun 2"])
+def test_the_issue_finetune_command_a_folder_smaller_than_one_batch_still_trains(data, tmp_path, torchrun):
+    folder, checkpoint = data
+    _bench("finetune", "--model", "vim_tiny", "--checkpoint", str(checkpoint), "--data", str(folder), "--img-size",
+           "64", "--epochs", "1", "--limit", "2", "--workers", "0", "--out", str(tmp_path), torchrun=torchrun)
+    log = [json.loads(line) for line in (tmp_path / "finetune_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1]                      # 6 images, batch 64: one smaller batch
+    models.load_checkpoint(models.create("vim_tiny", num_classes=3, img_size=64),
+                           tmp_path / "checkpoint_vim_tiny_align.pth")
+
+
 def test_clear_errors_for_a_wrong_checkpoint_an_empty_folder_and_unreadable_images(data, tmp_path):
     folder, _ = data
     other = tmp_path / "pm.pth"
