@@ -67,7 +67,7 @@ def _set_threads(args):
 def backend_and_device(requested):
     """(backend name, "cpu" or "cuda") for --backend (else $ALIGNSCAN_BACKEND, else the CPU
     default), checked by the one registry; raises UsageError naming the option or variable."""
-    import bridges
+    import bridges  # noqa: F401  (registers the "torch" backend)
     from cuda_kernels import backends
     name = requested if requested is not None else os.environ.get(backends.ENV_BACKEND) or None
     try:

@@ -58,7 +58,7 @@ def select_threading_layer():
             except OSError:
                 pass
     try:
-        from numba.np.ufunc import tbbpool
+        from numba.np.ufunc import tbbpool  # noqa: F401  (loads only if the TBB library can)
     except ImportError as exc:
         warnings.warn(f"alignscan: numba's TBB threading layer is not available ({exc}); the CPU kernels are then "
                       "not fork-safe: install the 'tbb' package (pip install 'tbb>=2021.6,<2024')", RuntimeWarning,
