@@ -139,6 +139,12 @@ def performance_checks(rows, exp_seconds, backend="numba-cpu", batch=8, dim=768)
         checks.append(("aligned / relabel at keep 0.7", ratio, "<= 1.05", lambda v: v <= 1.05,
                        lambda: interleaved_ratio(call(backend, "prev", 0.7, False), call(backend, "none", 0.7, False),
                                                  15)))
+    if (backend, "hold", 0.7) in get and (backend, "prev", 0.7) in get:
+        # "hold" adds S_q per state at each token after a gap: bounded, not free.
+        ratio = get[(backend, "hold", 0.7)]["fwd_s"] / get[(backend, "prev", 0.7)]["fwd_s"]
+        checks.append(("hold / aligned at keep 0.7", ratio, "<= 2", lambda v: v <= 2,
+                       lambda: interleaved_ratio(call(backend, "hold", 0.7, False), call(backend, "prev", 0.7, False),
+                                                 15)))
     for r in (0.7, 0.5):
         if (backend, "prev", r) in get:
             checks.append((f"time at keep {r} / time at keep 1.0", get[(backend, "prev", r)]["time_vs_keep1"],

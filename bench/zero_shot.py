@@ -18,7 +18,9 @@ p-value. On digits also: the importance metrics, brief fine-tuning, and fidelity
 """
 from __future__ import annotations
 
+import itertools
 import math
+import textwrap
 import time
 from dataclasses import replace
 from fractions import Fraction
@@ -362,8 +364,8 @@ def markdown(result):
 
 
 def plot(result, task, path):
-    """Accuracy vs keep ratio per mode, one panel per (token source, conv); a marker where a
-    pair differs significantly on the same images."""
+    """Accuracy vs keep ratio per mode, one panel per (conv: row, token source: column); a
+    marker where a pair differs significantly on the same images."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -372,10 +374,12 @@ def plot(result, task, path):
     meta = result["tasks"][task]
     rows = [r for r in result["rows"] if r["task"] == task and not r["finetuned"] and "ablation" not in r]
     dense = next(r for r in rows if r["mode"] == "dense")
-    panels = [(s, c) for s in meta["selections"] for c in CONVS]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 4.2), squeeze=False, sharey=True)
+    selections = meta["selections"]
+    fig, axes = plt.subplots(len(CONVS), len(selections), figsize=(max(4.6 * len(selections), 7.0), 3.8 * len(CONVS)),
+                             squeeze=False, sharey=True, sharex=True)
     styles = dict(zip(MODES, ("-o", "-s", ":^", "--v", "-.d")))
-    for ax, (selection, conv) in zip(axes[0], panels):
+    for (i, conv), (j, selection) in itertools.product(enumerate(CONVS), enumerate(selections)):
+        ax = axes[i, j]
         for mode in MODES:
             pts = sorted((r["keep_ratio"], 100 * r["top1"]) for r in rows
                          if r["mode"] == mode and r["selection"] == selection and r["conv"] == conv)
@@ -388,15 +392,18 @@ def plot(result, task, path):
                                                                / (p["both"] + p["only_a"] + p["only_b"] + p["neither"])),
                             textcoords="offset points", xytext=(0, 6), ha="center", fontsize=13)
         ax.axhline(100 * dense["top1"], color="k", lw=0.8, label="dense")
-        ax.set(title=f"tokens: {selection}, conv: {conv}", xlabel="keep ratio per stage")
+        ax.set_title(f"tokens: {selection}, conv: {conv}", fontsize=10)
         ax.grid(alpha=0.3)
-    axes[0, 0].set_ylabel("top-1 (%)")
-    axes[0, -1].legend(fontsize=8)
+    for ax in axes[-1]:
+        ax.set_xlabel("keep ratio per stage")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("top-1 (%)")
+    axes[-1, -1].legend(fontsize=8)
     title = (f"{task}: zero-shot pruning (dense {100 * dense['top1']:.1f} %); * align, + hold differ from relabel "
              f"on the same images (McNemar p < {SIGNIFICANCE})")
     if result["quick"]:
         title = "SMOKE TEST (--quick): " + title
-    fig.suptitle(title, fontsize=9)
+    fig.suptitle(textwrap.fill(title, width=int(13 * fig.get_figwidth())), fontsize=9)
     fig.tight_layout()
     save_figure(fig, path, dpi=110)
     plt.close(fig)

@@ -35,7 +35,7 @@ from ._numba_support import (
     cast_like,
     fast_exp,
     hold_sum,
-    hold_sum_grad,
+    hold_sums,
     sigmoid,
     softplus,
     softplus_grad,
@@ -103,6 +103,7 @@ def _forward_kernel(u, delta, A, Bt, Ct, D, z, delta_bias, use_softplus, coef_se
         h = np.empty(N, dtype=u.dtype)
         Delta = np.empty(M, dtype=u.dtype)
         E = np.empty(M, dtype=u.dtype)
+        X = np.empty((4 if has_hold else 1, N), dtype=u.dtype)   # "hold": Δ_{i-1}·A, scratch, S_q
         zero = cast_like(0.0, h[0])
         for pair in range(task * PAIRS, min(pairs, (task + 1) * PAIRS)):
             b, d = pair // dim, pair % dim
@@ -113,10 +114,12 @@ def _forward_kernel(u, delta, A, Bt, Ct, D, z, delta_bias, use_softplus, coef_se
             for i in range(M):
                 du = Delta[i] * u[b, d, i]
                 if has_hold and hold[b, i] > 0:   # "hold": the held input of token i-1 (reference.hold)
-                    q = hold[b, i]
                     du_prev = Delta[i - 1] * u[b, d, i - 1]
                     for n in range(N):
-                        weight = cast_like(fast_exp(Delta[i] * A[d, n]) * hold_sum(q, Delta[i - 1] * A[d, n]), zero)
+                        X[0, n] = Delta[i - 1] * A[d, n]
+                    hold_sums(hold[b, i], X[0], X[1], X[2], X[3], X[3], False)
+                    for n in range(N):
+                        weight = fast_exp(Delta[i] * A[d, n]) * X[3, n]
                         h[n] = fast_exp(E[i] * A[d, n]) * h[n] + weight * du_prev * Bt[b, g, i - 1, n]
                     y = zero
                     for n in range(N):
@@ -174,15 +177,17 @@ def _gather(b, d0, wc, t0, tn, u, delta, bias, use_softplus, coef_self, coef_pre
 
 
 @cached_njit(inline="always")
-def _held_step(b, g, i, t, wc, q, AT, Dl, DU, Dprev, DUprev, Bt, Hout, weights):
+def _held_step(b, g, i, t, wc, q, AT, Dl, DU, Dprev, DUprev, Bt, Hout, weights, scratch):
     """"hold" (reference.hold): Hout += w_i·Δ_{i-1}·u_{i-1}·B_{i-1} for token i (chunk
     position t), w_i = exp(Δ_i·A)·S_q(Δ_{i-1}·A), kept in ``weights`` for the adjoint."""
     for n in range(AT.shape[0]):
         bp = Bt[b, g, i - 1, n]
         for w in range(wc):
-            dl_prev = Dl[t - 1, w] if t > 0 else Dprev[w]
+            scratch[0, w] = (Dl[t - 1, w] if t > 0 else Dprev[w]) * AT[n, w]
+        hold_sums(q, scratch[0, :wc], scratch[1], scratch[2], scratch[3], scratch[4], False)
+        for w in range(wc):
             du_prev = DU[t - 1, w] if t > 0 else DUprev[w]
-            weight = cast_like(fast_exp(Dl[t, w] * AT[n, w]) * hold_sum(q, dl_prev * AT[n, w]), Hout[0, 0])
+            weight = fast_exp(Dl[t, w] * AT[n, w]) * scratch[3, w]
             weights[n, w] = weight
             Hout[n, w] += weight * du_prev * bp
 
@@ -224,6 +229,7 @@ def _backward_kernel(dout, u, delta, A, Bt, Ct, D, z, delta_bias, use_softplus, 
         dE = np.empty((K, W), dtype=u.dtype)            # gradient of E_i
         DS = np.zeros((K if has_hold else 1, W), dtype=u.dtype)   # "hold": gradient of Δ_i through w_i
         HO = np.zeros((K if has_hold else 1, W), dtype=u.dtype)   # "hold": what w_i sends to Δ_{i-1}
+        XS = np.empty((5 if has_hold else 1, W), dtype=u.dtype)   # "hold": Δ_{i-1}·A, scratch, S_q, T_q
         row = np.empty(K + 1, dtype=u.dtype)
         row_E = np.empty(K + 1, dtype=u.dtype)
         Dprev = np.zeros(W, dtype=u.dtype)
@@ -256,7 +262,7 @@ def _backward_kernel(dout, u, delta, A, Bt, Ct, D, z, delta_bias, use_softplus, 
                     for w in range(wc):
                         H[1, n, w] = fast_exp(E[t, w] * AT[n, w]) * H[0, n, w] + DU[t, w] * bn
                 if has_hold and hold[b, i] > 0:
-                    _held_step(b, g, i, t, wc, hold[b, i], AT, Dl, DU, Dprev, DUprev, Bt, H[1], Wh[0])
+                    _held_step(b, g, i, t, wc, hold[b, i], AT, Dl, DU, Dprev, DUprev, Bt, H[1], Wh[0], XS)
                 H[0] = H[1]
         # Sweep 2: the chunks in reverse, each recomputed from its start state.
         for c in range(nchunks - 1, -1, -1):
@@ -295,7 +301,7 @@ def _backward_kernel(dout, u, delta, A, Bt, Ct, D, z, delta_bias, use_softplus, 
                             a = fast_exp(E[t, w] * AT[n, w])
                             Adec[t, n, w] = a
                             H[t + 1, n, w] = a * H[t, n, w] + DU[t, w] * bn
-                    _held_step(b, g, i, t, wc, q, AT, Dl, DU, Dprev, DUprev, Bt, H[t + 1], Wh[t])
+                    _held_step(b, g, i, t, wc, q, AT, Dl, DU, Dprev, DUprev, Bt, H[t + 1], Wh[t], XS)
                     for n in range(N):
                         cn = Cc[t, n]
                         acc_C = zero
@@ -371,21 +377,24 @@ def _backward_kernel(dout, u, delta, A, Bt, Ct, D, z, delta_bias, use_softplus, 
                 DS[t, :wc] = 0
                 HO[t, :wc] = 0
                 for n in range(N):
-                    bp = Bt[b, g, i - 1, n] if q > 0 else zero
-                    for w in range(wc):
-                        if q > 0:
-                            dl_prev = Dl[t - 1, w] if t > 0 else Dprev[w]
-                            du_prev = DU[t - 1, w] if t > 0 else DUprev[w]
-                            weight = Wh[t, n, w]
-                            dw = DH[n, w] * du_prev * bp
-                            dw_dx = cast_like(fast_exp(Dl[t, w] * AT[n, w]) * hold_sum_grad(q, dl_prev * AT[n, w]),
-                                              zero)
-                            DS[t, w] += dw * weight * AT[n, w]
-                            HO[t, w] += dw * dw_dx * AT[n, w]
-                            dAT[n, w] += dw * (weight * Dl[t, w] + dw_dx * dl_prev)
-                            held[n, w] = weight * DH[n, w]
-                        else:
+                    if q <= 0:
+                        for w in range(wc):
                             held[n, w] = zero
+                        continue
+                    bp = Bt[b, g, i - 1, n]
+                    for w in range(wc):
+                        XS[0, w] = (Dl[t - 1, w] if t > 0 else Dprev[w]) * AT[n, w]
+                    hold_sums(q, XS[0, :wc], XS[1], XS[2], XS[3], XS[4], True)
+                    for w in range(wc):
+                        dl_prev = Dl[t - 1, w] if t > 0 else Dprev[w]
+                        du_prev = DU[t - 1, w] if t > 0 else DUprev[w]
+                        weight = Wh[t, n, w]
+                        dw = DH[n, w] * du_prev * bp
+                        dw_dx = fast_exp(Dl[t, w] * AT[n, w]) * XS[4, w]
+                        DS[t, w] += dw * weight * AT[n, w]
+                        HO[t, w] += dw * dw_dx * AT[n, w]
+                        dAT[n, w] += dw * (weight * Dl[t, w] + dw_dx * dl_prev)
+                        held[n, w] = weight * DH[n, w]
             # 5. Per channel: du, ddelta (E_i's coefficients and w_i route the gradients of
             #    Δ_{i-1}, SPEC §1), dD, ddelta_bias; the next chunk's first token sent `carry`.
             cs = coef_self[b if has_map else 0, t0:t0 + tn] if has_map else coef_self[0, :1]

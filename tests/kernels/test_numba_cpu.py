@@ -46,6 +46,21 @@ def test_huge_gaps_cost_nothing():
     check_backward(p, bwd)
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_hold_gaps_on_both_sides_of_the_direct_sum(dtype):
+    """"hold" sums a gap of up to HOLD_DIRECT_STEPS steps term by term and a longer one in
+    closed form: gaps of 1, 7, 8, 9 and 30 steps, a leading gap and trailing steps, forward,
+    last state and gradients against the reference."""
+    from cuda_kernels._numba_support import HOLD_DIRECT_STEPS
+    gaps = [3, 1, HOLD_DIRECT_STEPS - 1, HOLD_DIRECT_STEPS, HOLD_DIRECT_STEPS + 1, 30, 1]
+    positions = np.cumsum(gaps) - 1
+    p = make_problem(np.random.default_rng(11), batch=2, dim=40, dstate=5, length=positions.size, dtype=dtype,
+                     positions=positions, seqlen=int(positions[-1]) + 12, alignment="hold", delta_softplus=False)
+    p.delta = (p.delta * 0.1).astype(dtype)      # slow decay: the held inputs still count after 30 steps
+    check_forward(p, fwd)
+    check_backward(p, bwd)
+
+
 def test_empty_sequence():
     p = make_problem(np.random.default_rng(0), batch=2, dim=4, dstate=3, length=0,
                      positions=np.zeros((2, 0), np.int64), seqlen=5)
@@ -109,3 +124,29 @@ def test_read_only_cache_directory_still_works(tmp_path):
     run = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True,
                          text=True, timeout=600)
     assert run.returncode == 0 and "ok" in run.stdout, run.stderr[-3000:]
+
+
+def test_a_changed_helper_file_invalidates_the_cached_kernels(tmp_path):
+    """numba alone keeps a cached kernel until its own file changes; ours also recompile when
+    a file they inline from (``_numba_support.py``) changes, so no stale kernel survives."""
+    for pkg in ("reference", "cuda_kernels"):
+        shutil.copytree(REPO / pkg, tmp_path / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    script = textwrap.dedent("""
+        import numpy as np
+        from cuda_kernels import cpu
+        cpu._ordered_sum(np.ones(3), 0.0)
+        print("hits", sum(cpu._ordered_sum.stats.cache_hits.values()))
+    """)
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "numba_cache"), "PYTHONPATH": str(tmp_path)}
+
+    def hits():
+        run = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                             timeout=600)
+        assert run.returncode == 0, run.stderr[-3000:]
+        return run.stdout.split()[-1]
+
+    assert hits() == "0"                      # compiled and cached
+    assert hits() == "1"                      # loaded from the cache
+    helper = tmp_path / "cuda_kernels" / "_numba_support.py"
+    helper.write_text(helper.read_text() + "\n# a change in a helper file\n")
+    assert hits() == "0"                      # recompiled, not the stale kernel
