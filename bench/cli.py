@@ -41,9 +41,21 @@ def _versions():
 
 def _machine():
     import numba
-    return {"machine": platform.machine(), "processor": platform.processor() or platform.machine(),
+    return {"machine": platform.machine(), "processor": _cpu_model() or platform.processor() or platform.machine(),
             "cpus": os.cpu_count(), "numba_threads": numba.get_num_threads(),
             "threading_layer": _threading_layer(), "versions": _versions()}
+
+
+def _cpu_model():
+    """The CPU's model name (Linux: /proc/cpuinfo), else None."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
 
 
 def _threading_layer():
