@@ -181,7 +181,7 @@ def run_models(args):
 
 def run_zero_shot(args):
     from bench import zero_shot
-    result = zero_shot.run(args.out, quick=args.quick, cache_dir=args.cache, seed=args.seed)
+    result = zero_shot.run(args.out, quick=args.quick, cache_dir=args.cache, seed=args.seed, tasks=args.tasks)
     print()
     print((args.out / "zero_shot.md").read_text())
     print(f"Table: {(args.out / 'zero_shot.md').resolve()}")
@@ -306,6 +306,8 @@ def build_parser():
                         "on digits also importance metrics, brief fine-tuning and fidelity.")
     z.add_argument("--cache", type=Path, default=None, help="weights cache folder (default OUT/cache)")
     z.add_argument("--seed", type=int, default=0, help="training seed (the train/test split stays fixed; default 0)")
+    z.add_argument("--tasks", default="digits,distance",
+                   help="comma-separated tasks: digits, distance (default both)")
     v = add("visualize", help="kept tokens per stage and class-token attention maps",
             description="Figures like the paper's Fig. A1 and Fig. 3 (dense / align / relabel).")
     v.add_argument("--image", default=None, help="an image file (default: digits test images)")
@@ -339,6 +341,13 @@ def check_arguments(args):
         args.backend_device = backend_and_device(getattr(args, "backend", None))
     elif os.environ.get(backends.ENV_BACKEND):       # validated the same way everywhere, naming the variable
         backend_and_device(None)
+    if args.command == "zero-shot":
+        from bench.zero_shot import TASK_CONFIGS
+        tasks = tuple(dict.fromkeys(t.strip() for t in args.tasks.split(",") if t.strip()))
+        unknown = [t for t in tasks if t not in TASK_CONFIGS]
+        if not tasks or unknown:
+            raise UsageError(f"--tasks must name one or more of {', '.join(TASK_CONFIGS)}, got {args.tasks!r}")
+        args.tasks = tasks
     if args.command == "visualize":
         if args.image is not None and not Path(args.image).is_file():
             raise UsageError(f"--image must be an existing image file (PNG or JPEG), got {args.image!r}")

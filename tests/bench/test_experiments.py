@@ -98,6 +98,16 @@ def _run(*args, tmp_path):
     return run
 
 
+def test_zero_shot_runs_the_tasks_named_and_rejects_others(tmp_path):
+    _run("zero-shot", "--tasks", "distance", tmp_path=tmp_path)
+    result = json.loads((tmp_path / "zero_shot.json").read_text())
+    assert list(result["tasks"]) == ["distance"] and {p["task"] for p in result["paired"]} == {"distance"}
+    assert not (tmp_path / "zero_shot_digits.png").exists()
+    bad = subprocess.run([sys.executable, "-m", "bench", "zero-shot", "--tasks", "digits,cifar", "--quick", "--out",
+                          str(tmp_path / "bad")], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "--tasks" in bad.stderr and "Traceback" not in bad.stderr
+
+
 def test_zero_shot_quick_writes_paired_results_tables_and_figures(tmp_path):
     _run("zero-shot", tmp_path=tmp_path)
     result = json.loads((tmp_path / "zero_shot.json").read_text())
