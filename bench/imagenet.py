@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.choices import CONV_MODES, METRICS, MODEL_NAMES
 from bench.outputs import save_figure, save_torch, write_json, write_text
 from bench.progress import progress_bar
 
@@ -263,7 +264,17 @@ def load_weights(model, path, num_classes):
 
 # --- evaluate -------------------------------------------------------------------------------
 
-MODEL_NAMES = ("vim_tiny", "vim_small", "plainmamba_l1", "plainmamba_l2", "plainmamba_l3")   # models.NAMES
+
+
+def _add_shared_arguments(p):
+    """The pruning and data options evaluate and finetune both take."""
+    p.add_argument("--keep", type=float, default=None, help="keep ratio per stage instead of the paper's")
+    p.add_argument("--conv", choices=CONV_MODES, default="compact", help="ViM's conv1d when pruned")
+    p.add_argument("--metric", choices=METRICS, default="clip", help="importance metric")
+    p.add_argument("--batch", type=int, default=64, help="images per batch and process (default 64)")
+    p.add_argument("--workers", type=int, default=4, help="data-loading processes per rank (default 4)")
+    p.add_argument("--limit", type=int, default=0, help="first N images of each class (default all)")
+    p.add_argument("--img-size", type=int, default=224, help="input size (default 224)")
 
 
 def add_evaluate_arguments(p):
@@ -273,13 +284,7 @@ def add_evaluate_arguments(p):
     p.add_argument("--modes", default=MODES_DEFAULT, help=f"comma-separated pruning modes (default {MODES_DEFAULT})")
     p.add_argument("--preset", choices=("paper",), default="paper",
                    help="the paper's schedule and keep ratios (default); --keep overrides the ratio")
-    p.add_argument("--keep", type=float, default=None, help="keep ratio per stage instead of the paper's")
-    p.add_argument("--conv", choices=("compact", "position_aware"), default="compact", help="ViM's conv1d when pruned")
-    p.add_argument("--metric", choices=("clip", "raw", "l1", "l2"), default="clip", help="importance metric")
-    p.add_argument("--batch", type=int, default=64, help="images per batch and process (default 64)")
-    p.add_argument("--workers", type=int, default=4, help="data-loading processes per rank (default 4)")
-    p.add_argument("--limit", type=int, default=0, help="first N images of each class (default all)")
-    p.add_argument("--img-size", type=int, default=224, help="input size (default 224)")
+    _add_shared_arguments(p)
     p.add_argument("--backend", default=None, help="scan backend (default $ALIGNSCAN_BACKEND, else by device)")
     p.add_argument("--skip-unreadable", action="store_true",
                    help="skip images that cannot be read and count them (default: stop at the first one)")
@@ -291,15 +296,9 @@ def add_finetune_arguments(p):
     p.add_argument("--resume", type=Path, default=None, help="a finetune checkpoint to continue from (its step)")
     p.add_argument("--data", required=True, type=Path, help="ImageNet-style train folder")
     p.add_argument("--mode", default="align", help="pruning mode (default align)")
-    p.add_argument("--keep", type=float, default=None, help="keep ratio per stage instead of the paper's")
-    p.add_argument("--conv", choices=("compact", "position_aware"), default="compact", help="ViM's conv1d when pruned")
-    p.add_argument("--metric", choices=("clip", "raw", "l1", "l2"), default="clip", help="importance metric")
     p.add_argument("--epochs", type=int, default=30, help="epochs (default 30, as the paper)")
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps in all (default: no limit)")
-    p.add_argument("--batch", type=int, default=64, help="images per batch and process (default 64)")
-    p.add_argument("--workers", type=int, default=4, help="data-loading processes per rank (default 4)")
-    p.add_argument("--limit", type=int, default=0, help="first N images of each class (default all)")
-    p.add_argument("--img-size", type=int, default=224, help="input size (default 224)")
+    _add_shared_arguments(p)
     for name in ("lr", "min-lr", "warmup-lr", "weight-decay"):
         p.add_argument(f"--{name}", type=float, default=None, help=f"{name} (default: the paper's for the family)")
     p.add_argument("--warmup-epochs", type=float, default=None, help="warm-up epochs (default: the paper's)")

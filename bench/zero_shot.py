@@ -36,6 +36,7 @@ from bench.digits import (
     train,
     trained_model,
 )
+from bench.choices import CONV_MODES, METRICS
 from bench.outputs import write_json, write_text
 from bench.progress import progress_bar
 
@@ -44,8 +45,7 @@ __all__ = ["mcnemar_exact", "paired_counts", "run", "TASK_CONFIGS"]
 KEEP_RATIOS = (0.9, 0.7, 0.5, 0.3)
 MODES = ("align", "hold", "self", "relabel", "mask")
 PAIRS = (("align", "relabel"), ("hold", "relabel"), ("hold", "align"))
-CONVS = ("compact", "position_aware")
-METRICS = ("clip", "raw", "l1", "l2")
+CONVS = CONV_MODES
 FINETUNE_MODES = ("align", "hold", "relabel")
 FINETUNE_RATIOS = (0.5, 0.3)
 BOOTSTRAP = 1000

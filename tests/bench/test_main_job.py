@@ -137,7 +137,8 @@ def test_a_missed_timing_goal_is_timed_again_and_fails_only_with_strict(tmp_path
         assert "only with --strict" in out
 
 
-def test_model_names_of_the_command_line_are_the_models(tmp_path):
+def test_the_command_line_choices_are_the_models(tmp_path):
     import models
-    from bench.imagenet import MODEL_NAMES
-    assert MODEL_NAMES == models.NAMES
+    from bench.choices import CONV_MODES, MODEL_NAMES
+    from models.pruning import CONV_MODES as MODEL_CONV_MODES
+    assert MODEL_NAMES == models.NAMES and CONV_MODES == MODEL_CONV_MODES
