@@ -7,7 +7,7 @@
 //   data race between them is a real race (ThreadSanitizer sees it); blocks run one after
 //   another, each closed by a barrier.
 // - __syncthreads() is a pthread barrier across the block's threads (a full memory fence,
-//   as on the GPU).
+//   as on the GPU); two barriers used in turn (see syncthreads).
 // - __shared__ storage is a function-static variable: shared by the threads of the block
 //   that is running, and, since blocks do not overlap in time, private to it. As on the
 //   GPU its contents are undefined when a block starts (here: what the last block left).
@@ -40,9 +40,16 @@ inline thread_local dim3 thread_index;
 inline thread_local dim3 block_index;
 inline dim3 block_dim;
 inline dim3 grid_dim;
-inline pthread_barrier_t block_barrier;
+inline pthread_barrier_t block_barriers[2];
+inline thread_local unsigned barrier_round;
 
-inline void syncthreads() { pthread_barrier_wait(&block_barrier); }
+// Barrier rounds alternate between two barrier objects. ThreadSanitizer models a barrier as
+// one synchronisation object whose clock accumulates over rounds: a thread leaving round k
+// late would acquire what a fast thread released on arriving at round k + 1, and so miss a
+// race between the fast thread's accesses in between and its own (under load it missed a
+// removed __syncthreads a third of the time). With two objects each round synchronises only
+// itself: no thread reaches round k + 2 before every thread has left round k.
+inline void syncthreads() { pthread_barrier_wait(&block_barriers[barrier_round++ & 1u]); }
 
 // Runs kernel() for every (block, thread) of the launch: blockDim threads, each walking the
 // grid's blocks in order; a barrier after every block keeps blocks from overlapping.
@@ -51,12 +58,13 @@ void launch(dim3 grid, dim3 block, Kernel&& kernel) {
     grid_dim = grid;
     block_dim = block;
     const unsigned nthreads = block.x * block.y * block.z;
-    pthread_barrier_init(&block_barrier, nullptr, nthreads);
+    for (auto& barrier : block_barriers) pthread_barrier_init(&barrier, nullptr, nthreads);
     std::vector<std::thread> threads;
     threads.reserve(nthreads);
     for (unsigned t = 0; t < nthreads; ++t) {
         threads.emplace_back([&, t] {
             thread_index = dim3(t % block.x, (t / block.x) % block.y, t / (block.x * block.y));
+            barrier_round = 0;
             for (unsigned bz = 0; bz < grid.z; ++bz)
                 for (unsigned by = 0; by < grid.y; ++by)
                     for (unsigned bx = 0; bx < grid.x; ++bx) {
@@ -67,7 +75,7 @@ void launch(dim3 grid, dim3 block, Kernel&& kernel) {
         });
     }
     for (auto& thread : threads) thread.join();
-    pthread_barrier_destroy(&block_barrier);
+    for (auto& barrier : block_barriers) pthread_barrier_destroy(&barrier);
 }
 
 // cuLaunchKernel's calling convention: params[i] points at the value of argument i.
