@@ -1,1 +1,1 @@
-"""Benchmarks and the main job: ``python -m bench`` (see ``python -m bench --help``)."""
+"""Benchmarks and the main job: ``python -m alignscan.bench`` (see ``python -m alignscan.bench --help``)."""

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from bench.problems import vim_layer_problem
-from bench.timing import interleaved_medians, median_time
+from alignscan.bench.timing import interleaved_medians, median_time
+from alignscan.testing import vim_layer_problem
 
 NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 
@@ -13,8 +13,8 @@ NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 def bridge_rows(batch=8, dim=768, keep_ratio=0.7, alignment="prev", repeats=25, twin_repeats=1):
     import torch
 
-    import cuda_kernels as K
-    from bridges import selective_scan_fn, selective_scan_ref
+    from alignscan import cuda_kernels as K
+    from alignscan.bridges import selective_scan_fn, selective_scan_ref
     p = vim_layer_problem(batch=batch, dim=dim, keep_ratio=keep_ratio, alignment=alignment, dtype=np.float32)
     kw = p.kwargs(return_last_state=False)
     dout_np = p.dout()
@@ -45,7 +45,7 @@ def bridge_rows(batch=8, dim=768, keep_ratio=0.7, alignment="prev", repeats=25, 
 
 def bridge_checks(result, batch=8, dim=768):
     """The op's timing targets, each with ``remeasure`` (the bridge's timings again)."""
-    from bench.kernels import timing_check
+    from alignscan.bench.checks import timing_check
     s = result["seconds"]
 
     def again(a, b):

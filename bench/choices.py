@@ -1,9 +1,8 @@
-"""The choices the command line offers, without importing torch (``python -m bench --help``
-stays fast). Model names and conv modes mirror ``models.NAMES`` and
-``models.pruning.CONV_MODES`` (a test keeps them equal); metrics are the reference's."""
-from reference.importance import METRICS
+"""The choices the command line offers, without importing torch (``--help`` stays fast): all
+read from their one home (model names and pruning modes: ``alignscan.registry``; metrics:
+the reference)."""
+from alignscan.reference.importance import METRICS
+from alignscan.registry import CONV_MODES, MODES
+from alignscan.registry import NAMES as MODEL_NAMES
 
-__all__ = ["MODEL_NAMES", "CONV_MODES", "METRICS"]
-
-MODEL_NAMES = ("vim_tiny", "vim_small", "plainmamba_l1", "plainmamba_l2", "plainmamba_l3")
-CONV_MODES = ("compact", "position_aware")
+__all__ = ["MODEL_NAMES", "CONV_MODES", "METRICS", "MODES"]

@@ -1,4 +1,4 @@
-"""``python -m bench``: the main job and its subcommands (see --help).
+"""``python -m alignscan.bench``: the main job and its subcommands (see --help).
 
 Exit status: 2 for a usage error (argparse's, or one of the explicit argument checks run
 before any work: --out, --threads, --batch, --backend / $ALIGNSCAN_BACKEND, --image, ...);
@@ -16,7 +16,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench.outputs import write_json
+from alignscan.bench.checks import plain_checks, settle_timing, verdicts
+from alignscan.outputs import write_json
 
 DEFAULT_OUT = Path("bench_out")
 COMMANDS = ("kernels", "flops", "models", "zero-shot", "visualize", "evaluate", "finetune")
@@ -42,8 +43,31 @@ def _versions():
 def _machine():
     import numba
     return {"machine": platform.machine(), "processor": _cpu_model() or platform.processor() or platform.machine(),
-            "cpus": os.cpu_count(), "numba_threads": numba.get_num_threads(),
+            "instruction_set": instruction_set(), "cpus": os.cpu_count(), "numba_threads": numba.get_num_threads(),
             "threading_layer": _threading_layer(), "versions": _versions()}
+
+
+def instruction_set():
+    """The widest x86 vector extension the CPU has ("AVX-512", "AVX2", "AVX", "SSE"), or the
+    machine's architecture elsewhere: timing ratios change with it."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            flags = next((line.split(":", 1)[1].split() for line in info if line.startswith("flags")), [])
+    except OSError:
+        flags = []
+    for flag, name in (("avx512f", "AVX-512"), ("avx2", "AVX2"), ("avx", "AVX"), ("sse2", "SSE")):
+        if flag in flags:
+            return name
+    return platform.machine()
+
+
+def _peak_memory():
+    """Peak resident memory of this process and of its finished children (the scaling
+    measurements run in their own processes), in GB (Linux reports ru_maxrss in KiB)."""
+    import resource
+    scale = 1e9 if sys.platform == "darwin" else 1e6
+    return {"peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale,
+            "children_peak_rss_gb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / scale}
 
 
 def _cpu_model():
@@ -79,8 +103,8 @@ def _set_threads(args):
 def backend_and_device(requested):
     """(backend name, "cpu" or "cuda") for --backend (else $ALIGNSCAN_BACKEND, else the CPU
     default), checked by the one registry; raises UsageError naming the option or variable."""
-    import bridges  # noqa: F401  (registers the "torch" backend)
-    from cuda_kernels import backends
+    from alignscan import bridges  # noqa: F401  (registers the "torch" backend)
+    from alignscan.cuda_kernels import backends
     name = requested if requested is not None else os.environ.get(backends.ENV_BACKEND) or None
     try:
         if name is None:
@@ -100,8 +124,8 @@ def run_kernels(args):
     import numba
     import numpy as np
 
-    import cuda_kernels as K
-    from bench.kernels import (
+    from alignscan import cuda_kernels as K
+    from alignscan.bench.kernels import (
         exp_floor_seconds,
         format_table,
         kernel_table,
@@ -130,7 +154,7 @@ def run_kernels(args):
     results = {"kernels": rows, "performance_checks": checks,
                "backends": {k: v or "available" for k, v in status.items()}}
     if not quick:
-        from bench.bridges_bench import bridge_checks, bridge_rows
+        from alignscan.bench.bridges_bench import bridge_checks, bridge_rows
         print("\nThe torch op (bridges.selective_scan_fn, numba-cpu) against its autograd twin and the bare kernel...")
         bridge = bridge_rows()
         for name, seconds in bridge["seconds"].items():
@@ -140,7 +164,7 @@ def run_kernels(args):
     plot = plot_times(rows, args.out / "kernels_time_vs_keep.png", quick=quick)
     print(f"Plot: {plot.resolve()}")
     if not quick:
-        from bench.scaling import format_scaling, plot_scaling, scaling_table
+        from alignscan.bench.scaling import format_scaling, plot_scaling, scaling_table
         print("\nScaling of numba-cpu: threads (1 to all cores) at batch 1 and 8; tokens 197 to 262,144, each in a "
               "fresh process for its peak memory...")
         scaling = scaling_table()
@@ -152,7 +176,7 @@ def run_kernels(args):
 
 
 def run_flops(args):
-    from bench.models_bench import flops_checks, flops_rows, format_flops
+    from alignscan.bench.models_bench import flops_checks, flops_rows, format_flops
     rows = flops_rows()
     print("\nFLOPs (GMACs as the paper counts them; pruned = paper preset) beside the paper's Table 1:")
     print(format_flops(rows))
@@ -162,7 +186,7 @@ def run_flops(args):
 def run_models(args):
     import numba
 
-    from bench.models_bench import format_throughput, throughput, throughput_checks
+    from alignscan.bench.models_bench import format_throughput, throughput, throughput_checks
     backend, device = args.backend_device
     img, batch, repeats = (64, 2, 1) if args.quick else (224, args.batch, 5)
     rows = throughput(batch=batch, img=img, repeats=repeats, backend=backend, device=device)
@@ -180,7 +204,7 @@ def run_models(args):
 
 
 def run_zero_shot(args):
-    from bench import zero_shot
+    from alignscan.science import zero_shot
     result = zero_shot.run(args.out, quick=args.quick, cache_dir=args.cache, seed=args.seed, tasks=args.tasks)
     print()
     print((args.out / "zero_shot.md").read_text())
@@ -192,7 +216,7 @@ def run_zero_shot(args):
 
 
 def run_visualize(args):
-    from bench import visualize
+    from alignscan.science import visualize
     result = visualize.run(args.out, image_path=args.image, model_name=args.model, checkpoint=args.checkpoint,
                            quick=args.quick, cache_dir=args.cache)
     print("Figures (" + result["weights"] + "):")
@@ -202,45 +226,16 @@ def run_visualize(args):
 
 
 def run_evaluate(args):
-    from bench import imagenet
+    from alignscan import imagenet
     return {"evaluate": imagenet.evaluate_command(args)}
 
 
 def run_finetune(args):
-    from bench import imagenet
+    from alignscan import imagenet
     return {"finetune": imagenet.finetune_command(args)}
 
 
-# --- verdicts ------------------------------------------------------------------------------
-
-def settle_timing(checks):
-    """A timing verdict that missed is timed again (interleaved) before it counts as missed."""
-    for c in checks:
-        if c.get("kind") == "timing" and not c["passed"] and c.get("remeasure") is not None:
-            c["first_value"] = c["value"]
-            c["value"] = c["remeasure"]()
-            c["passed"] = bool(c["ok"](c["value"]))
-            c["remeasured"] = True
-    return checks
-
-
-def verdicts(results):
-    """[(passed, kind, line)]: kind "correctness" or "timing"."""
-    lines = []
-    for row in results.get("kernels", []):
-        lines.append((row["within_tolerance"], "correctness",
-                      f"{row['backend']} {row['alignment']} keep {row['keep_ratio']}: max relative deviation "
-                      f"{row['max_rel_dev']:.1e} from the {row['judged_against']}"))
-    for c in results.get("performance_checks", []):
-        again = f" (first measured {c['first_value']:.2f}, timed again)" if c.get("remeasured") else ""
-        lines.append((c["passed"], c.get("kind", "correctness"), f"{c['check']} = {c['value']:.2f} (goal {c['goal']})"
-                      f"{again}"))
-    return [(ok, kind, f"[{'PASS' if ok else 'FAIL'}] {'(timing) ' if kind == 'timing' else ''}{text}")
-            for ok, kind, text in lines]
-
-
 def _serialisable(results):
-    from bench.kernels import plain_checks
     if "performance_checks" not in results:
         return results
     return {**results, "performance_checks": plain_checks(results["performance_checks"])}
@@ -277,7 +272,7 @@ def _add_common(parser, suppress):
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(prog="python -m bench", description=(
+    parser = argparse.ArgumentParser(prog="python -m alignscan.bench", description=(
         "alignscan benchmarks. With no subcommand, the main job: the kernel table for every backend that runs "
         "here, the FLOPs table, a verdict per check, results JSON and plots in --out. Options may come before or "
         "after the subcommand."))
@@ -314,7 +309,7 @@ def build_parser():
     v.add_argument("--model", default=None, help="vim_tiny or vim_small (default: the trained digits ViM)")
     v.add_argument("--checkpoint", default=None, help="official weights for --model")
     v.add_argument("--cache", type=Path, default=None, help="weights cache folder (default OUT/cache)")
-    from bench import imagenet
+    from alignscan import imagenet
     imagenet.add_evaluate_arguments(add("evaluate", help=imagenet.EVALUATE_HELP, description=imagenet.EVALUATE_DOC))
     imagenet.add_finetune_arguments(add("finetune", help=imagenet.FINETUNE_HELP, description=imagenet.FINETUNE_DOC))
     return parser
@@ -336,13 +331,13 @@ def check_arguments(args):
     _check_out(args.out)
     if getattr(args, "batch", 1) < 1:
         raise UsageError(f"--batch must be >= 1, got {args.batch}")
-    from cuda_kernels import backends
+    from alignscan.cuda_kernels import backends
     if args.command in ("models", "evaluate", "finetune") or getattr(args, "backend", None) is not None:
         args.backend_device = backend_and_device(getattr(args, "backend", None))
     elif os.environ.get(backends.ENV_BACKEND):       # validated the same way everywhere, naming the variable
         backend_and_device(None)
     if args.command == "zero-shot":
-        from bench.zero_shot import TASK_CONFIGS
+        from alignscan.science.zero_shot import TASK_CONFIGS
         tasks = tuple(dict.fromkeys(t.strip() for t in args.tasks.split(",") if t.strip()))
         unknown = [t for t in tasks if t not in TASK_CONFIGS]
         if not tasks or unknown:
@@ -357,7 +352,7 @@ def check_arguments(args):
         if args.checkpoint is not None and not Path(args.checkpoint).is_file():
             raise UsageError(f"--checkpoint must be an existing file, got {args.checkpoint!r}")
     if args.command in ("evaluate", "finetune"):
-        from bench import imagenet
+        from alignscan import imagenet
         try:
             imagenet.check_arguments(args)
         except ValueError as exc:
@@ -372,7 +367,11 @@ def main(argv=None):
     except UsageError as exc:
         parser.error(str(exc))
     _set_threads(args)
-    results = _run(args)
+    from alignscan.imagenet.options import DataError
+    try:
+        results = _run(args)
+    except DataError as exc:          # the user's data, checkpoint or folder: one line, exit 2 (1 is for bugs)
+        parser.exit(2, f"{parser.prog}: error: {exc}\n")
     settle_timing(results.get("performance_checks", []))
     lines = verdicts(results)
     if lines:
@@ -391,7 +390,7 @@ def main(argv=None):
     path = args.out / (name if args.command else "results.json")
     arguments = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "backend_device"}
     write_json(path, {"arguments": arguments, "quick": args.quick, "smoke_test": SMOKE if args.quick else None,
-                      "machine": _machine(), **_serialisable(results)})
+                      "machine": _machine(), "memory": _peak_memory(), **_serialisable(results)})
     print(f"\nResults written to {path.resolve()}")
     return 0 if correctness_ok and (timing_ok or not args.strict) else 1
 

@@ -1,6 +1,8 @@
 """Everything that needs a GPU, in one command, for a lent GPU machine:
 
-    PYTHONPATH=. python -m bench.gpu_run [--budget-s 330] [--out DIR] [--dry-run]
+    PYTHONPATH=. python -m alignscan.bench.gpu_run [--budget-s 330] [--out DIR] [--dry-run]
+
+(from the repository root: ``alignscan/`` there links every layer, so nothing needs installing)
 
 It runs on that machine's image as it is (Python 3.12, torch, cupy, numba, numba-cuda, pytest,
 hypothesis; no network, nothing installed): it needs nothing else (no tqdm, matplotlib or
@@ -16,14 +18,16 @@ SciPy). Steps, each printed as it starts and ends:
 
 It stops starting new work when the budget (default 330 s: the whole run fits in 6 minutes)
 is spent and says what it skipped. One JSON, named after the device, goes to --out, else
-$OUT, else bench/results/. ``--dry-run`` exercises every step here without a GPU: the
-tests are collected (not run), the timings use the numba CPU kernel at small shapes and a
-wall clock, and the JSON (marked "dry_run") goes to --out, else $OUT, else ./bench_out.
+$OUT, else ./bench_out (never into the package; commit it under bench/results/ by hand).
+``--dry-run`` exercises every step here without a GPU: the tests are collected (not run),
+the timings use the numba CPU kernel at small shapes, and the JSON is marked "dry_run".
+The tests are those of the checkout in the working directory (``--tests``).
+Timings go through ``alignscan.bench.timing`` (on a GPU: synchronised before and after each
+call), goals through ``alignscan.bench.checks``.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import subprocess
@@ -33,7 +37,11 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
+import alignscan
+from alignscan.bench.checks import check, plain_checks
+from alignscan.bench.timing import median_time
+from alignscan.outputs import write_json
+
 KEEP = (1.0, 0.7, 0.5)
 GPU_TEST_FILES = ("tests/kernels/test_cupy_raw.py", "tests/kernels/test_numba_cuda.py",
                   "tests/bridges/test_op_integration.py", "tests/conformance/test_backends.py")
@@ -58,19 +66,9 @@ class GPU:
         self.name = name.decode() if isinstance(name, bytes) else str(name)
 
     def seconds(self, fn, repeats=20, warmup=3):
-        """Median GPU time of fn() (CUDA events around each call)."""
-        cupy = self.xp
-        for _ in range(warmup):
-            fn()
-        times = []
-        for _ in range(repeats):
-            start, stop = cupy.cuda.Event(), cupy.cuda.Event()
-            start.record()
-            fn()
-            stop.record()
-            stop.synchronize()
-            times.append(cupy.cuda.get_elapsed_time(start, stop) / 1e3)
-        return float(np.median(times))
+        """Median seconds of fn(), the device synchronised before and after each call."""
+        sync = self.xp.cuda.Device().synchronize
+        return median_time(fn, repeats=repeats, warmup=warmup, sync=sync)
 
     def backends(self, status):
         return [b for b in ("cupy", "numba-cuda") if status[b] is None]
@@ -88,26 +86,25 @@ class DryRun(GPU):
         self.name = "dry-run (CPU)"
 
     def seconds(self, fn, repeats=3, warmup=1):
-        for _ in range(warmup):
-            fn()
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return float(np.median(times))
+        return median_time(fn, repeats=repeats, warmup=warmup)
 
     def backends(self, status):
         return ["numba-cpu"]
 
 
-def run_gpu_tests(device, timeout_s):
-    """The gpu-marked tests (collected only in a dry run); counts from pytest's summary."""
+def run_gpu_tests(device, timeout_s, checkout):
+    """The gpu-marked tests of the checkout (collected only in a dry run); counts from pytest's
+    summary."""
+    missing = [f for f in GPU_TEST_FILES if not (checkout / f).is_file()]
+    if missing:
+        return {"returncode": None, "summary": f"not run: {checkout} has no {missing[0]} (give --tests a checkout)",
+                "counts": {}, "tail": "", "stderr_tail": "", "collected_only": device.dry}
     command = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", *GPU_TEST_FILES]
     if device.dry:
         command.append("--collect-only")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    run = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout_s, env=env)
+    root = Path(alignscan.__file__).resolve().parents[1]          # the folder that holds alignscan
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    run = subprocess.run(command, cwd=checkout, capture_output=True, text=True, timeout=timeout_s, env=env)
     lines = run.stdout.strip().splitlines() or [""]
     summary = lines[-1]
     counts = {k: int(v) for v, k in re.findall(r"(\d+) (passed|failed|skipped|errors?|tests? collected|deselected)",
@@ -141,9 +138,9 @@ def scan_bytes(p, backward):
 
 
 def bench_backend(device, backend, budget_end, alignments):
-    import cuda_kernels as K
-    import reference as R
-    from bench.problems import vim_layer_problem
+    from alignscan import cuda_kernels as K
+    from alignscan import reference as R
+    from alignscan.testing import vim_layer_problem
     rows = []
     xp = device.xp
     for alignment in alignments:
@@ -168,6 +165,7 @@ def bench_backend(device, backend, budget_end, alignments):
 
 
 def goals(rows, copy_bw):
+    """The GPU goals, measured once (a GPU run is too short to time a miss again)."""
     out = []
     get = {(r["backend"], r["alignment"], r["keep_ratio"]): r for r in rows if "fwd_s" in r}
     for backend in sorted({r["backend"] for r in rows}):
@@ -175,17 +173,16 @@ def goals(rows, copy_bw):
         if base is None:
             continue
         frac = base["fwd_bandwidth"] / copy_bw
-        out.append({"check": f"{backend}: forward bandwidth / copy bandwidth at keep 1.0", "value": frac,
-                    "goal": ">= 0.5", "passed": frac >= 0.5})
+        out.append(check(f"{backend}: forward bandwidth / copy bandwidth at keep 1.0", frac, ">= 0.5", frac >= 0.5,
+                         kind="timing"))
         for r in (0.7, 0.5):
             if (backend, "prev", r) in get:
                 v = get[(backend, "prev", r)]["fwd_s"] / base["fwd_s"]
-                out.append({"check": f"{backend}: time at keep {r} / keep 1.0", "value": v,
-                            "goal": f"<= {r + 0.05:.2f}", "passed": v <= r + 0.05})
+                out.append(check(f"{backend}: time at keep {r} / keep 1.0", v, f"<= {r + 0.05:.2f}", v <= r + 0.05,
+                                 kind="timing"))
         if (backend, "none", 0.7) in get and (backend, "prev", 0.7) in get:
             v = get[(backend, "prev", 0.7)]["fwd_s"] / get[(backend, "none", 0.7)]["fwd_s"]
-            out.append({"check": f"{backend}: aligned / relabel at keep 0.7", "value": v, "goal": "<= 1.05",
-                        "passed": v <= 1.05})
+            out.append(check(f"{backend}: aligned / relabel at keep 0.7", v, "<= 1.05", v <= 1.05, kind="timing"))
     return out
 
 
@@ -194,12 +191,14 @@ def output_dir(args):
         return args.out
     if os.environ.get("OUT"):
         return Path(os.environ["OUT"])
-    return Path("bench_out") if args.dry_run else REPO / "bench" / "results"
+    return Path("bench_out")
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m bench.gpu_run", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=None, help="where the JSON goes (default $OUT, else bench/results)")
+    parser = argparse.ArgumentParser(prog="python -m alignscan.bench.gpu_run", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=None, help="where the JSON goes (default $OUT, else ./bench_out)")
+    parser.add_argument("--tests", type=Path, default=Path.cwd(),
+                        help="the checkout whose GPU tests run (default: the working directory)")
     parser.add_argument("--budget-s", type=float, default=330.0,
                         help="stop starting work after this many seconds (default 330: done inside 6 minutes)")
     parser.add_argument("--dry-run", action="store_true", help="every step without a GPU (CPU stand-ins)")
@@ -208,8 +207,8 @@ def main(argv=None):
         parser.error(f"--budget-s must be > 0, got {args.budget_s}")
     start = time.monotonic()
     end = start + args.budget_s
-    import cuda_kernels as K
-    from reference import ALIGNMENTS
+    from alignscan import cuda_kernels as K
+    from alignscan.reference import ALIGNMENTS
     status = K.available_backends()
     if args.dry_run:
         device = DryRun()
@@ -224,7 +223,7 @@ def main(argv=None):
     result = {"device": device.name, "dry_run": device.dry, "backends": {k: v or "available" for k, v in status.items()},
               "python": sys.version.split()[0]}
     say("1/4 GPU tests" + (" (collected only: dry run)" if device.dry else ""))
-    result["gpu_tests"] = run_gpu_tests(device, timeout_s=max(60, int(0.45 * args.budget_s)))
+    result["gpu_tests"] = run_gpu_tests(device, timeout_s=max(60, int(0.45 * args.budget_s)), checkout=args.tests)
     say(f"    {result['gpu_tests']['summary']}")
     say("2/4 copy bandwidth")
     result["copy_bandwidth_bytes_per_s"] = copy_bandwidth(device)
@@ -237,8 +236,7 @@ def main(argv=None):
     result["goals"] = goals(rows, result["copy_bandwidth_bytes_per_s"])
     if time.monotonic() < end - 60 or device.dry:
         say("4/4 model throughput")
-        from bench.kernels import plain_checks
-        from bench.models_bench import throughput, throughput_checks
+        from alignscan.bench.models_bench import throughput, throughput_checks
         try:
             tp = throughput(batch=device.batch, img=224 if not device.dry else 64, repeats=3 if not device.dry else 1,
                             backend="cupy" if not device.dry else "numba-cpu", device="cuda" if not device.dry else "cpu",
@@ -253,9 +251,7 @@ def main(argv=None):
         say("4/4 model throughput: skipped (budget)")
     result["wall_s"] = time.monotonic() - start
     path = out_dir / f"gpu_{re.sub(r'[^A-Za-z0-9]+', '_', device.name).strip('_')}.json"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, path)
+    write_json(path, result)
     for g in result["goals"]:
         say(f"[{'PASS' if g['passed'] else 'FAIL'}] {g['check']} = {g['value']:.3f} (goal {g['goal']})")
     say(f"wrote {path} in {result['wall_s']:.0f} s")

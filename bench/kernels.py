@@ -12,10 +12,11 @@ import statistics
 
 import numpy as np
 
-import reference as R
-from bench.problems import vim_layer_problem
-from bench.progress import progress_bar
-from bench.timing import interleaved_medians, median_time, timings
+from alignscan import reference as R
+from alignscan.bench.checks import timing_check
+from alignscan.bench.timing import interleaved_medians, median_time, timings
+from alignscan.outputs import progress_bar
+from alignscan.testing import vim_layer_problem
 
 ALIGNMENTS = R.ALIGNMENTS
 KEEP_RATIOS = (1.0, 0.7, 0.5)
@@ -36,7 +37,7 @@ def backend_fns(backend):
     """(forward, backward) callables of "reference" or a cuda_kernels backend."""
     if backend == "reference":
         return R.selective_scan, R.selective_scan_backward
-    import cuda_kernels as K
+    from alignscan import cuda_kernels as K
     return (lambda *a, **k: K.selective_scan_fwd(*a, backend=backend, **k),
             lambda *a, **k: K.selective_scan_bwd(*a, backend=backend, **k))
 
@@ -87,17 +88,6 @@ def _exp_call(batch=8, dim=768, dstate=16, tokens=197):
 def exp_floor_seconds(batch=8, dim=768, dstate=16, tokens=197, repeats=7):
     """Median time of np.exp over batch·dim·M·N float32 values."""
     return median_time(_exp_call(batch, dim, dstate, tokens), repeats=repeats)
-
-
-def timing_check(name, value, goal, ok, remeasure):
-    """A timing verdict: ``remeasure()`` times it again (interleaved) and returns the value."""
-    return {"check": name, "value": value, "goal": goal, "passed": bool(ok(value)), "kind": "timing",
-            "ok": ok, "remeasure": remeasure}
-
-
-def plain_checks(checks):
-    """The checks as JSON can hold them (without the ``ok`` and ``remeasure`` callables)."""
-    return [{k: v for k, v in c.items() if k not in ("remeasure", "ok")} for c in checks]
 
 
 def interleaved_ratio(fn_a, fn_b, repeats=5):
@@ -174,7 +164,7 @@ def plot_times(rows, path, quick=False):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from bench.outputs import save_figure
+    from alignscan.outputs import save_figure
     backends = sorted({r["backend"] for r in rows})
     fig, axes = plt.subplots(1, len(backends), figsize=(5 * len(backends), 4), squeeze=False)
     for ax, backend in zip(axes[0], backends):

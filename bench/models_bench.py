@@ -2,16 +2,15 @@
 of dense, align and relabel."""
 from __future__ import annotations
 
-import time
-
-from bench.progress import progress_bar
+from alignscan.bench.timing import interleaved_times
+from alignscan.outputs import progress_bar
 
 THROUGHPUT_MODELS = ("vim_small", "plainmamba_l3")
 THROUGHPUT_MODES = ("dense", "align", "relabel")
 
 
 def flops_rows():
-    import models
+    from alignscan import models
     rows = []
     for name in models.NAMES:
         preset = models.paper_preset(name)
@@ -59,7 +58,7 @@ def throughput(names=THROUGHPUT_MODELS, modes=THROUGHPUT_MODES, batch=8, img=224
     on ``device``)."""
     import torch
 
-    import models
+    from alignscan import models
     rows = []
     for name in names:
         # The modes of one model are timed in interleaved rounds (A/B/C, A/B/C, ...), so drift
@@ -71,19 +70,11 @@ def throughput(names=THROUGHPUT_MODELS, modes=THROUGHPUT_MODES, batch=8, img=224
             built[mode] = models.create(name, pruning=pruning, img_size=img, backend=backend,
                                         **(model_kwargs or {})).eval().to(device)
         x = torch.randn(batch, 3, img, img, device=device)
-        times = {mode: [] for mode in modes}
-        with torch.no_grad():
-            for mode in modes:
-                built[mode](x)                                       # warm-up (and numba compilation)
-            for _ in progress_bar(range(repeats), desc=f"{name} throughput", disable=not progress, leave=False):
-                for mode in modes:
-                    if device == "cuda":
-                        torch.cuda.synchronize()
-                    t0 = time.perf_counter()
-                    built[mode](x)
-                    if device == "cuda":
-                        torch.cuda.synchronize()
-                    times[mode].append(time.perf_counter() - t0)
+        bar = lambda rounds: progress_bar(rounds, desc=f"{name} throughput", disable=not progress, leave=False)
+        with torch.no_grad():                                        # warm-up included (numba compilation)
+            times = interleaved_times({mode: (lambda m=built[mode]: m(x)) for mode in modes}, repeats=repeats,
+                                      sync=torch.cuda.synchronize if str(device).startswith("cuda") else None,
+                                      progress=bar)
         for mode in modes:
             seconds = sorted(times[mode])[len(times[mode]) // 2]
             rows.append({"model": name, "mode": mode, "batch": batch, "seconds": seconds, "rounds": repeats,
@@ -94,7 +85,7 @@ def throughput(names=THROUGHPUT_MODELS, modes=THROUGHPUT_MODES, batch=8, img=224
 def throughput_checks(rows, remeasure=None):
     """Throughput targets; ``remeasure(name, modes)`` (optional) times those modes of a model
     again, interleaved, and returns {mode: images/s}."""
-    from bench.kernels import timing_check
+    from alignscan.bench.checks import timing_check
     goals = {"vim_small": 1.27, "plainmamba_l3": 1.43}
     get = {(r["model"], r["mode"]): r["images_per_s"] for r in rows}
     out = []

@@ -15,30 +15,28 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.progress import progress_bar
+import alignscan
+from alignscan.outputs import progress_bar
 
-REPO = Path(__file__).resolve().parents[1]
+# The folder that holds the alignscan package (a checkout's root, or site-packages): the child imports from it.
+ROOT = Path(alignscan.__file__).resolve().parents[1]
 THREAD_SHAPES = ({"batch": 1, "dim": 768, "length": 4096}, {"batch": 8, "dim": 768, "length": 197})
 LENGTHS = (197, 1024, 4096, 16384, 65536)
 LONG = 262_144
 MEMORY_GOAL_GB = 1.2
 
 _MEASURE = r"""
-import json, resource, sys, time, statistics
+import json, resource, sys
 import numpy as np, numba
-import cuda_kernels as K
-from bench.problems import make_problem
+from alignscan import cuda_kernels as K
+from alignscan.testing import make_problem
 batch, dim, length, threads, repeats = (int(v) for v in sys.argv[1:6])
 numba.set_num_threads(threads)
 p = make_problem(np.random.default_rng(0), batch=batch, dim=dim, dstate=16, length=length, dtype=np.float32,
                  positions=np.arange(length) * 2, seqlen=2 * length, return_last_state=False)
 kw = p.kwargs(); dout = p.dout()
-def timed(fn):
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter(); fn(); times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+from alignscan.bench.timing import median_time
+timed = lambda fn: median_time(fn, repeats=repeats, warmup=1)
 fwd = timed(lambda: K.selective_scan_fwd(**kw))
 fwd_bwd = timed(lambda: (K.selective_scan_fwd(**kw), K.selective_scan_bwd(dout, **kw)))
 def peak_rss_gb():
@@ -59,9 +57,9 @@ print(json.dumps({"fwd_s": fwd, "fwd_bwd_s": fwd_bwd, "peak_rss_gb": peak_rss_gb
 def measure(batch, dim, length, threads, repeats=3):
     """Forward and forward+backward medians and the peak RSS of a fresh process (numba-cpu,
     float32, N 16, every other token kept)."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     run = subprocess.run([sys.executable, "-c", _MEASURE, str(batch), str(dim), str(length), str(threads),
-                          str(repeats)], cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
+                          str(repeats)], env=env, capture_output=True, text=True, timeout=1200)
     if run.returncode != 0:
         raise RuntimeError(f"scaling measurement failed (L={length}):\n{run.stderr[-3000:]}")
     return json.loads(run.stdout.strip().splitlines()[-1])
@@ -72,9 +70,9 @@ def thread_rows(max_threads=None, repeats=5):
     results are bit-identical to one thread's."""
     import numba
 
-    import cuda_kernels as K
-    from bench.problems import make_problem
-    from bench.timing import median_time
+    from alignscan import cuda_kernels as K
+    from alignscan.bench.timing import median_time
+    from alignscan.testing import make_problem
     max_threads = max_threads or numba.config.NUMBA_NUM_THREADS
     before = numba.get_num_threads()
     rows = []
@@ -124,7 +122,7 @@ def scaling_table(max_threads=None):
 
 
 def scaling_checks(table):
-    from bench.kernels import timing_check
+    from alignscan.bench.checks import timing_check
     checks = []
     rows = {(r["batch"], r["threads"]): r for r in table["threads"]}
     if (1, 2) in rows:
@@ -161,7 +159,7 @@ def plot_scaling(table, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from bench.outputs import save_figure
+    from alignscan.outputs import save_figure
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     lengths = table["lengths"] + [dict(table["long"], fwd_us_per_token=1e6 * table["long"]["fwd_s"] / LONG,
                                        fwd_bwd_us_per_token=1e6 * table["long"]["fwd_bwd_s"] / LONG)]

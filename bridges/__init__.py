@@ -1,14 +1,14 @@
 """alignscan.bridges — torch meets the kernels.
 
-    from bridges import selective_scan_fn          # drop-in for mamba_ssm's, plus positions=
-    from bridges import selective_scan_ref         # the same op in plain torch (backend "torch")
-    from bridges import dense_kernel_adapter       # any dense scan -> a position-map scan
-    from bridges import TorchPositionMap           # a position map on the device, made once per stage
+    from alignscan.bridges import selective_scan_fn          # drop-in for mamba_ssm's, plus positions=
+    from alignscan.bridges import selective_scan_ref         # the same op in plain torch (backend "torch")
+    from alignscan.bridges import dense_kernel_adapter       # any dense scan -> a position-map scan
+    from alignscan.bridges import TorchPositionMap           # a position map on the device, made once per stage
 
 ``bridges.dlpack`` owns every tensor <-> array conversion (zero-copy through DLPack); the
 backend "torch" joins the one registry (``cuda_kernels.backends``) here.
 """
-from cuda_kernels import backends as _backends
+from alignscan.cuda_kernels import backends as _backends
 
 from .adapter import dense_kernel_adapter
 from .positions import TorchPositionMap

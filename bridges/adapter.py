@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from reference.arguments import validate_scan_args
+from alignscan.reference.arguments import validate_scan_args
 
 from .positions import as_position_map
 from .reference import discretized_delta, effective_delta, require_tensor

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from reference.arguments import compute_dtype_name
+from alignscan.reference.arguments import compute_dtype_name
 
 __all__ = ["compute_dtype", "kernel_input", "kernel_view", "stream_handle", "to_torch"]
 

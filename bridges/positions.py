@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from reference.arguments import check_seqlen
-from reference.positions import ALIGNMENTS, GapCoefficients, PositionMap
+from alignscan.reference.arguments import check_seqlen
+from alignscan.reference.positions import ALIGNMENTS, GapCoefficients, PositionMap
 
 __all__ = ["TorchPositionMap", "as_position_map"]
 
@@ -89,7 +89,7 @@ class TorchPositionMap:
         if seqlen is not None:
             seqlen = check_seqlen(seqlen)
         if not isinstance(positions, Tensor):
-            positions = torch.as_tensor(np.asarray(positions))
+            positions = torch.tensor(np.asarray(positions))          # a copy: the map owns its positions
         if device is not None:
             positions = positions.to(device)
         self._set(*_position_map_op(positions, seqlen, None, "none", None, batch, length))
@@ -108,8 +108,8 @@ class TorchPositionMap:
     @classmethod
     def from_numpy(cls, position_map, device):
         """A ``reference.PositionMap`` (validated already) copied to ``device``."""
-        return cls._made(_position_map_op(torch.as_tensor(position_map.positions, device=device), None,
-                                          torch.as_tensor(position_map.seqlen_rows, device=device), "none", None))
+        return cls._made(_position_map_op(torch.tensor(position_map.positions, device=device), None,
+                                          torch.tensor(position_map.seqlen_rows, device=device), "none", None))
 
     @property
     def batch(self):

@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from reference.arguments import validate_scan_args
-from reference.scan import SOFTPLUS_THRESHOLD
+from alignscan.reference.arguments import validate_scan_args
+from alignscan.reference.scan import SOFTPLUS_THRESHOLD
 
 from .dlpack import compute_dtype
 from .positions import as_position_map

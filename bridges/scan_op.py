@@ -17,9 +17,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from cuda_kernels import backends
-from reference.arguments import ScanArgs, validate_scan_args
-from reference.positions import GapCoefficients
+from alignscan.cuda_kernels import backends
+from alignscan.cuda_kernels.params import ScanParams
+from alignscan.reference.arguments import ScanArgs, validate_scan_args
+from alignscan.reference.positions import GapCoefficients
 
 from .dlpack import compute_dtype, kernel_input, kernel_view, stream_handle, to_torch
 from .positions import as_position_map
@@ -56,13 +57,13 @@ def _empty(like):
 
 
 def _kernel_args(entry, u, delta, A, B, C, D, z, delta_bias, coefs, delta_softplus, return_last_state, alignment):
-    """(kernel module, ScanArgs of backend views, coefficients of backend views)."""
+    """(kernel module, the scan's ScanParams over backend views of the tensors)."""
     cdt = compute_dtype(u.dtype)
     view = lambda t: kernel_input(t, cdt, entry)
     args = ScanArgs.unchecked(view(u), view(delta), view(A), view(B), view(C), view(D), view(z), view(delta_bias),
                               delta_softplus, return_last_state, None, alignment)
     coefficients = None if coefs[0] is None else GapCoefficients(*(view(c) for c in coefs))
-    return entry.kernels(), args, coefficients
+    return entry.kernels(), ScanParams.build(args, coefficients)
 
 
 @torch.library.custom_op("alignscan::selective_scan_fwd", mutates_args=())
@@ -71,14 +72,13 @@ def _fwd_op(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Option
             hold: Optional[Tensor], trailing: Optional[Tensor], delta_softplus: bool, return_last_state: bool,
             alignment: str, backend: str) -> tuple[Tensor, Tensor]:
     entry = backends.get(backend)
-    module, args, coefficients = _kernel_args(entry, u, delta, A, B, C, D, z, delta_bias,
-                                              (coef_self, coef_prev, hold, trailing), delta_softplus,
-                                              return_last_state, alignment)
+    module, params = _kernel_args(entry, u, delta, A, B, C, D, z, delta_bias, (coef_self, coef_prev, hold, trailing),
+                                  delta_softplus, return_last_state, alignment)
     cdt = compute_dtype(u.dtype)
     batch, dim, length = u.shape
     out = torch.empty((batch, dim, length), dtype=cdt, device=u.device)
     last = torch.empty((batch, dim, A.shape[-1]), dtype=cdt, device=u.device) if return_last_state else _empty(u)
-    module.forward(args, coefficients, out=kernel_view(out, entry),
+    module.forward(params, out=kernel_view(out, entry),
                    last_state=kernel_view(last, entry) if return_last_state else None, stream=stream_handle(u.device))
     return out, last
 
@@ -97,14 +97,14 @@ def _bwd_op(dout: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Ten
             coef_prev: Optional[Tensor], hold: Optional[Tensor], trailing: Optional[Tensor], delta_softplus: bool,
             alignment: str, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     entry = backends.get(backend)
-    module, args, coefficients = _kernel_args(entry, u, delta, A, B, C, D, z, delta_bias,
-                                              (coef_self, coef_prev, hold, trailing), delta_softplus, False, alignment)
+    module, params = _kernel_args(entry, u, delta, A, B, C, D, z, delta_bias, (coef_self, coef_prev, hold, trailing),
+                                  delta_softplus, False, alignment)
     cdt = compute_dtype(u.dtype)
     grads_out = {"du": torch.empty(u.shape, dtype=cdt, device=u.device),
                  "ddelta": torch.empty(u.shape, dtype=cdt, device=u.device)}
     if z is not None:
         grads_out["dz"] = torch.empty(u.shape, dtype=cdt, device=u.device)
-    grads = module.backward(kernel_input(dout, cdt, entry), args, coefficients,
+    grads = module.backward(kernel_input(dout, cdt, entry), params,
                             grads_out={k: kernel_view(v, entry) for k, v in grads_out.items()},
                             stream=stream_handle(u.device))
     du, ddelta, dA, dB, dC, dD, _, dbias = grads

@@ -20,16 +20,17 @@ outputs come back in the compute dtype. Nothing here imports torch.
 """
 from __future__ import annotations
 
-from reference.arguments import compute_dtype, validate_scan_args
+from alignscan.reference.arguments import compute_dtype, validate_scan_args
 
 from . import backends
 from ._numba_support import select_threading_layer
 from .backends import BackendUnavailable, available_backends
+from .params import ScanParams
 
 THREADING_LAYER = select_threading_layer()   # thread- and fork-safe TBB (see _numba_support)
 
 __all__ = ["BACKENDS", "available_backends", "selective_scan_fwd", "selective_scan_bwd", "BackendUnavailable",
-           "backends", "THREADING_LAYER"]
+           "backends", "THREADING_LAYER", "ScanParams"]
 
 BACKENDS = backends.names(kernels_only=True)
 
@@ -40,12 +41,14 @@ def _device_type(x):
 
 def _prepare(backend, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, positions, seqlen,
              alignment):
+    """The backend's kernels and the scan's ``ScanParams``: arguments validated once, the
+    map's coefficients on the backend's device."""
     entry = backends.get(backends.resolve(backend, _device_type(u), kernels_only=True, host_copies=True))
     module = entry.kernels()
     args = validate_scan_args(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
                               positions=positions, seqlen=seqlen, alignment=alignment)
     coefficients = backends.device_coefficients(entry, args, compute_dtype(args.u.dtype))
-    return module, args, coefficients
+    return module, ScanParams.build(args, coefficients)
 
 
 def selective_scan_fwd(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
@@ -58,9 +61,9 @@ def selective_scan_fwd(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     ``stream``: a raw CUDA stream handle for the GPU backends (ignored on the CPU).
     Returns out, or (out, last_state) with return_last_state.
     """
-    module, args, coefficients = _prepare(backend, u, delta, A, B, C, D, z, delta_bias, delta_softplus,
-                                          return_last_state, positions, seqlen, alignment)
-    return module.forward(args, coefficients, out=out, last_state=last_state_out, stream=stream)
+    module, params = _prepare(backend, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
+                              positions, seqlen, alignment)
+    return module.forward(params, out=out, last_state=last_state_out, stream=stream)
 
 
 def selective_scan_bwd(dout, u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
@@ -69,8 +72,9 @@ def selective_scan_bwd(dout, u, delta, A, B, C, D=None, z=None, delta_bias=None,
     """Gradients (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias) of sum(dout · out); None where
     the input was None. last_state carries no gradient. ``grads_out`` may map "du", "ddelta",
     "dz" to arrays to fill in place."""
-    module, args, coefficients = _prepare(backend, u, delta, A, B, C, D, z, delta_bias, delta_softplus,
-                                          return_last_state, positions, seqlen, alignment)
-    if tuple(dout.shape) != tuple(args.u.shape):
-        raise ValueError(f"dout must have shape (batch, dim, M) = {tuple(args.u.shape)}, got {tuple(dout.shape)}")
-    return module.backward(dout, args, coefficients, grads_out=grads_out, stream=stream)
+    module, params = _prepare(backend, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
+                              positions, seqlen, alignment)
+    if tuple(dout.shape) != tuple(params.args.u.shape):
+        raise ValueError(f"dout must have shape (batch, dim, M) = {tuple(params.args.u.shape)}, "
+                         f"got {tuple(dout.shape)}")
+    return module.backward(dout, params, grads_out=grads_out, stream=stream)

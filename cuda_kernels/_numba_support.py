@@ -23,6 +23,7 @@ import hashlib
 import math
 import os
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -32,9 +33,9 @@ from numba import njit, types
 from numba.core.errors import NumbaWarning
 from numba.extending import intrinsic, overload
 
-from reference.scan import SOFTPLUS_THRESHOLD
+from alignscan.reference.scan import SOFTPLUS_THRESHOLD
 
-__all__ = ["cached_njit", "cast_like", "fast_exp", "softplus", "softplus_grad", "sigmoid", "select_threading_layer",
+__all__ = ["cached_njit", "compile_notice", "fallback_cache_dir", "cast_like", "fast_exp", "softplus", "softplus_grad", "sigmoid", "select_threading_layer",
            "hold_sum", "hold_sum_grad", "hold_sums", "HOLD_DIRECT_STEPS"]
 
 TBB_LIBRARY = "libtbb.so.12"
@@ -91,20 +92,91 @@ def _stamp_with_package_sources(dispatcher):
 _SOURCES_DIGEST = _sources_digest()
 
 
+_CACHE_FALLBACK = {"tried": False, "dir": None}
+
+
+def fallback_cache_dir():
+    """A per-user cache directory for the compiled kernels when numba finds no writable one
+    (a read-only install whose $NUMBA_CACHE_DIR or home cache cannot be written either)."""
+    uid = os.getuid() if hasattr(os, "getuid") else os.environ.get("USERNAME", "user")
+    return Path(tempfile.gettempdir()) / f"alignscan-numba-cache-{uid}"
+
+
+def _use_fallback_cache(reason):
+    """Point numba at ``fallback_cache_dir()`` once per process (warning once, in one line);
+    False when that cannot be written either."""
+    import numba
+    state = _CACHE_FALLBACK
+    if not state["tried"]:
+        state["tried"] = True
+        directory = fallback_cache_dir()
+        try:
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=directory):
+                pass
+            numba.config.CACHE_DIR = str(directory)
+            state["dir"] = directory
+            warnings.warn(f"alignscan: no writable numba cache directory ({reason}); the compiled CPU kernels are "
+                          f"cached in {directory} instead", RuntimeWarning, stacklevel=4)
+        except OSError:
+            warnings.warn(f"alignscan: no writable numba cache directory ({reason}, nor {directory}): every process "
+                          f"compiles the CPU kernels (about {COMPILE_SECONDS} s)", RuntimeWarning, stacklevel=4)
+    return state["dir"] is not None
+
+
 def cached_njit(**options):
-    """``njit(cache=True, **options)`` that falls back to no caching, with a warning, when no
-    cache directory is writable (a read-only install); it never fails because of the cache.
+    """``njit(cache=True, **options)`` that never fails because of the cache: with no
+    writable cache directory (a read-only install) it caches in ``fallback_cache_dir()``,
+    and if that cannot be written either it compiles without a cache, saying so once.
     A change to any source file of the package invalidates the cache."""
     def decorate(fn):
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", NumbaWarning)
-                return _stamp_with_package_sources(njit(cache=True, **options)(fn))
-        except (RuntimeError, OSError) as exc:   # numba: "cannot cache function ...: no locator available"
-            warnings.warn(f"alignscan: numba cache unavailable for {fn.__name__} ({exc}); compiling without it",
-                          RuntimeWarning, stacklevel=2)
-            return njit(cache=False, **options)(fn)
+        for attempt in range(2):
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", NumbaWarning)
+                    return _stamp_with_package_sources(njit(cache=True, **options)(fn))
+            except (RuntimeError, OSError) as exc:   # numba: "cannot cache function ...: no locator available"
+                if attempt or not _use_fallback_cache(str(exc).split(":")[-1].strip() or type(exc).__name__):
+                    return njit(cache=False, **options)(fn)
     return decorate
+
+
+# About how long the first run compiles the CPU kernels on the project's 2-core machine
+# (forward and backward, float32 and float64 as the main job uses them; measured).
+COMPILE_SECONDS = 100
+_NOTICED = set()
+
+
+def compile_notice(dispatcher, what):
+    """A context manager around the first call of a kernel: when it will compile (no
+    compiled version in this process and none in the cache), one line on stderr says so
+    and, when done, how long it took."""
+    import contextlib
+    import time
+
+    if dispatcher.signatures or what in _NOTICED or _cached_on_disk(dispatcher):
+        return contextlib.nullcontext()
+    _NOTICED.add(what)
+
+    @contextlib.contextmanager
+    def notice():
+        print(f"alignscan: compiling the CPU {what} kernel once (about {COMPILE_SECONDS // 2} s; cached afterwards)...",
+              end="", file=sys.stderr, flush=True)
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            print(f" done in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+    return notice()
+
+
+def _cached_on_disk(dispatcher):
+    """Whether numba's cache holds an index for the kernel (numba internals; True when they
+    cannot be read, so that no notice is printed on a guess)."""
+    try:
+        return Path(dispatcher._cache._cache_file._index_path).exists()
+    except AttributeError:
+        return True
 
 
 def cast_like(x, like):

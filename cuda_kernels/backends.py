@@ -19,7 +19,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from reference.positions import GapCoefficients
+from alignscan.reference.positions import GapCoefficients
 
 __all__ = ["Backend", "BackendUnavailable", "ENV_BACKEND", "register", "get", "names", "resolve",
            "available_backends", "device_coefficients"]
@@ -203,11 +203,11 @@ def _numba_cuda_to_device(a):
 
 
 register(Backend("numba-cpu", "cpu", "the fast CPU kernels (numba, parallel over cores); default on the CPU",
-                 "cuda_kernels.cpu", lambda: None, _numpy_view))
+                 "alignscan.cuda_kernels.cpu", lambda: None, _numpy_view))
 register(Backend("cupy", "cuda", "scan.cu (CUDA C++, chunked block scan) through CuPy; default on a GPU",
-                 "cuda_kernels.cupy_raw", _cupy_reason, _cupy_view, _cupy_to_device))
+                 "alignscan.cuda_kernels.cupy_raw", _cupy_reason, _cupy_view, _cupy_to_device))
 register(Backend("numba-cuda", "cuda", "numba.cuda kernels (a thread per channel); runs under numba's simulator too",
-                 "cuda_kernels.numba_cuda", _cuda_reason, _numba_cuda_view, _numba_cuda_to_device))
+                 "alignscan.cuda_kernels.numba_cuda", _cuda_reason, _numba_cuda_view, _numba_cuda_to_device))
 
 
 def _emu_reason():
@@ -217,4 +217,4 @@ def _emu_reason():
 
 register(Backend("cuda-emu", "cpu", "scan.cu, the kernel of 'cupy', run unmodified on the CPU (CUDA's execution model "
                  "emulated: threads, barriers, shared memory): tests and debugs the GPU kernel without a GPU; slow",
-                 "cuda_kernels.cuda_emu", _emu_reason, _numpy_view, default=False, timed=False))
+                 "alignscan.cuda_kernels.cuda_emu", _emu_reason, _numpy_view, default=False, timed=False))

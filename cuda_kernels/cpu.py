@@ -28,11 +28,10 @@ from __future__ import annotations
 import numpy as np
 from numba import prange
 
-from reference.arguments import compute_dtype
-
 from ._numba_support import (
     cached_njit,
     cast_like,
+    compile_notice,
     fast_exp,
     hold_sum,
     hold_sums,
@@ -91,8 +90,8 @@ def _effective_delta_row(Delta, coef_self, coef_prev, has_map, E):
 
 
 @cached_njit(parallel=True, **_KERNEL)
-def _forward_kernel(u, delta, A, Bt, Ct, D, z, delta_bias, use_softplus, coef_self, coef_prev, hold, trailing,
-                    has_D, has_z, has_bias, has_map, has_hold, want_last, out, last_state):
+def _forward_kernel(u, delta, A, Bt, Ct, D, z, delta_bias, coef_self, coef_prev, hold, trailing,
+                    use_softplus, has_D, has_z, has_bias, has_map, has_hold, want_last, out, last_state):
     """Tasks of PAIRS (batch, channel) pairs; a pair's tokens in order, vectorised over the N
     states (B_i, C_i are contiguous (M, N) rows)."""
     batch, dim, M = u.shape
@@ -193,8 +192,8 @@ def _held_step(b, g, i, t, wc, q, AT, Dl, DU, Dprev, DUprev, Bt, Hout, weights, 
 
 
 @cached_njit(parallel=True, **_KERNEL)
-def _backward_kernel(dout, u, delta, A, Bt, Ct, D, z, delta_bias, use_softplus, coef_self, coef_prev, hold,
-                     has_D, has_z, has_bias, has_map, has_hold, ckpt, du, ddelta, dz, dB_part, dC_part,
+def _backward_kernel(dout, u, delta, A, Bt, Ct, D, z, delta_bias, coef_self, coef_prev, hold, trailing,
+                     use_softplus, has_D, has_z, has_bias, has_map, has_hold, ckpt, du, ddelta, dz, dB_part, dC_part,
                      dA_part, dD_part, dbias_part):
     batch, dim, M = u.shape
     N = A.shape[1]
@@ -454,29 +453,18 @@ def _sum_blocks(part, out):
                 out[b, g, i, n] = acc
 
 
-def _dummy(dtype):
-    return np.zeros(1, dtype=dtype)
+def _prepared(params):
+    """The kernels' inputs (``ScanParams.INPUTS`` order) in the compute dtype: B/C transposed
+    to (batch, G, M, N) so a token's states are contiguous, small dummies for absent ones."""
+    dt = params.dtype
 
+    def convert(x, name):
+        if name in ("B", "C"):
+            return np.ascontiguousarray(np.asarray(x, dtype=dt).transpose(0, 1, 3, 2))
+        return np.ascontiguousarray(x, dtype=dt)
 
-def _prepared(args, coefficients):
-    """Inputs in the compute dtype, B/C transposed to (batch, G, M, N), dummies for None."""
-    dt = compute_dtype(args.u.dtype)
-    c = lambda x: np.ascontiguousarray(x, dtype=dt)
-    empty = np.zeros((1, 1), dt)
-    if coefficients is None:
-        maps = dict(coef_self=empty, coef_prev=empty, hold=empty, trailing=_dummy(dt), has_map=False)
-    else:
-        maps = dict(coef_self=c(coefficients.coef_self), coef_prev=c(coefficients.coef_prev),
-                    hold=c(coefficients.hold), trailing=c(coefficients.trailing), has_map=True)
-    return dict(
-        u=c(args.u), delta=c(args.delta), A=c(args.A),
-        Bt=np.ascontiguousarray(np.asarray(args.B, dtype=dt).transpose(0, 1, 3, 2)),
-        Ct=np.ascontiguousarray(np.asarray(args.C, dtype=dt).transpose(0, 1, 3, 2)),
-        D=c(args.D) if args.D is not None else _dummy(dt),
-        z=c(args.z) if args.z is not None else np.zeros((1, 1, 1), dt),
-        delta_bias=c(args.delta_bias) if args.delta_bias is not None else _dummy(dt),
-        use_softplus=args.delta_softplus, has_hold=args.alignment == "hold" and coefficients is not None, **maps,
-    ), dt
+    shapes = {"z": (1, 1, 1), "coef_self": (1, 1), "coef_prev": (1, 1), "hold": (1, 1)}
+    return params.inputs(convert, lambda name: np.zeros(shapes.get(name, (1,)), dt))
 
 
 def _check_out(arr, name, shape, dtype):
@@ -493,40 +481,35 @@ def _tasks(args):
     return args.batch * args.groups * (-(-per_group // CHANNEL_BLOCK)), -(-per_group // CHANNEL_BLOCK)
 
 
-def forward(args, coefficients, out=None, last_state=None, stream=None):
-    """Run the forward kernel on validated ``ScanArgs`` and the position map's
-    ``GapCoefficients`` in the compute dtype (None: no map).
+def forward(params, out=None, last_state=None, stream=None):
+    """Run the forward kernel on a scan's ``ScanParams``.
 
     ``out`` (batch, dim, M) and ``last_state`` (batch, dim, N) may be given (C-contiguous,
     compute dtype) to be filled in place (``stream`` is ignored: CPU). Returns out, or
     (out, last_state).
     """
-    x, dt = _prepared(args, coefficients)
-    batch, dim, length = x["u"].shape
-    out = _check_out(out, "out", (batch, dim, length), dt)
-    want_last = args.return_last_state
-    last = _check_out(last_state, "last_state", (batch, dim, x["A"].shape[1]), dt) if want_last \
+    p, dt = params, params.dtype
+    inputs = _prepared(p)
+    out = _check_out(out, "out", (p.batch, p.dim, p.length), dt)
+    last = _check_out(last_state, "last_state", (p.batch, p.dim, p.dstate), dt) if p.want_last \
         else np.zeros((1, 1, 1), dt)
-    _forward_kernel(x["u"], x["delta"], x["A"], x["Bt"], x["Ct"], x["D"], x["z"], x["delta_bias"], x["use_softplus"],
-                    x["coef_self"], x["coef_prev"], x["hold"], x["trailing"], args.D is not None, args.z is not None,
-                    args.delta_bias is not None, x["has_map"], x["has_hold"], want_last, out, last)
-    return (out, last) if want_last else out
+    with compile_notice(_forward_kernel, "forward"):
+        _forward_kernel(*inputs, *p.flags(), p.want_last, out, last)
+    return (out, last) if p.want_last else out
 
 
-def backward(dout, args, coefficients, grads_out=None, stream=None):
+def backward(dout, params, grads_out=None, stream=None):
     """Run the backward kernel: (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias), None where the
     input was None. ``grads_out`` may map names ("du", "ddelta", "dz") to arrays to fill."""
-    x, dt = _prepared(args, coefficients)
-    batch, dim, length = x["u"].shape
-    dstate = x["A"].shape[1]
-    groups = x["Bt"].shape[1]
-    ntasks, nblk = _tasks(args)
+    p, dt = params, params.dtype
+    inputs = _prepared(p)
+    batch, dim, length, dstate, groups = p.batch, p.dim, p.length, p.dstate, p.groups
+    ntasks, nblk = _tasks(p)
     grads_out = grads_out or {}
     dout = np.ascontiguousarray(dout, dtype=dt)
     du = _check_out(grads_out.get("du"), "du", (batch, dim, length), dt)
     ddelta = _check_out(grads_out.get("ddelta"), "ddelta", (batch, dim, length), dt)
-    dz = _check_out(grads_out.get("dz"), "dz", (batch, dim, length), dt) if args.z is not None \
-        else np.zeros((1, 1, 1), dt)
+    dz = _check_out(grads_out.get("dz"), "dz", (batch, dim, length), dt) if p.has_z else np.zeros((1, 1, 1), dt)
     dBt = np.empty((batch, groups, length, dstate), dt)
     dCt = np.empty((batch, groups, length, dstate), dt)
     # One block per group: the block's partial is the result; else partials, summed in order.
@@ -537,19 +520,15 @@ def backward(dout, args, coefficients, grads_out=None, stream=None):
     dA_part = np.empty((batch, dim, dstate), dt)
     dD_part = np.empty((batch, dim), dt)
     dbias_part = np.empty((batch, dim), dt)
-    _backward_kernel(dout, x["u"], x["delta"], x["A"], x["Bt"], x["Ct"], x["D"], x["z"], x["delta_bias"],
-                     x["use_softplus"], x["coef_self"], x["coef_prev"], x["hold"], args.D is not None,
-                     args.z is not None, args.delta_bias is not None, x["has_map"], x["has_hold"], ckpt,
-                     du, ddelta, dz, dB_part, dC_part, dA_part, dD_part, dbias_part)
+    with compile_notice(_backward_kernel, "backward"):
+        _backward_kernel(dout, *inputs, *p.flags(), ckpt, du, ddelta, dz, dB_part, dC_part, dA_part, dD_part,
+                         dbias_part)
     if nblk > 1:
         _sum_blocks(dB_part, dBt)
         _sum_blocks(dC_part, dCt)
-    dB = dBt.transpose(0, 1, 3, 2)
-    dC = dCt.transpose(0, 1, 3, 2)
-    dB = np.ascontiguousarray(dB if args.B_grouped else dB[:, 0])
-    dC = np.ascontiguousarray(dC if args.C_grouped else dC[:, 0])
+    dB, dC = p.grouped(dBt.transpose(0, 1, 3, 2), dCt.transpose(0, 1, 3, 2))
     # Sums over the batch in a fixed order: deterministic whatever the thread count.
     dA = dA_part.sum(axis=0)
-    dD = dD_part.sum(axis=0) if args.D is not None else None
-    dbias = dbias_part.sum(axis=0) if args.delta_bias is not None else None
-    return du, ddelta, dA, dB, dC, dD, (dz if args.z is not None else None), dbias
+    dD = dD_part.sum(axis=0) if p.has_D else None
+    dbias = dbias_part.sum(axis=0) if p.has_bias else None
+    return du, ddelta, dA, np.ascontiguousarray(dB), np.ascontiguousarray(dC), dD, (dz if p.has_z else None), dbias

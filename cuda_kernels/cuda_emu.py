@@ -172,16 +172,16 @@ def launcher(threads=scan_cu.THREADS, items=scan_cu.ITEMS, source=scan_cu.SOURCE
     return launch
 
 
-def forward(args, coefficients, out=None, last_state=None, stream=None, threads=scan_cu.THREADS,
+def forward(params, out=None, last_state=None, stream=None, threads=scan_cu.THREADS,
             items=scan_cu.ITEMS, source=scan_cu.SOURCE):
     """out (batch, dim, M) [, last_state (batch, dim, N)] as NumPy arrays of the compute dtype,
     computed by scan.cu on the CPU with ``threads`` x ``items`` tokens per chunk."""
-    return scan_cu.forward(args, coefficients, np, launcher(threads, items, source), threads, items,
+    return scan_cu.forward(params, np, launcher(threads, items, source), threads, items,
                            out=out, last_state=last_state)
 
 
-def backward(dout, args, coefficients, grads_out=None, stream=None, threads=scan_cu.THREADS, items=scan_cu.ITEMS,
+def backward(dout, params, grads_out=None, stream=None, threads=scan_cu.THREADS, items=scan_cu.ITEMS,
              source=scan_cu.SOURCE):
     """(du, ddelta, dA, dB, dC, dD, dz, ddelta_bias) as NumPy arrays, by scan.cu on the CPU."""
-    return scan_cu.backward(dout, args, coefficients, np, launcher(threads, items, source), threads, items,
+    return scan_cu.backward(dout, params, np, launcher(threads, items, source), threads, items,
                             grads_out=grads_out)

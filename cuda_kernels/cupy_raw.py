@@ -58,15 +58,15 @@ def _stream(stream):
     return stream
 
 
-def forward(args, coefficients, out=None, last_state=None, stream=None):
+def forward(params, out=None, last_state=None, stream=None):
     """out (batch, dim, M) [, last_state (batch, dim, N)] as CuPy arrays of the compute dtype."""
     import cupy
     with _stream(stream):
-        return scan_cu.forward(args, coefficients, cupy, _launch, out=out, last_state=last_state)
+        return scan_cu.forward(params, cupy, _launch, out=out, last_state=last_state)
 
 
-def backward(dout, args, coefficients, grads_out=None, stream=None):
+def backward(dout, params, grads_out=None, stream=None):
     """(du, ddelta, dA, dB, dC, dD, dz, ddelta_bias) as CuPy arrays; None where the input was None."""
     import cupy
     with _stream(stream):
-        return scan_cu.backward(dout, args, coefficients, cupy, _launch, grads_out=grads_out)
+        return scan_cu.backward(dout, params, cupy, _launch, grads_out=grads_out)

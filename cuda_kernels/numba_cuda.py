@@ -32,8 +32,7 @@ import math
 import numpy as np
 from numba import cuda, types
 
-from reference.arguments import compute_dtype
-from reference.scan import SOFTPLUS_THRESHOLD
+from alignscan.reference.scan import SOFTPLUS_THRESHOLD
 
 __all__ = ["forward", "backward", "kernel_functions", "kernel_signatures", "launch_config"]
 
@@ -172,6 +171,19 @@ def kernel_functions(dstate, ch, tile, dtype_name):
             return Delta, Delta
         return Delta, coef_self[b, i] * Delta + coef_prev[b, i] * Delta_prev
 
+    @cuda.jit(device=True, inline=True)
+    def step(h, a_row, E, Delta, Delta_prev, du, du_prev, q, sB, B, b, g, t, i):
+        """h <- exp(E_i·A)·h + Δ_i·u_i·B_i, in place (SPEC §1); under "hold" (q > 0 pruned steps
+        before token i) also + exp(Δ_i·A)·S_q(Δ_{i-1}·A)·Δ_{i-1}·u_{i-1}·B_{i-1}, the input of
+        token i-1 held over the gap (reference.hold). B_i is staged in sB[t]; B_{i-1} in
+        sB[t - 1], or read from B at a tile's first token."""
+        for n in range(NS):
+            hn = math.exp(E * a_row[n]) * h[n] + du * sB[t, n]
+            if q > ZERO:
+                bp = sB[t - 1, n] if t > 0 else B[b, g, n, i - 1]
+                hn += math.exp(Delta * a_row[n]) * hold_sum(q, Delta_prev * a_row[n]) * du_prev * bp
+            h[n] = hn
+
     def forward_kernel(u, delta, A, B, C, D, z, bias, coef_self, coef_prev, hold, trailing,
                        use_softplus, has_D, has_z, has_bias, has_map, has_hold, want_last, out, last):
         tid = cuda.threadIdx.x
@@ -207,14 +219,10 @@ def kernel_functions(dstate, ch, tile, dtype_name):
                                           Delta_prev)
                     du = Delta * sU[tid, t]
                     q = hold[b, i] if has_hold else ZERO
+                    step(h, a_row, E, Delta, Delta_prev, du, du_prev, q, sB, B, b, g, t, i)
                     y = ZERO
                     for n in range(NS):
-                        hn = math.exp(E * a_row[n]) * h[n] + du * sB[t, n]
-                        if q > ZERO:   # "hold": token i-1's input, held over the gap (reference.hold)
-                            bp = sB[t - 1, n] if t > 0 else B[b, g, n, i - 1]
-                            hn += math.exp(Delta * a_row[n]) * hold_sum(q, Delta_prev * a_row[n]) * du_prev * bp
-                        h[n] = hn
-                        y += sC[t, n] * hn
+                        y += sC[t, n] * h[n]
                     y += D_d * sU[tid, t]
                     du_prev = du
                     if has_z:
@@ -233,8 +241,8 @@ def kernel_functions(dstate, ch, tile, dtype_name):
                     value += hold_sum(steps, Delta_prev * a_row[n]) * du_prev * B[b, g, n, M - 1]
                 last[b, d, n] = value
 
-    def backward_kernel(dout, u, delta, A, B, C, D, z, bias, coef_self, coef_prev, hold,
-                        use_softplus, has_D, has_z, has_bias, has_map, has_hold, ckpt,
+    def backward_kernel(u, delta, A, B, C, D, z, bias, coef_self, coef_prev, hold, trailing,
+                        use_softplus, has_D, has_z, has_bias, has_map, has_hold, dout, ckpt,
                         du_out, ddelta_out, dz_out, dB_part, dC_part, dA_part, dD_part, dbias_part):
         tid = cuda.threadIdx.x
         blk = cuda.blockIdx.x
@@ -288,12 +296,7 @@ def kernel_functions(dstate, ch, tile, dtype_name):
                                           Delta_prev)
                     du = Delta * sU[tid, t]
                     q = hold[b, i] if has_hold else ZERO
-                    for n in range(NS):
-                        hn = math.exp(E * a_row[n]) * h[n] + du * sB[t, n]
-                        if q > ZERO:
-                            bp = sB[t - 1, n] if t > 0 else B[b, g, n, i - 1]
-                            hn += math.exp(Delta * a_row[n]) * hold_sum(q, Delta_prev * a_row[n]) * du_prev * bp
-                        h[n] = hn
+                    step(h, a_row, E, Delta, Delta_prev, du, du_prev, q, sB, B, b, g, t, i)
                     Delta_prev = Delta
                     du_prev = du
             cuda.syncthreads()
@@ -334,13 +337,9 @@ def kernel_functions(dstate, ch, tile, dtype_name):
                     El[t] = E
                     du = Delta * sU[tid, t]
                     q = hold[b, i] if has_hold else ZERO
+                    step(h, a_row, E, Delta, Delta_prev, du, du_prev, q, sB, B, b, g, t, i)
                     for n in range(NS):
-                        hn = math.exp(E * a_row[n]) * h[n] + du * sB[t, n]
-                        if q > ZERO:
-                            bp = sB[t - 1, n] if t > 0 else B[b, g, n, i - 1]
-                            hn += math.exp(Delta * a_row[n]) * hold_sum(q, Delta_prev * a_row[n]) * du_prev * bp
-                        h[n] = hn
-                        hs[t * NS + n] = hn
+                        hs[t * NS + n] = h[n]
                     Delta_prev = Delta
                     du_prev = du
             for tt in range(tn):
@@ -462,7 +461,7 @@ def kernel_signatures(dtype_name):
     flag = types.boolean
     return {
         "forward": (a3, a3, a2, a4, a4, a1, a3, a1, a2, a2, a2, a1, flag, flag, flag, flag, flag, flag, flag, a3, a3),
-        "backward": (a3, a3, a3, a2, a4, a4, a1, a3, a1, a2, a2, a2, flag, flag, flag, flag, flag, flag, a4,
+        "backward": (a3, a3, a2, a4, a4, a1, a3, a1, a2, a2, a2, a1, flag, flag, flag, flag, flag, flag, a3, a4,
                      a3, a3, a3, a4, a4, a3, a2, a2),
         "reduce_blocks": (a4, types.int64, a4),
         "reduce_batch": (a2, a1),
@@ -502,10 +501,11 @@ class _Staging:
         return cuda.to_device(np.ascontiguousarray(x, dtype=self.dtype), stream=self.stream)
 
 
-def _inputs(args, stage):
-    return dict(u=stage(args.u, "u"), delta=stage(args.delta, "delta"), A=stage(args.A, "A"),
-                B=stage(args.B, "B"), C=stage(args.C, "C"), D=stage(args.D, "D"),
-                z=stage(args.z, "z", (1, 1, 1)), bias=stage(args.delta_bias, "delta_bias"))
+def _inputs(params, stage):
+    """The kernels' inputs (``params.INPUTS`` order) on the device, 1-element dummies (z:
+    (1, 1, 1); coefficients: (1, 1)) for absent ones, then the flags."""
+    shapes = {"z": (1, 1, 1), "coef_self": (1, 1), "coef_prev": (1, 1), "hold": (1, 1)}
+    return (*params.inputs(stage, lambda name: stage(None, name, shapes.get(name))), *params.flags())
 
 
 def _output(given, name, shape, stage):
@@ -518,70 +518,48 @@ def _output(given, name, shape, stage):
     return cuda.device_array(shape, dtype=stage.dtype, stream=stage.stream)
 
 
-def _grid(args, ch):
-    per_group = args.dim // args.groups
-    return (args.groups * ((per_group + ch - 1) // ch), args.batch)
+def _grid(params, ch):
+    return (params.groups * ((params.per_group + ch - 1) // ch), params.batch)
 
 
-def _map_arrays(coefficients, stage):
-    """The coefficient device arrays (coef_self, coef_prev, hold, trailing), or 1-element
-    dummies when there is no map."""
-    if coefficients is None:
-        dummy = cuda.to_device(np.zeros((1, 1), stage.dtype), stream=stage.stream)
-        return dummy, dummy, dummy, cuda.to_device(np.zeros(1, stage.dtype), stream=stage.stream)
-    return tuple(stage(a, name) for a, name in zip(coefficients, ("coef_self", "coef_prev", "hold", "trailing")))
-
-
-def forward(args, coefficients, out=None, last_state=None, stream=None, tile=None):
-    """Forward on validated ``ScanArgs`` and the map's coefficients (None: no map); NumPy in
-    gives NumPy out, device in gives device out. ``stream``: a numba stream or a raw CUDA
-    stream handle; ``tile``: tokens per tile (tests)."""
-    dt = compute_dtype(args.u.dtype)
+def forward(params, out=None, last_state=None, stream=None, tile=None):
+    """Forward of a scan's ``ScanParams``; NumPy in gives NumPy out, device in gives device out.
+    ``stream``: a numba stream or a raw CUDA stream handle; ``tile``: tokens per tile (tests)."""
+    p, dt = params, params.dtype
     st = _stream(stream)
     stage = _Staging(dt, st)
-    x = _inputs(args, stage)
-    batch, dim, M = args.u.shape
-    N = args.dstate
-    ch, tile = launch_config(N, dim // args.groups, tile)
-    coef_self, coef_prev, hold, trailing = _map_arrays(coefficients, stage)
-    has_hold = coefficients is not None and args.alignment == "hold"
-    out_d = _output(out, "out", (batch, dim, M), stage)
-    want_last = args.return_last_state
-    last_d = _output(last_state, "last_state", (batch, dim, N), stage) if want_last \
+    inputs = _inputs(p, stage)
+    ch, tile = launch_config(p.dstate, p.per_group, tile)
+    out_d = _output(out, "out", (p.batch, p.dim, p.length), stage)
+    last_d = _output(last_state, "last_state", (p.batch, p.dim, p.dstate), stage) if p.want_last \
         else cuda.device_array((1, 1, 1), dtype=dt, stream=st)
-    if batch * dim:
-        k = _compiled(N, ch, tile, dt.name)["forward"]
-        k[_grid(args, ch), ch, st](x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"], x["bias"],
-                                   coef_self, coef_prev, hold, trailing, args.delta_softplus, args.D is not None,
-                                   args.z is not None, args.delta_bias is not None, coefficients is not None,
-                                   has_hold, want_last, out_d, last_d)
+    if p.batch * p.dim:
+        k = _compiled(p.dstate, ch, tile, dt.name)["forward"]
+        k[_grid(p, ch), ch, st](*inputs, p.want_last, out_d, last_d)
     if stage.on_host and out is None:
         result = out_d.copy_to_host(stream=st)
-        last_h = last_d.copy_to_host(stream=st) if want_last else None
+        last_h = last_d.copy_to_host(stream=st) if p.want_last else None
         st.synchronize()
-        return (result, last_h) if want_last else result
-    return (out_d, last_d) if want_last else out_d
+        return (result, last_h) if p.want_last else result
+    return (out_d, last_d) if p.want_last else out_d
 
 
-def backward(dout, args, coefficients, grads_out=None, stream=None, tile=None):
+def backward(dout, params, grads_out=None, stream=None, tile=None):
     """(du, ddelta, dA, dB, dC, dD, dz, ddelta_bias); host in gives host out."""
-    dt = compute_dtype(args.u.dtype)
+    p, dt = params, params.dtype
     st = _stream(stream)
     stage = _Staging(dt, st)
-    x = _inputs(args, stage)
+    inputs = _inputs(p, stage)
     dout_d = stage(dout, "dout")
-    batch, dim, M = args.u.shape
-    N, G = args.dstate, args.groups
-    ch, tile = launch_config(N, dim // args.groups, tile)
-    grid = _grid(args, ch)
+    batch, dim, M, N, G = p.batch, p.dim, p.length, p.dstate, p.groups
+    ch, tile = launch_config(N, p.per_group, tile)
+    grid = _grid(p, ch)
     nblk = grid[0]
     ntiles = (M + tile - 1) // tile
-    coef_self, coef_prev, hold, _ = _map_arrays(coefficients, stage)
-    has_hold = coefficients is not None and args.alignment == "hold"
     grads_out = grads_out or {}
     du = _output(grads_out.get("du"), "du", (batch, dim, M), stage)
     ddelta = _output(grads_out.get("ddelta"), "ddelta", (batch, dim, M), stage)
-    dz = _output(grads_out.get("dz"), "dz", (batch, dim, M), stage) if args.z is not None \
+    dz = _output(grads_out.get("dz"), "dz", (batch, dim, M), stage) if p.has_z \
         else cuda.device_array((1, 1, 1), dtype=dt, stream=st)
     ckpt = cuda.device_array((batch, dim, max(ntiles, 1), N), dtype=dt, stream=st)
     dB_part = cuda.device_array((batch, nblk, N, M), dtype=dt, stream=st)
@@ -596,11 +574,8 @@ def backward(dout, args, coefficients, grads_out=None, stream=None, tile=None):
     dbias = cuda.device_array((dim,), dtype=dt, stream=st)
     kernels = _compiled(N, ch, tile, dt.name)
     if batch * dim:
-        kernels["backward"][grid, ch, st](
-            dout_d, x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"], x["bias"], coef_self, coef_prev,
-            hold, args.delta_softplus, args.D is not None, args.z is not None, args.delta_bias is not None,
-            coefficients is not None, has_hold, ckpt,
-            du, ddelta, dz, dB_part, dC_part, dA_part, dD_part, dbias_part)
+        kernels["backward"][grid, ch, st](*inputs, dout_d, ckpt, du, ddelta, dz, dB_part, dC_part, dA_part, dD_part,
+                                          dbias_part)
     threads = 128
     total = batch * G * N * M
     if total:
@@ -612,10 +587,9 @@ def backward(dout, args, coefficients, grads_out=None, stream=None, tile=None):
         n_out = target.shape[0]
         if n_out:
             kernels["reduce_batch"][(n_out + threads - 1) // threads, threads, st](part, target)
-    dB = dB if args.B_grouped else dB.reshape(batch, N, M)
-    dC = dC if args.C_grouped else dC.reshape(batch, N, M)
-    grads = [du, ddelta, dA, dB, dC, dD if args.D is not None else None,
-             dz if args.z is not None else None, dbias if args.delta_bias is not None else None]
+    dB, dC = p.grouped(dB, dC)
+    grads = [du, ddelta, dA, dB, dC, dD if p.has_D else None, dz if p.has_z else None,
+             dbias if p.has_bias else None]
     if stage.on_host:
         grads = [g.copy_to_host(stream=st) if g is not None else None for g in grads]
         st.synchronize()

@@ -133,21 +133,26 @@ __device__ __forceinline__ A block_sum(A v, A* s) {
     return total;
 }
 
+// The scan's inputs, shapes and flags, in the one form both kernels take them
+// (cuda_kernels/params.py: INPUTS, then dim, dstate, groups, length, then FLAGS). Absent
+// optional inputs are null pointers with their flag 0.
+#define SCAN_INPUTS(T)                                                                          \
+    const T* __restrict__ u, const T* __restrict__ delta,                                       \
+    const typename AccType<T>::type* __restrict__ A,                                            \
+    const T* __restrict__ B, const T* __restrict__ C,                                           \
+    const typename AccType<T>::type* __restrict__ D, const T* __restrict__ z,                   \
+    const typename AccType<T>::type* __restrict__ delta_bias,                                   \
+    const typename AccType<T>::type* __restrict__ coef_self,                                    \
+    const typename AccType<T>::type* __restrict__ coef_prev,                                    \
+    const typename AccType<T>::type* __restrict__ hold,                                         \
+    const typename AccType<T>::type* __restrict__ trailing,                                     \
+    int dim, int dstate, int groups, int length,                                                \
+    int use_softplus, int has_D, int has_z, int has_bias, int has_map, int has_hold
+
 // Forward. write_out = 0 computes only chunk_states (the backward's first sweep).
 template <typename T>
 __global__ void
-selective_scan_fwd(const T* __restrict__ u, const T* __restrict__ delta,
-                   const typename AccType<T>::type* __restrict__ A,
-                   const T* __restrict__ B, const T* __restrict__ C,
-                   const typename AccType<T>::type* __restrict__ D, const T* __restrict__ z,
-                   const typename AccType<T>::type* __restrict__ delta_bias,
-                   const typename AccType<T>::type* __restrict__ coef_self,
-                   const typename AccType<T>::type* __restrict__ coef_prev,
-                   const typename AccType<T>::type* __restrict__ hold,
-                   const typename AccType<T>::type* __restrict__ trailing,
-                   int dim, int dstate, int groups, int length,
-                   int use_softplus, int has_D, int has_z, int has_bias, int has_map, int has_hold, int write_out,
-                   int want_last,
+selective_scan_fwd(SCAN_INPUTS(T), int write_out, int want_last,
                    T* __restrict__ out, typename AccType<T>::type* __restrict__ last_state,
                    typename AccType<T>::type* __restrict__ chunk_states) {
     typedef typename AccType<T>::type acc_t;
@@ -272,16 +277,7 @@ selective_scan_fwd(const T* __restrict__ u, const T* __restrict__ delta,
 // write_out = 0. dB, dC (acc type, zeroed by the caller) receive atomicAdds.
 template <typename T>
 __global__ void
-selective_scan_bwd(const T* __restrict__ dout, const T* __restrict__ u, const T* __restrict__ delta,
-                   const typename AccType<T>::type* __restrict__ A,
-                   const T* __restrict__ B, const T* __restrict__ C,
-                   const typename AccType<T>::type* __restrict__ D, const T* __restrict__ z,
-                   const typename AccType<T>::type* __restrict__ delta_bias,
-                   const typename AccType<T>::type* __restrict__ coef_self,
-                   const typename AccType<T>::type* __restrict__ coef_prev,
-                   const typename AccType<T>::type* __restrict__ hold,
-                   int dim, int dstate, int groups, int length,
-                   int use_softplus, int has_D, int has_z, int has_bias, int has_map, int has_hold,
+selective_scan_bwd(SCAN_INPUTS(T), const T* __restrict__ dout,
                    const typename AccType<T>::type* __restrict__ chunk_states,
                    T* __restrict__ du, T* __restrict__ ddelta, T* __restrict__ dz,
                    typename AccType<T>::type* __restrict__ dB, typename AccType<T>::type* __restrict__ dC,

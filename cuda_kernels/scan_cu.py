@@ -11,8 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from reference.arguments import compute_dtype
-from reference.scan import SOFTPLUS_THRESHOLD
+from alignscan.reference.scan import SOFTPLUS_THRESHOLD
 
 __all__ = ["SOURCE", "THREADS", "ITEMS", "SPECIALISATIONS", "KERNELS", "defines", "kernel_names", "chunk_tokens",
            "launch_geometry", "forward", "backward"]
@@ -51,19 +50,13 @@ def launch_geometry(batch, dim, threads=THREADS):
     return (dim, batch), (threads,)
 
 
-def _flags(args, coefficients):
-    """use_softplus, has_D, has_z, has_bias, has_map, has_hold."""
-    return (np.int32(args.delta_softplus), np.int32(args.D is not None), np.int32(args.z is not None),
-            np.int32(args.delta_bias is not None), np.int32(coefficients is not None),
-            np.int32(coefficients is not None and args.alignment == "hold"))
-
-
-def _inputs(args, coefficients, xp, dt):
-    dev = lambda x: None if x is None else xp.ascontiguousarray(xp.asarray(x), dtype=dt)
-    x = dict(u=dev(args.u), delta=dev(args.delta), A=dev(args.A), B=dev(args.B), C=dev(args.C),
-             D=dev(args.D), z=dev(args.z), bias=dev(args.delta_bias))
-    coefs = (None,) * 4 if coefficients is None else tuple(dev(a) for a in coefficients)
-    return x, coefs
+def _inputs(params, xp):
+    """The kernels' shared inputs (``SCAN_INPUTS`` in scan.cu, ``params.INPUTS`` order, then
+    the shapes and the flags) as ``xp`` arrays of the compute dtype; absent ones are null."""
+    dt = params.dtype
+    arrays = params.inputs(lambda x, name: xp.ascontiguousarray(xp.asarray(x), dtype=dt), lambda name: None)
+    shapes = (np.int32(params.dim), np.int32(params.dstate), np.int32(params.groups), np.int32(params.length))
+    return (*arrays, *shapes, *(np.int32(f) for f in params.flags()))
 
 
 def _out(given, name, shape, xp, dt):
@@ -75,45 +68,31 @@ def _out(given, name, shape, xp, dt):
     return arr
 
 
-def _forward_launch(args, coefficients, x, coefs, dt, launch, threads, out, last, states, write_out, want_last):
-    b, d, m = args.u.shape
-    grid, block = launch_geometry(b, d, threads)
-    coef_self, coef_prev, hold, trailing = coefs
-    launch("selective_scan_fwd", dt, grid, block, (
-        x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"], x["bias"], coef_self, coef_prev, hold, trailing,
-        np.int32(d), np.int32(args.dstate), np.int32(args.groups), np.int32(m), *_flags(args, coefficients),
-        np.int32(write_out), np.int32(want_last), out, last, states))
+def forward(params, xp, launch, threads=THREADS, items=ITEMS, out=None, last_state=None):
+    """out (batch, dim, M) [, last_state (batch, dim, N)] as ``xp`` arrays of the compute dtype,
+    for a scan's ``ScanParams``."""
+    p, dt = params, params.dtype
+    out_d = _out(out, "out", (p.batch, p.dim, p.length), xp, dt)
+    last_d = _out(last_state, "last_state", (p.batch, p.dim, p.dstate), xp, dt) if p.want_last else None
+    if p.batch * p.dim:
+        grid, block = launch_geometry(p.batch, p.dim, threads)
+        launch("selective_scan_fwd", dt, grid, block,
+               (*_inputs(p, xp), np.int32(1), np.int32(p.want_last), out_d, last_d, None))
+    return (out_d, last_d) if p.want_last else out_d
 
 
-def forward(args, coefficients, xp, launch, threads=THREADS, items=ITEMS, out=None, last_state=None):
-    """out (batch, dim, M) [, last_state (batch, dim, N)] as ``xp`` arrays of the compute dtype.
-    ``coefficients``: the map's ``GapCoefficients`` (None: no map). Absent optional inputs
-    reach the kernel as null pointers (None)."""
-    dt = compute_dtype(args.u.dtype)
-    x, coefs = _inputs(args, coefficients, xp, dt)
-    b, d, m = args.u.shape
-    out_d = _out(out, "out", (b, d, m), xp, dt)
-    want_last = args.return_last_state
-    last_d = _out(last_state, "last_state", (b, d, args.dstate), xp, dt) if want_last else None
-    if b * d:
-        _forward_launch(args, coefficients, x, coefs, dt, launch, threads, out_d, last_d, None, 1, int(want_last))
-    return (out_d, last_d) if want_last else out_d
-
-
-def backward(dout, args, coefficients, xp, launch, threads=THREADS, items=ITEMS, grads_out=None):
+def backward(dout, params, xp, launch, threads=THREADS, items=ITEMS, grads_out=None):
     """(du, ddelta, dA, dB, dC, dD, dz, ddelta_bias) as ``xp`` arrays; None where the input was
     None. The forward kernel first saves the state at every chunk start (write_out = 0), then
     the backward kernel recomputes each chunk from it; dA, dD and ddelta_bias are summed over
     the batch here, in order."""
-    dt = compute_dtype(args.u.dtype)
+    p, dt = params, params.dtype
     grads_out = grads_out or {}
-    x, coefs = _inputs(args, coefficients, xp, dt)
-    b, d, m = args.u.shape
-    n, g = args.dstate, args.groups
+    b, d, m, n, g = p.batch, p.dim, p.length, p.dstate, p.groups
     dout_d = xp.ascontiguousarray(xp.asarray(dout), dtype=dt)
     du = _out(grads_out.get("du"), "du", (b, d, m), xp, dt)
     ddelta = _out(grads_out.get("ddelta"), "ddelta", (b, d, m), xp, dt)
-    dz = _out(grads_out.get("dz"), "dz", (b, d, m), xp, dt) if args.z is not None else None
+    dz = _out(grads_out.get("dz"), "dz", (b, d, m), xp, dt) if p.has_z else None
     dB = xp.zeros((b, g, n, m), dt)
     dC = xp.zeros((b, g, n, m), dt)
     dA_part = xp.zeros((b, d, n), dt)
@@ -122,19 +101,15 @@ def backward(dout, args, coefficients, xp, launch, threads=THREADS, items=ITEMS,
     nchunks = -(-m // chunk_tokens(threads, items))
     states = xp.empty((b, d, max(nchunks, 1), n), dt)
     if b * d and m:
-        _forward_launch(args, coefficients, x, coefs, dt, launch, threads, None, None, states, 0, 0)
+        inputs = _inputs(p, xp)
         grid, block = launch_geometry(b, d, threads)
-        coef_self, coef_prev, hold, _ = coefs
+        launch("selective_scan_fwd", dt, grid, block, (*inputs, np.int32(0), np.int32(0), None, None, states))
         launch("selective_scan_bwd", dt, grid, block, (
-            dout_d, x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"], x["bias"], coef_self, coef_prev, hold,
-            np.int32(d), np.int32(n), np.int32(g), np.int32(m), *_flags(args, coefficients), states,
-            du, ddelta, dz, dB, dC, dA_part, dD_part, dbias_part))
+            *inputs, dout_d, states, du, ddelta, dz, dB, dC, dA_part, dD_part, dbias_part))
     else:
         for arr in (du, ddelta, dz):
             if arr is not None:
                 arr.fill(0)
-    return (du, ddelta, dA_part.sum(axis=0), dB if args.B_grouped else dB[:, 0],
-            dC if args.C_grouped else dC[:, 0],
-            dD_part.sum(axis=0) if args.D is not None else None,
-            dz,
-            dbias_part.sum(axis=0) if args.delta_bias is not None else None)
+    dB, dC = p.grouped(dB, dC)
+    return (du, ddelta, dA_part.sum(axis=0), dB, dC, dD_part.sum(axis=0) if p.has_D else None, dz,
+            dbias_part.sum(axis=0) if p.has_bias else None)

@@ -1,4 +1,4 @@
-"""Loading the official checkpoints: ViM's ``{"model": state_dict}`` and PlainMamba's mmcls
+"""The official checkpoint layouts, read and written in this one module: ViM's ``{"model": state_dict}`` and PlainMamba's mmcls
 ``{"state_dict": ...}`` (keys ``backbone.*`` / ``head.*``, with ``ema_*`` entries to drop).
 
 A damaged file is a clear ValueError naming it, never a raw loader error or silently wrong
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["load_checkpoint", "checkpoint_state_dict", "read_checkpoint"]
+__all__ = ["load_checkpoint", "checkpoint_state_dict", "read_checkpoint", "write_checkpoint", "describe_mismatch"]
 
 
 def checkpoint_state_dict(obj, path="checkpoint"):
@@ -83,3 +83,46 @@ def load_checkpoint(model, path):
         raise ValueError(f"checkpoint {path} does not fit {type(model).__name__}: " + "; ".join(parts))
     model.load_state_dict(state, strict=True)
     return model
+
+
+def write_checkpoint(path, name, state, extra):
+    """Write ``state`` (and ``extra``: epoch, optimizer, ...) atomically in the released layout
+    of the model name's family (``alignscan.registry``): ViM ``{"model": ...}``, PlainMamba
+    (mmcls) ``{"state_dict": ..., "meta": ...}``. ``load_checkpoint`` reads it back."""
+    from alignscan import registry
+    from alignscan.outputs import save_torch
+    if registry.card(name).checkpoint_layout == "model":
+        blob = {"model": state, **extra}
+    else:
+        blob = {"state_dict": state, "meta": extra.get("meta", {}), **extra}
+    return save_torch(blob, path)
+
+
+def describe_mismatch(model, checkpoint_state, num_classes):
+    """What differs between a checkpoint and the model, in words (architecture, classes)."""
+    own = model.state_dict()
+    head = "head.weight" if "head.weight" in own else "head.fc.weight"
+    prefix_model = sorted({k.split(".")[0] for k in own})
+    prefix_ckpt = sorted({k.split(".")[0] for k in checkpoint_state})
+    notes = []
+    if prefix_model != prefix_ckpt:
+        notes.append(f"the checkpoint's weights are named {prefix_ckpt[:6]} but {type(model).__name__} has "
+                     f"{prefix_model[:6]}: it is for another architecture")
+    elif len(own) != len(checkpoint_state):
+        notes.append(f"the checkpoint has {len(checkpoint_state)} weights, the model {len(own)}: another depth or size")
+    if head in checkpoint_state and head in own and checkpoint_state[head].shape[0] != own[head].shape[0]:
+        notes.append(f"the checkpoint has {checkpoint_state[head].shape[0]} classes, the data folder {num_classes}")
+    widths = {k: (tuple(v.shape), tuple(own[k].shape)) for k, v in checkpoint_state.items()
+              if k in own and k != head and not k.startswith("head") and tuple(v.shape) != tuple(own[k].shape)}
+    pos = next((k for k in widths if k.endswith("pos_embed")), None)
+    if pos is not None and widths[pos][0][-1] == widths[pos][1][-1]:
+        # Same width, another number of tokens: the checkpoint was made at another image size.
+        (ckpt_tokens, model_tokens), rest = (widths[pos][0][1], widths[pos][1][1]), len(widths) - 1
+        notes.append(f"the checkpoint was made for another image size: its {pos} has {ckpt_tokens} tokens, "
+                     f"this model {model_tokens} (set the image size the checkpoint was trained at)"
+                     + (f"; {rest} other weights differ in shape too" if rest else ""))
+        widths = {}
+    if widths:
+        key, (a, b) = next(iter(widths.items()))
+        notes.append(f"{len(widths)} weights differ in shape (e.g. {key}: checkpoint {a}, model {b}): another width")
+    return "; ".join(notes)

@@ -17,7 +17,8 @@ import math
 
 import torch
 
-import reference as R
+from alignscan import reference as R
+from alignscan.registry import CARDS
 
 from .plainmamba import PLAINMAMBA_CONFIGS
 from .pruning import PruningConfig
@@ -26,10 +27,7 @@ from .vim import VIM_CONFIGS
 __all__ = ["flops", "token_counts", "PAPER_GFLOPS"]
 
 # Paper Table 1 (and Table 4): dense and pruned GFLOPs.
-PAPER_GFLOPS = {
-    "vim_tiny": (1.50, 1.29), "vim_small": (5.10, 3.60),
-    "plainmamba_l1": (3.0, 2.46), "plainmamba_l2": (8.1, 6.27), "plainmamba_l3": (14.4, 8.44),
-}
+PAPER_GFLOPS = {name: c.paper_gflops for name, c in CARDS.items()}
 
 
 def token_counts(depth, tokens, pruning, protected=0):
@@ -43,9 +41,23 @@ def token_counts(depth, tokens, pruning, protected=0):
     return counts
 
 
+def _effective(pruning, depth, tokens, protected=0):
+    """The pruning config, or None when no stage removes a token (keep 1.0, or no stage): the
+    recipe is then the dense one exactly (the pruned ViM recipe counts the class token, the
+    dense one does not, so "pruned" would otherwise cost more than dense)."""
+    if pruning is None or not pruning.active or pruning.mode == "mask":
+        return None
+    pruning.check_depth(depth)
+    n = tokens
+    for stage in range(len(pruning.schedule)):
+        n = R.keep_count(n, pruning.ratio(stage), n_protected=protected, rule=pruning.count_rule)
+    return pruning if n < tokens else None
+
+
 def _vim_flops(dim, depth, pruning, num_classes=1000, patches=196, patch=16, N=16):
     E, Rk = 2 * dim, math.ceil(dim / 16)
     total = patches * 3 * patch * patch * dim + dim * num_classes
+    pruning = _effective(pruning, depth, patches + 1, protected=1)
     counts = token_counts(depth, patches + 1, pruning, protected=1) if pruning is not None else [patches] * depth
     for L in counts:
         total += (L * dim * 2 * E + (L + 3) * E * 4 + L * E * (Rk + 2 * N) + L * Rk * E
@@ -57,6 +69,7 @@ def _plainmamba_flops(dim, depth, stem_convs, dw_after_first, pruning, mid=64, N
     E, Rk = 2 * dim, math.ceil(dim / 16)
     s = img // 2                                    # stem output side
     grid = img // 16
+    pruning = _effective(pruning, depth, grid * grid)
     total = s * s * mid * (3 * 49) + s * s * mid * 3          # stem conv; BN (2) + ReLU (1) per element
     total += stem_convs * (s * s * mid * (mid * 9) + s * s * mid * 3)
     total += grid * grid * dim * (mid * 64 + 1)               # 8x8 projection with bias

@@ -16,18 +16,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import reference as R
-from bridges import TorchPositionMap, selective_scan_fn
+from alignscan import reference as R
+from alignscan import registry
+from alignscan.bridges import selective_scan_fn
 
-from .pruning import PruningConfig, plan_indices, select_kept
+from .pruning import PruningConfig, check_images
+from .stages import Stages
 
 __all__ = ["PlainMamba", "PlainMamba2D", "plainmamba_l1", "plainmamba_l2", "plainmamba_l3", "PLAINMAMBA_CONFIGS"]
 
-PLAINMAMBA_CONFIGS = {
-    "plainmamba_l1": dict(embed_dim=192, depth=24, stem_convs=1, dw_after_first=True),
-    "plainmamba_l2": dict(embed_dim=384, depth=24, stem_convs=2, dw_after_first=False),
-    "plainmamba_l3": dict(embed_dim=448, depth=36, stem_convs=2, dw_after_first=False),
-}
+PLAINMAMBA_CONFIGS = {name: registry.card(name).config for name in registry.names("plainmamba")}   # alignscan.registry
 
 
 class PathPlan:
@@ -151,9 +149,12 @@ class PlainMamba(nn.Module):
     def __init__(self, embed_dim=192, depth=24, stem_convs=1, dw_after_first=True, num_classes=1000, img_size=224,
                  channels=3, pruning=None, backend=None):
         super().__init__()
+        if isinstance(img_size, bool) or not isinstance(img_size, int) or img_size < 16 or img_size % 16:
+            raise ValueError(f"img_size must be a positive multiple of 16 (the patch grid), got {img_size!r}")
         self.backend = backend        # every scan's backend (None: the registry's default for the device)
         self.embed_dim = embed_dim
-        self.pruning = pruning if pruning is not None else PruningConfig()
+        self.pruning = (pruning if pruning is not None else PruningConfig()).check_depth(depth)
+        self.img_size = img_size
         self.backbone = Backbone(embed_dim, depth, stem_convs, dw_after_first, img_size, channels)
         self.head = Head(embed_dim, num_classes)
 
@@ -161,46 +162,29 @@ class PlainMamba(nn.Module):
     def grid(self):
         return self.backbone.grid
 
-    def forward(self, images, return_kept=False, trace=None, keep_plan=None):
+    def forward(self, images, return_kept=False, keep_plan=None, record=None):
         """logits (b, classes); with return_kept also the kept raster indices (b, K) after
-        each pruning stage. A list passed as ``trace`` receives, per layer, (kept raster
-        indices (b, K), layer output (b, K, D)). keep_plan: optional list, one (b, K) tensor
-        per stage of the raster indices to keep (ascending, nested) instead of choosing them
-        by importance."""
+        each pruning stage. keep_plan: optional list, one (b, K) tensor per stage of the
+        raster indices to keep (ascending, nested) instead of choosing them by importance.
+        record: a ``Recorder`` that receives, per layer, the kept raster indices with the
+        layer output (``trace``) and with the merged SSM output (``mixer_outputs``)."""
         cfg = self.pruning
         bb = self.backbone
+        check_images(images, self.img_size, bb.patch_embed.stem[0].in_channels)
         x = bb.patch_embed(images).flatten(2).transpose(1, 2) + bb.pos_embed               # (b, HW, D)
         b, L, _ = x.shape
-        kept = torch.arange(L, device=x.device).expand(b, L)
-        kept_map = None
-        plan = PathPlan(kept_map, *self.grid, x.device)
-        active = torch.ones(b, L, dtype=torch.bool, device=x.device) if cfg.mode == "mask" else None
-        kept_per_stage = []
+        stages = Stages(cfg, b, L, x.device, keep_plan=keep_plan)
+        plan = PathPlan(None, *self.grid, x.device)
         for i, layer in enumerate(bb.layers):
-            x, y = layer(x, kept, plan, self.grid, cfg.alignment if kept_map is not None else "none", self.backend)
-            if trace is not None:
-                trace.append((kept, x))
-            stage = cfg.stage_after(i)
-            if stage is None:
-                continue
-            if keep_plan is not None:
-                sel = plan_indices(kept if cfg.mode != "mask" else torch.arange(L, device=x.device).expand(b, L),
-                                   keep_plan[stage], stage)
-            else:
-                sel = select_kept(y, cfg, stage, active=active)
-            if cfg.mode == "mask":
-                active = torch.zeros_like(active).scatter(1, sel, True)
-                x = x * active[..., None].to(x.dtype)
-                kept_per_stage.append(sel)
-                continue
-            x = torch.gather(x, 1, sel[..., None].expand(-1, -1, x.shape[-1]))
-            # The kept raster tokens as a map (SPEC §3: positions compose), then each path's.
-            kept_map = TorchPositionMap(sel, L) if kept_map is None else kept_map.compose(sel)
-            kept = kept_map.positions
-            plan = PathPlan(kept_map, *self.grid, x.device)
-            kept_per_stage.append(kept)
+            x, y = layer(x, stages.positions, plan, self.grid, stages.alignment, self.backend)
+            if record is not None:
+                record.layer(stages.positions, x, y)
+            was = stages.position_map
+            (x,) = stages.after_layer(i, y, x)
+            if stages.position_map is not was:
+                plan = PathPlan(stages.position_map, *self.grid, x.device)   # each snake path's map (SPEC §3)
         logits = self.head.fc(bb.ln1(x).mean(dim=1))
-        return (logits, kept_per_stage) if return_kept else logits
+        return (logits, stages.kept_per_stage) if return_kept else logits
 
 
 def _make(name):

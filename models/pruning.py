@@ -22,13 +22,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-import reference as R
+from alignscan import reference as R
+from alignscan.registry import CARDS, CONV_MODES, MODES
 
-__all__ = ["MODES", "PruningConfig", "paper_preset", "select_kept", "alignment_of", "PAPER_PRESETS", "plan_indices"]
+__all__ = ["MODES", "PruningConfig", "paper_preset", "select_kept", "alignment_of", "PAPER_PRESETS", "plan_indices",
+           "check_images"]
 
-MODES = ("dense", "align", "hold", "self", "relabel", "mask")
 _ALIGNMENT = {"dense": "none", "align": "prev", "hold": "hold", "self": "self", "relabel": "none", "mask": "none"}
-CONV_MODES = ("compact", "position_aware")
 
 
 def alignment_of(mode):
@@ -67,6 +67,9 @@ class PruningConfig:
             raise ValueError(f"count_rule must be one of {R.importance.COUNT_RULES}, got {self.count_rule!r}")
         if self.conv not in CONV_MODES:
             raise ValueError(f"conv must be one of {CONV_MODES}, got {self.conv!r}")
+        if isinstance(self.schedule, (str, bytes)) or not hasattr(self.schedule, "__iter__"):
+            raise TypeError(f"schedule must be a sequence of 1-based layer indices (e.g. (5, 10, 15)), "
+                            f"got {type(self.schedule).__name__} {self.schedule!r}")
         schedule = tuple(self.schedule)
         if any(not isinstance(s, (int, np.integer)) or s < 1 for s in schedule) or list(schedule) != sorted(set(schedule)):
             raise ValueError(f"schedule must be strictly increasing 1-based layer indices, got {self.schedule!r}")
@@ -91,6 +94,27 @@ class PruningConfig:
     def ratio(self, stage):
         return self.keep_ratio[stage] if isinstance(self.keep_ratio, tuple) else self.keep_ratio
 
+    def check_depth(self, depth):
+        """ValueError naming ``schedule`` when a stage lies beyond a model of ``depth`` layers (it
+        would never run: the model would be silently dense, or less pruned than asked)."""
+        if self.active and self.schedule[-1] > depth:
+            beyond = [s for s in self.schedule if s > depth]
+            raise ValueError(f"schedule must name layers 1..{depth} of this {depth}-layer model, got {self.schedule} "
+                             f"({', '.join(map(str, beyond))} beyond its depth)")
+        return self
+
+    def check_plan(self, keep_plan):
+        """ValueError naming ``keep_plan`` unless it has one entry per stage."""
+        if keep_plan is None:
+            return
+        if isinstance(keep_plan, torch.Tensor) or not hasattr(keep_plan, "__len__"):
+            raise TypeError(f"keep_plan must be a list with one (batch, K) tensor per stage, "
+                            f"got {type(keep_plan).__name__}")
+        stages = len(self.schedule) if self.active else 0
+        if len(keep_plan) != stages:
+            raise ValueError(f"keep_plan must have one entry per pruning stage ({stages}: schedule "
+                             f"{self.schedule if self.active else '(none)'}), got {len(keep_plan)}")
+
     def stage_after(self, layer_index):
         """The stage (0-based) that prunes after 0-based layer ``layer_index``, or None."""
         if not self.active:
@@ -99,13 +123,8 @@ class PruningConfig:
 
 
 # SPEC §5: schedules of the released code and keep ratios that reproduce the paper's FLOPs.
-PAPER_PRESETS = {
-    "vim_tiny": dict(schedule=(10, 20), keep_ratio=0.8, count_rule="vim"),
-    "vim_small": dict(schedule=(5, 10, 15), keep_ratio=0.8, count_rule="vim"),
-    "plainmamba_l1": dict(schedule=(5, 10), keep_ratio=0.8),
-    "plainmamba_l2": dict(schedule=(5, 10, 15), keep_ratio=0.82),
-    "plainmamba_l3": dict(schedule=(5, 11, 17, 23), keep_ratio=0.74),
-}
+# (read from the one table, alignscan.registry).
+PAPER_PRESETS = {name: c.preset for name, c in CARDS.items()}
 
 
 def paper_preset(name, mode="align", **overrides):
@@ -149,12 +168,30 @@ def plan_indices(current, planned, stage):
         planned: (batch, K) ascending positions the plan keeps at this stage: a subset of
             ``current`` (plans are nested across stages).
     """
-    planned = planned.to(current.device)
+    if not isinstance(planned, torch.Tensor):
+        planned = torch.as_tensor(np.asarray(planned))
+    if planned.dtype in (torch.bool,) or planned.is_floating_point() or planned.is_complex():
+        raise TypeError(f"keep_plan[{stage}] must hold integer token indices, got {planned.dtype}")
+    planned = planned.to(current.device, torch.long)
     if planned.dim() != 2 or planned.shape[0] != current.shape[0]:
         raise ValueError(f"keep_plan[{stage}] must have shape (batch={current.shape[0]}, K), "
                          f"got {tuple(planned.shape)}")
+    if planned.shape[1] and not bool((planned[:, 1:] > planned[:, :-1]).all()):
+        raise ValueError(f"keep_plan[{stage}] must be strictly increasing in each row (ascending original indices)")
     index = torch.searchsorted(current.contiguous(), planned.contiguous()).clamp(max=current.shape[1] - 1)
     if not torch.equal(torch.gather(current, 1, index), planned):
         raise ValueError(f"keep_plan[{stage}] must keep a subset of the tokens still there at that stage "
                          f"(plans are nested, ascending, original indices)")
     return index
+
+
+def check_images(images, size, channels):
+    """ValueError naming ``images`` unless they are (batch, channels, size, size): a model made
+    for one input size would otherwise drop the extra pixels silently (225 into 224) or fail
+    deep inside (240)."""
+    if not isinstance(images, torch.Tensor):
+        raise TypeError(f"images must be a torch.Tensor (batch, {channels}, {size}, {size}), "
+                        f"got {type(images).__name__}")
+    if images.dim() != 4 or tuple(images.shape[1:]) != (channels, size, size):
+        raise ValueError(f"images must have shape (batch, {channels}, {size}, {size}) for this model "
+                         f"(img_size={size}), got {tuple(images.shape)}")

@@ -15,13 +15,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bridges import TorchPositionMap, selective_scan_fn
+from alignscan import registry
+from alignscan.bridges import selective_scan_fn
 
-from .pruning import PruningConfig, plan_indices, select_kept
+from .pruning import PruningConfig, check_images
+from .stages import Stages
 
 __all__ = ["VisionMamba", "RMSNorm", "BiMambaMixer", "vim_tiny", "vim_small", "VIM_CONFIGS"]
 
-VIM_CONFIGS = {"vim_tiny": dict(embed_dim=192, depth=24), "vim_small": dict(embed_dim=384, depth=24)}
+VIM_CONFIGS = {name: registry.card(name).config for name in registry.names("vim")}   # the one table: alignscan.registry
 
 
 class RMSNorm(nn.Module):
@@ -145,13 +147,16 @@ class VisionMamba(nn.Module):
     def __init__(self, embed_dim=192, depth=24, img_size=224, patch_size=16, num_classes=1000, channels=3,
                  pruning=None, backend=None):
         super().__init__()
+        if isinstance(img_size, bool) or not isinstance(img_size, int) or img_size < 16 or img_size % 16:
+            raise ValueError(f"img_size must be a positive multiple of 16 (the patch grid), got {img_size!r}")
         self.backend = backend        # every scan's backend (None: the registry's default for the device)
         self.embed_dim = embed_dim
         self.grid = img_size // patch_size
         self.num_patches = self.grid ** 2
         self.cls_index = self.num_patches // 2
         self.num_tokens = self.num_patches + 1
-        self.pruning = pruning if pruning is not None else PruningConfig()
+        self.pruning = (pruning if pruning is not None else PruningConfig()).check_depth(depth)
+        self.img_size = img_size
         self.patch_embed = PatchEmbed(embed_dim, patch_size, channels)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, self.num_tokens, embed_dim))
@@ -162,71 +167,45 @@ class VisionMamba(nn.Module):
         nn.init.trunc_normal_(self.cls_token, std=0.02)
 
     def embed(self, images):
+        check_images(images, self.img_size, self.patch_embed.proj.in_channels)
         x = self.patch_embed(images)
         b = x.shape[0]
         c = self.cls_index
         x = torch.cat([x[:, :c], self.cls_token.expand(b, -1, -1), x[:, c:]], dim=1)
         return x + self.pos_embed
 
-    def forward(self, images, return_kept=False, trace=None, scans=None, keep_plan=None, mixer_outputs=None):
+    def forward(self, images, return_kept=False, keep_plan=None, record=None):
         """logits (b, classes); with return_kept also the kept positions (b, K) after each
         pruning stage (indices into the 197 tokens, the class token at index 98).
 
         keep_plan: optional list, one (b, K) tensor per stage of the original indices to keep
             (ascending, nested, the class token included): the tokens are then not chosen
             by importance, so several modes can be run on exactly the same tokens.
-        trace: a list that receives, per layer, (positions (b, L), residual stream (b, L, D)).
-        scans: a list that receives every scan's arguments, map and output (forward branch,
-            then backward branch, layer by layer).
-        mixer_outputs: a list that receives, per layer, (positions (b, L), y (b, E, L)), the
-            merged gated SSM output the importance is computed from.
+        record: a ``Recorder`` that receives, per layer, the positions with the residual
+            stream (``trace``) and with the merged SSM output (``mixer_outputs``), and every
+            scan's arguments, map and output (``scans``).
         """
         cfg = self.pruning
         hidden = self.embed(images)
         b, L, _ = hidden.shape
-        device = hidden.device
-        positions = torch.arange(L, device=device).expand(b, L)
-        position_map = flipped_map = None                                                  # made once per stage
-        cls_at = torch.full((b, 1), self.cls_index, device=device, dtype=torch.long)   # index in the compact axis
-        active = torch.ones(b, L, dtype=torch.bool, device=device) if cfg.mode == "mask" else None
-        residual, kept_per_stage = None, []
+        stages = Stages(cfg, b, L, hidden.device, keep_plan=keep_plan, protected=self.cls_index)
+        flipped_map = None                                                                 # made once per stage
+        residual = None
         for i, layer in enumerate(self.layers):
-            scan = dict(position_map=position_map, flipped_map=flipped_map,
-                        alignment=cfg.alignment if position_map is not None else "none",
-                        position_aware=position_map is not None and cfg.conv == "position_aware",
-                        backend=self.backend, record=scans)
-            hidden, residual, y = layer(hidden, residual, **scan)
-            if trace is not None:
-                trace.append((positions, residual + hidden.float()))
-            if mixer_outputs is not None:
-                mixer_outputs.append((positions, y))
-            stage = cfg.stage_after(i)
-            if stage is None:
-                continue
-            if keep_plan is not None:
-                kept = plan_indices(positions if cfg.mode != "mask" else torch.arange(L, device=device).expand(b, L),
-                                    keep_plan[stage], stage)
-                if not (torch.gather(positions, 1, kept) == self.cls_index).any(dim=1).all() and cfg.mode != "mask":
-                    raise ValueError(f"keep_plan[{stage}] must keep the class token (index {self.cls_index})")
-            else:
-                kept = select_kept(y, cfg, stage, active=active, protected=cls_at)
-            if cfg.mode == "mask":
-                active = torch.zeros_like(active).scatter(1, kept, True)
-                keep = active[..., None].to(hidden.dtype)
-                hidden, residual = hidden * keep, residual * keep.to(residual.dtype)
-                kept_per_stage.append(kept)
-                continue
-            gather = lambda t: torch.gather(t, 1, kept[..., None].expand(-1, -1, t.shape[-1]))
-            hidden, residual = gather(hidden), gather(residual)
-            # The next stage's map (SPEC §3: positions compose) and its flip, once per stage.
-            position_map = TorchPositionMap(kept, L) if position_map is None else position_map.compose(kept)
-            flipped_map = position_map.flip()
-            positions = position_map.positions
-            cls_at = (kept == cls_at).long().argmax(dim=1, keepdim=True)
-            kept_per_stage.append(positions)
+            hidden, residual, y = layer(hidden, residual, position_map=stages.position_map, flipped_map=flipped_map,
+                                        alignment=stages.alignment,
+                                        position_aware=stages.pruned and cfg.conv == "position_aware",
+                                        backend=self.backend, record=None if record is None else record.scans)
+            if record is not None:
+                record.layer(stages.positions, residual + hidden.float(), y)
+            was = stages.position_map
+            hidden, residual = stages.after_layer(i, y, hidden, residual)
+            if stages.position_map is not was:
+                flipped_map = stages.position_map.flip()         # the backward branch's map (SPEC §3)
         final = self.norm_f((residual + hidden.float()).to(self.norm_f.weight.dtype))
+        cls_at = stages.protected_at
         logits = self.head(torch.gather(final, 1, cls_at[..., None].expand(-1, -1, final.shape[-1]))[:, 0])
-        return (logits, kept_per_stage) if return_kept else logits
+        return (logits, stages.kept_per_stage) if return_kept else logits
 
 
 def vim_tiny(pruning=None, num_classes=1000, **kwargs):

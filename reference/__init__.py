@@ -24,8 +24,18 @@ from .arguments import ALIGNMENTS, ScanArgs, compute_dtype, compute_dtype_name, 
 from .attention import hidden_attention
 from .importance import METRICS, keep_count, select_tokens, token_importance
 from .oracles import delta_rewrite, expand_to_dense
-from .positions import (GapCoefficients, PositionMap, compose, flip_positions, gaps, mask_to_positions,
-                        path_positions, positions_to_mask, snake_paths, validate_positions)
+from .positions import (
+                        GapCoefficients,
+                        PositionMap,
+                        compose,
+                        flip_positions,
+                        gaps,
+                        mask_to_positions,
+                        path_positions,
+                        positions_to_mask,
+                        snake_paths,
+                        validate_positions,
+)
 from .scan import SOFTPLUS_THRESHOLD, hidden_states, selective_scan, selective_scan_backward
 from .tolerances import TOLERANCES, assert_within_tolerance, max_deviation, tolerance, within_tolerance
 

@@ -214,8 +214,9 @@ def validate_scan_args(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     Raises:
         TypeError: an argument has the wrong type (non-float array, non-integer positions,
             a non-bool flag, a non-int or bool seqlen).
-        ValueError: wrong ndim or shape, dim not divisible by G, N > 256, a bad position
-            map, tensors on several devices, or an unknown alignment.
+        ValueError: wrong ndim or shape, dim not divisible by G, B and C with different
+            group counts, N > 256, a bad position map, tensors on several devices, or an
+            unknown alignment.
     """
     u = _as_array(u, "u")
     if u.ndim != 3:
@@ -232,6 +233,11 @@ def validate_scan_args(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
         raise ValueError(f"A must have 1 <= N <= 256 state columns, got N={dstate}")
     B, B_grouped = _grouped(B, "B", batch, dim, dstate, length)
     C, C_grouped = _grouped(C, "C", batch, dim, dstate, length)
+    if C.shape[1] != B.shape[1]:
+        # As mamba_ssm's kernels: one group count for B and C (channel d reads group
+        # d // (dim / G) of both). Broadcasting one group over the other is not done silently.
+        raise ValueError(f"C must have the same number of groups as B (G={B.shape[1]}), got G={C.shape[1]} "
+                         f"(shape {tuple(C.shape) if C_grouped else tuple(C.shape[:1]) + tuple(C.shape[2:])})")
     _check_shape(D, "D", (dim,), "(dim,)")
     _check_shape(z, "z", u.shape, "(batch, dim, M) like u")
     _check_shape(delta_bias, "delta_bias", (dim,), "(dim,)")

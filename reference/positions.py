@@ -143,6 +143,14 @@ class GapCoefficients(NamedTuple):
     trailing: Any    # (batch,)
 
 
+def _owned(array):
+    """A read-only copy that belongs to the map: a caller who changes the array they built the
+    map from cannot change a validated map (or disagree with its cached coefficients)."""
+    owned = np.array(array, copy=True, order="C")
+    owned.setflags(write=False)
+    return owned
+
+
 class PositionMap:
     """A validated position map: where the M remaining tokens of each row sit on the
     unpruned scan path, and everything a scan derives from that (SPEC §1, §3).
@@ -173,8 +181,8 @@ class PositionMap:
             length = arr.shape[-1] if arr.ndim else 0
         if batch is None or length is None:
             raise ValueError("a PositionMap without positions needs batch and length")
-        self.positions, self.seqlen_rows = validate_positions(positions, batch=batch, length=length, seqlen=seqlen,
-                                                              name=name)
+        positions, seqlen_rows = validate_positions(positions, batch=batch, length=length, seqlen=seqlen, name=name)
+        self.positions, self.seqlen_rows = _owned(positions), _owned(seqlen_rows)
         self._coefficients = {}
         self.device_cache = {}   # per backend: coefficients already copied to its device
 
@@ -182,10 +190,10 @@ class PositionMap:
     def from_rows(cls, positions, seqlen_rows, name="positions"):
         """A map with one path length per row (what flip and compose produce); checked."""
         obj = cls.__new__(cls)
-        obj.positions = np.ascontiguousarray(_as_integer_array(positions, name))
+        obj.positions = _owned(_as_integer_array(positions, name))
         if obj.positions.ndim != 2:
             raise ValueError(f"{name} must have shape (batch, M), got ndim {obj.positions.ndim}")
-        obj.seqlen_rows = np.ascontiguousarray(_as_integer_array(seqlen_rows, "seqlen_rows"))
+        obj.seqlen_rows = _owned(_as_integer_array(seqlen_rows, "seqlen_rows"))
         if obj.seqlen_rows.shape != (obj.positions.shape[0],):
             raise ValueError(f"seqlen_rows must have shape (batch,) = ({obj.positions.shape[0]},), "
                              f"got {obj.seqlen_rows.shape}")

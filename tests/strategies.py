@@ -11,8 +11,8 @@ from __future__ import annotations
 import numpy as np
 from hypothesis import strategies as st
 
-from bench.problems import ScanProblem, make_problem  # noqa: F401 (re-exported for tests)
-from reference import ALIGNMENTS
+from alignscan.reference import ALIGNMENTS
+from alignscan.testing import ScanProblem, make_problem  # noqa: F401 (re-exported for tests)
 
 MASK_STYLES = ("random", "all", "one", "leading", "trailing", "every_gap", "none")
 

@@ -15,5 +15,5 @@ def test_readme_examples_run():
 
 def test_readme_names_the_two_commands():
     text = README.read_text()
-    assert 'pip install torch==2.13.0 && pip install -e ".[all,ptx]" && python -m bench' in text
+    assert 'pip install torch==2.13.0 && pip install -e ".[all,ptx]" && python -m alignscan.bench' in text
     assert "python -m pytest" in text

@@ -1,4 +1,4 @@
-"""bench.gpu_run is ready for a lent GPU: a dry run exercises every step here, with only the
+"""alignscan.bench.gpu_run is ready for a lent GPU: a dry run exercises every step here, with only the
 packages the GPU machine's image has (tqdm, matplotlib, SciPy and scikit-learn are blocked),
 from the repository root with PYTHONPATH=., and writes its JSON into $OUT."""
 import json
@@ -33,7 +33,7 @@ def test_dry_run_needs_only_the_gpu_image_packages_and_writes_its_json_into_OUT(
     out = tmp_path / "out"
     out.mkdir()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(blocker), "."]), "OUT": str(out)}
-    run = subprocess.run([sys.executable, "-m", "bench.gpu_run", "--dry-run", "--budget-s", "240"], cwd=REPO, env=env,
+    run = subprocess.run([sys.executable, "-m", "alignscan.bench.gpu_run", "--dry-run", "--budget-s", "240"], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     for step in ("1/4 GPU tests", "2/4 copy bandwidth", "3/4 kernels", "4/4 model throughput"):
@@ -51,6 +51,6 @@ def test_dry_run_needs_only_the_gpu_image_packages_and_writes_its_json_into_OUT(
 
 
 def test_without_a_gpu_it_says_so_and_exits_2():
-    run = subprocess.run([sys.executable, "-m", "bench.gpu_run"], cwd=REPO, capture_output=True, text=True,
+    run = subprocess.run([sys.executable, "-m", "alignscan.bench.gpu_run"], cwd=REPO, capture_output=True, text=True,
                          timeout=300)
     assert run.returncode == 2 and "no GPU for CuPy here" in run.stdout and "--dry-run" in run.stdout

@@ -7,15 +7,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import reference as R
-from bench.kernels import kernel_table
-from bench.problems import vim_layer_problem
+from alignscan import reference as R
+from alignscan.bench.kernels import kernel_table
+from alignscan.testing import vim_layer_problem
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def test_quick_main_job_writes_results_and_plot(tmp_path):
-    run = subprocess.run([sys.executable, "-m", "bench", "--quick", "--out", str(tmp_path)], cwd=REPO,
+    run = subprocess.run([sys.executable, "-m", "alignscan.bench", "--quick", "--out", str(tmp_path)], cwd=REPO,
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
@@ -31,7 +31,7 @@ def test_kernel_table_deviation_is_the_library_deviation():
     (row,) = kernel_table(backends=("numba-cpu",), alignments=("prev",), keep_ratios=(0.7,), batch=1, dim=16,
                           repeats=1, backward=False, progress=False)
     p = vim_layer_problem(batch=1, dim=16, keep_ratio=0.7, alignment="prev", dtype=np.float32)
-    import cuda_kernels as K
+    from alignscan import cuda_kernels as K
     out = K.selective_scan_fwd(**p.kwargs(return_last_state=False))
     assert row["max_rel_dev"] == R.max_deviation(out, R.selective_scan(**p.kwargs(return_last_state=False)))[1]
     assert row["tokens"] == p.u.shape[2]
@@ -39,14 +39,14 @@ def test_kernel_table_deviation_is_the_library_deviation():
 
 def test_every_subcommand_has_help():
     for args in (["--help"], ["kernels", "--help"]):
-        run = subprocess.run([sys.executable, "-m", "bench", *args], cwd=REPO, capture_output=True, text=True,
+        run = subprocess.run([sys.executable, "-m", "alignscan.bench", *args], cwd=REPO, capture_output=True, text=True,
                              timeout=120)
         assert run.returncode == 0 and "usage" in run.stdout
 
 
 def test_flops_subcommand_prints_the_library_numbers(tmp_path):
-    import models
-    run = subprocess.run([sys.executable, "-m", "bench", "flops", "--out", str(tmp_path)], cwd=REPO,
+    from alignscan import models
+    run = subprocess.run([sys.executable, "-m", "alignscan.bench", "flops", "--out", str(tmp_path)], cwd=REPO,
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     rows = json.loads((tmp_path / "flops.json").read_text())["flops"]
@@ -57,7 +57,7 @@ def test_flops_subcommand_prints_the_library_numbers(tmp_path):
 
 
 def test_models_subcommand_quick(tmp_path):
-    run = subprocess.run([sys.executable, "-m", "bench", "models", "--quick", "--out", str(tmp_path)], cwd=REPO,
+    run = subprocess.run([sys.executable, "-m", "alignscan.bench", "models", "--quick", "--out", str(tmp_path)], cwd=REPO,
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     rows = json.loads((tmp_path / "models.json").read_text())["throughput"]
@@ -68,13 +68,13 @@ def test_models_subcommand_quick(tmp_path):
 
 def test_every_subcommand_help():
     for sub in ("flops", "models"):
-        run = subprocess.run([sys.executable, "-m", "bench", sub, "--help"], cwd=REPO, capture_output=True,
+        run = subprocess.run([sys.executable, "-m", "alignscan.bench", sub, "--help"], cwd=REPO, capture_output=True,
                              text=True, timeout=120)
         assert run.returncode == 0 and "usage" in run.stdout
 
 
 def _bench(*args, env=None, timeout=300):
-    return subprocess.run([sys.executable, "-m", "bench", *args], cwd=REPO, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "alignscan.bench", *args], cwd=REPO, capture_output=True, text=True,
                           timeout=timeout, env=env)
 
 
@@ -85,6 +85,8 @@ def test_options_before_the_subcommand_are_honoured(tmp_path):
     assert result["quick"] is True and result["arguments"]["threads"] == 2
     assert result["machine"]["numba_threads"] == 2
     assert set(result["machine"]["versions"]) >= {"python", "numpy", "numba", "torch"}
+    assert result["machine"]["instruction_set"] in ("AVX-512", "AVX2", "AVX", "SSE") or result["machine"]["machine"]
+    assert 0.05 < result["memory"]["peak_rss_gb"] < 24                 # the run's own peak, recorded
 
 
 def test_a_bad_out_folder_is_a_usage_error_before_any_work():
@@ -105,7 +107,7 @@ def test_bad_threads_and_a_bad_backend_variable_are_usage_errors(tmp_path):
 
 
 def test_an_error_inside_a_run_is_not_hidden_as_a_usage_error(tmp_path, monkeypatch):
-    from bench import cli
+    from alignscan.bench import cli
 
     def broken(args):
         raise ValueError("a bug inside the run")
@@ -115,7 +117,7 @@ def test_an_error_inside_a_run_is_not_hidden_as_a_usage_error(tmp_path, monkeypa
 
 
 def _fake_timing_check(values):
-    from bench.kernels import timing_check
+    from alignscan.bench.checks import timing_check
     values = iter(values)
     first = next(values)
     return timing_check("a ratio", first, "<= 1.10", lambda v: v <= 1.10, lambda: next(values))
@@ -125,7 +127,7 @@ def _fake_timing_check(values):
                                                         ((1.18, 1.20), True, 1, False)])
 def test_a_missed_timing_goal_is_timed_again_and_fails_only_with_strict(tmp_path, monkeypatch, capsys, values,
                                                                          strict, code, passed):
-    from bench import cli
+    from alignscan.bench import cli
     monkeypatch.setattr(cli, "run_flops", lambda args: {"performance_checks": [_fake_timing_check(values)]})
     argv = ["flops", "--out", str(tmp_path)] + (["--strict"] if strict else [])
     assert cli.main(argv) == code
@@ -135,10 +137,3 @@ def test_a_missed_timing_goal_is_timed_again_and_fails_only_with_strict(tmp_path
     assert check["passed"] is passed and check["first_value"] == 1.18 and check["kind"] == "timing"
     if not passed:
         assert "only with --strict" in out
-
-
-def test_the_command_line_choices_are_the_models(tmp_path):
-    import models
-    from bench.choices import CONV_MODES, MODEL_NAMES
-    from models.pruning import CONV_MODES as MODEL_CONV_MODES
-    assert MODEL_NAMES == models.NAMES and CONV_MODES == MODEL_CONV_MODES

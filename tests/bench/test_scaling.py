@@ -1,7 +1,7 @@
 """The scaling benchmark's fresh-process measurement: its peak memory is the child's own."""
 import numpy as np
 
-from bench.scaling import measure
+from alignscan.bench.scaling import measure
 
 
 def test_peak_memory_is_the_measuring_process_own_not_its_parents():

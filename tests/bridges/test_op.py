@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-import cuda_kernels as K
-import reference as R
-from bench.problems import make_problem
-from bridges import resolve_backend, selective_scan_fn
+from alignscan import cuda_kernels as K
+from alignscan import reference as R
+from alignscan.bridges import resolve_backend, selective_scan_fn
+from alignscan.testing import make_problem
 from tests.bridges.helpers import GRAD_NAMES, run, tensors
 
 
@@ -79,7 +79,7 @@ def test_backend_choice_by_device_env_and_argument(monkeypatch):
 def test_env_backend_is_used_by_the_op(monkeypatch):
     p = make_problem(np.random.default_rng(0), batch=1, dim=2, dstate=2, length=4)
     calls = []
-    import bridges.scan_op as scan_op
+    import alignscan.bridges.scan_op as scan_op
     real = scan_op.scan_twin
     monkeypatch.setattr(scan_op, "scan_twin", lambda args: calls.append(1) or real(args))
     monkeypatch.setenv("ALIGNSCAN_BACKEND", "torch")
@@ -97,7 +97,7 @@ def test_a_bad_environment_variable_is_named(monkeypatch):
 
 
 def test_the_registry_knows_every_backend_once():
-    from cuda_kernels import backends
+    from alignscan.cuda_kernels import backends
     names = backends.names()
     assert len(names) == len(set(names)) and "torch" in names and "numba-cpu" in names
     for name in names:

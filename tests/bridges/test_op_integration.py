@@ -3,10 +3,10 @@ import numpy as np
 import pytest
 import torch
 
-import cuda_kernels as K
-import reference as R
-from bench.problems import make_problem
-from bridges import TorchPositionMap, selective_scan_fn
+from alignscan import cuda_kernels as K
+from alignscan import reference as R
+from alignscan.bridges import TorchPositionMap, selective_scan_fn
+from alignscan.testing import make_problem
 from tests.bridges.helpers import GRAD_NAMES, run, tensors
 
 
@@ -18,15 +18,15 @@ def _problem(**kw):
 
 
 def test_kernel_writes_into_torch_storage_and_reads_inputs_without_copies(monkeypatch):
-    from cuda_kernels import cpu
+    from alignscan.cuda_kernels import cpu
     p = _problem(dtype=np.float32)
     ts = tensors(p, requires_grad=False)
     seen = {}
     real = cpu.forward
 
-    def spy(args, coefficients, out=None, **kw):
-        seen["u"], seen["out"], seen["coef_self"] = args.u, out, coefficients.coef_self
-        return real(args, coefficients, out=out, **kw)
+    def spy(params, out=None, **kw):
+        seen["u"], seen["out"], seen["coef_self"] = params.args.u, out, params.coefficients.coef_self
+        return real(params, out=out, **kw)
     monkeypatch.setattr(cpu, "forward", spy)
     position_map = TorchPositionMap(torch.tensor(p.positions), 14)
     out = selective_scan_fn(*(ts[n] for n in GRAD_NAMES), True, positions=position_map)

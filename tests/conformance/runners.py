@@ -11,10 +11,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-import bridges
-import cuda_kernels as K
-import reference as R
-from cuda_kernels import backends
+from alignscan import bridges
+from alignscan import cuda_kernels as K
+from alignscan import reference as R
+from alignscan.cuda_kernels import backends
 
 GRAD_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 

@@ -9,7 +9,7 @@ from tests.conformance.runners import runners
 from tests.kernels.equivalence import check_backward, check_forward
 from tests.strategies import scan_problems
 
-# The GPU backends' cases are marked gpu: bench.gpu_run runs them on a lent GPU.
+# The GPU backends' cases are marked gpu: alignscan.bench.gpu_run runs them on a lent GPU.
 RUNNERS = [pytest.param(r, id=r[0], marks=[pytest.mark.gpu] if r[4] == "cuda" else []) for r in runners()]
 PROBLEMS = scan_problems(dtype=(np.float32, np.float64), max_dim=6, max_dstate=4, max_length=10)
 

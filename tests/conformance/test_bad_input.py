@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-import bridges
-import cuda_kernels as K
-import reference as R
+from alignscan import bridges
+from alignscan import cuda_kernels as K
+from alignscan import reference as R
 from tests.strategies import make_problem
 
 GRAD_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
@@ -43,6 +43,14 @@ ENTRY_POINTS = {
     "selective_scan_ref": _torch_call(bridges.selective_scan_ref),
     "dense_kernel_adapter": _torch_call(bridges.dense_kernel_adapter(bridges.selective_scan_ref)),
 }
+if K.available_backends()["cuda-emu"] is None:          # scan.cu compiled for the CPU: the GPU kernel's checks
+    ENTRY_POINTS["cuda_kernels.selective_scan_fwd (cuda-emu)"] = \
+        lambda **kw: K.selective_scan_fwd(**kw, backend="cuda-emu")
+    ENTRY_POINTS["cuda_kernels.selective_scan_bwd (cuda-emu)"] = \
+        lambda **kw: K.selective_scan_bwd(_dout(kw), **kw, backend="cuda-emu")
+    ENTRY_POINTS["selective_scan_fn (cuda-emu)"] = \
+        _torch_call(lambda *a, **k: bridges.selective_scan_fn(*a, backend="cuda-emu", **k))
+ENTRY_POINTS["selective_scan_fn (default backend)"] = _torch_call(bridges.selective_scan_fn)
 
 BAD = [
     ("u ndim", dict(u=np.zeros((4, 5))), ValueError, "u must have shape"),
@@ -52,6 +60,9 @@ BAD = [
     ("B ndim", dict(B=np.zeros((2, 3))), ValueError, "B"),
     ("C shape", dict(C=np.zeros((2, 2, 3, 4))), ValueError, "C"),
     ("dim not divisible by G", dict(B=np.zeros((2, 3, 3, 5))), ValueError, "divisible"),
+    ("C with fewer groups than B", dict(C=np.zeros((2, 3, 5))), ValueError, "C must have the same number of groups"),
+    ("C with more groups than B", dict(B=np.zeros((2, 1, 3, 5)), C=np.zeros((2, 2, 3, 5))), ValueError,
+     "C must have the same number of groups as B \\(G=1\\)"),
     ("D shape", dict(D=np.zeros(5)), ValueError, "D"),
     ("z shape", dict(z=np.zeros((2, 4, 4))), ValueError, "z"),
     ("delta_bias shape", dict(delta_bias=np.zeros((4, 1))), ValueError, "delta_bias"),

@@ -50,9 +50,10 @@ int main() {
     std::vector<float> du(u.size()), ddelta(u.size()), dz(u.size()), dB(B.size()), dC(C.size());
     std::vector<float> dA_part(dim * dstate), dD_part(dim), dbias_part(dim);
     cuda_emu::launch(grid, block, [&] {
-        selective_scan_bwd<float>(dout.data(), u.data(), delta.data(), A.data(), B.data(), C.data(), D.data(),
+        selective_scan_bwd<float>(u.data(), delta.data(), A.data(), B.data(), C.data(), D.data(),
                                   z.data(), bias.data(), coef_self.data(), coef_prev.data(), hold.data(),
-                                  dim, dstate, groups, length, 1, 1, 1, 1, 1, 1, states.data(), du.data(),
+                                  trailing.data(), dim, dstate, groups, length, 1, 1, 1, 1, 1, 1, dout.data(),
+                                  states.data(), du.data(),
                                   ddelta.data(), dz.data(), dB.data(), dC.data(), dA_part.data(), dD_part.data(),
                                   dbias_part.data());
     });

@@ -1,7 +1,7 @@
 """One check, shared by every backend's tests: a backend against the float64 reference."""
 import numpy as np
 
-import reference as R
+from alignscan import reference as R
 
 GRAD_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 

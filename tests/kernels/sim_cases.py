@@ -12,10 +12,11 @@ assert os.environ.get("NUMBA_ENABLE_CUDASIM") == "1", "run me through tests/kern
 
 from numba import cuda  # noqa: E402
 
-import cuda_kernels as K  # noqa: E402
-import reference as R  # noqa: E402
-from bench.problems import make_problem  # noqa: E402
-from cuda_kernels import numba_cuda  # noqa: E402
+from alignscan import cuda_kernels as K  # noqa: E402
+from alignscan import reference as R  # noqa: E402
+from alignscan.cuda_kernels import numba_cuda  # noqa: E402
+from alignscan.cuda_kernels.params import ScanParams  # noqa: E402
+from alignscan.testing import make_problem  # noqa: E402
 from tests.kernels.equivalence import check_backward, check_forward  # noqa: E402
 from tests.strategies import scan_problems  # noqa: E402
 
@@ -58,13 +59,13 @@ def test_several_tiles_and_channel_blocks(alignment):
     p = make_problem(rng, batch=2, dim=12, dstate=3, length=11, groups=2, positions=positions, seqlen=21,
                      alignment=alignment)
     args = R.validate_scan_args(**p.kwargs())
-    coefficients = args.coefficients(np.float64)
-    out, last = numba_cuda.forward(args, coefficients, tile=4)
+    params = ScanParams.build(args, args.coefficients(np.float64))
+    out, last = numba_cuda.forward(params, tile=4)
     ref_out, ref_last = R.selective_scan(**p.kwargs())
     R.assert_within_tolerance(out, ref_out, np.float64, "out")
     R.assert_within_tolerance(last, ref_last, np.float64, "last_state")
     dout = p.dout()
-    for name, g, e in zip("u delta A B C D z delta_bias".split(), numba_cuda.backward(dout, args, coefficients, tile=4),
+    for name, g, e in zip("u delta A B C D z delta_bias".split(), numba_cuda.backward(dout, params, tile=4),
                           R.selective_scan_backward(dout, **p.kwargs())):
         R.assert_within_tolerance(g, e, np.float64, f"d{name}")
 

@@ -11,12 +11,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-import cuda_kernels as K
-import reference as R
-from bench.problems import make_problem
-from cuda_kernels import cuda_emu, scan_cu
+from alignscan import cuda_kernels as K
+from alignscan import reference as R
+from alignscan.cuda_kernels import cuda_emu, scan_cu
+from alignscan.cuda_kernels.params import ScanParams
+from alignscan.testing import make_problem
 from tests.kernels.equivalence import check_backward, check_forward
 
 REPO = Path(__file__).resolve().parents[2]
@@ -32,13 +34,13 @@ def emu(geometry):
     """(forward, backward) of scan.cu on the CPU at a chunk geometry, on NumPy problems."""
     def prepared(kw):
         args = R.validate_scan_args(**kw)
-        return args, args.coefficients(R.compute_dtype(args.u.dtype))
+        return ScanParams.build(args, args.coefficients(R.compute_dtype(args.u.dtype)))
 
     def forward(**kw):
-        return cuda_emu.forward(*prepared(kw), **geometry)
+        return cuda_emu.forward(prepared(kw), **geometry)
 
     def backward(dout, **kw):
-        return cuda_emu.backward(dout, *prepared(kw), **geometry)
+        return cuda_emu.backward(dout, prepared(kw), **geometry)
     return forward, backward
 
 
@@ -150,9 +152,10 @@ def test_builds_are_cached_and_a_read_only_cache_falls_back_to_a_temporary_direc
     blocked = tmp_path / "blocked"
     blocked.write_text("a file, so no cache directory can be made below it")
     script = textwrap.dedent("""
-        import numpy as np, cuda_kernels as K, reference as R
-        from bench.problems import make_problem
-        from cuda_kernels import cuda_emu
+        import numpy as np
+        from alignscan import cuda_kernels as K, reference as R
+        from alignscan.testing import make_problem
+        from alignscan.cuda_kernels import cuda_emu
         p = make_problem(np.random.default_rng(0), batch=1, dim=2, dstate=2, length=5, dtype=np.float32)
         out = K.selective_scan_fwd(**p.kwargs(return_last_state=False), backend="cuda-emu")
         assert R.within_tolerance(out, R.selective_scan(**p.kwargs(return_last_state=False)), np.float32)

@@ -9,10 +9,10 @@ import subprocess
 import numpy as np
 import pytest
 
-import cuda_kernels as K
-import reference as R
-from bench.problems import make_problem, vim_layer_problem
-from cuda_kernels import cupy_raw
+from alignscan import cuda_kernels as K
+from alignscan import reference as R
+from alignscan.cuda_kernels import cupy_raw
+from alignscan.testing import make_problem, vim_layer_problem
 from tests.kernels.equivalence import check_backward, check_forward
 
 NVCC = shutil.which("nvcc")

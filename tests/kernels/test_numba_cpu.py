@@ -11,9 +11,9 @@ import numba
 import numpy as np
 import pytest
 
-import cuda_kernels as K
-import reference as R
-from bench.problems import make_problem, vim_layer_problem
+from alignscan import cuda_kernels as K
+from alignscan import reference as R
+from alignscan.testing import make_problem, vim_layer_problem
 from tests.kernels.equivalence import check_backward, check_forward
 
 REPO = Path(__file__).resolve().parents[2]
@@ -51,7 +51,7 @@ def test_hold_gaps_on_both_sides_of_the_direct_sum(dtype):
     """"hold" sums a gap of up to HOLD_DIRECT_STEPS steps term by term and a longer one in
     closed form: gaps of 1, 7, 8, 9 and 30 steps, a leading gap and trailing steps, forward,
     last state and gradients against the reference."""
-    from cuda_kernels._numba_support import HOLD_DIRECT_STEPS
+    from alignscan.cuda_kernels._numba_support import HOLD_DIRECT_STEPS
     gaps = [3, 1, HOLD_DIRECT_STEPS - 1, HOLD_DIRECT_STEPS, HOLD_DIRECT_STEPS + 1, 30, 1]
     positions = np.cumsum(gaps) - 1
     p = make_problem(np.random.default_rng(11), batch=2, dim=40, dstate=5, length=positions.size, dtype=dtype,
@@ -104,17 +104,27 @@ def test_available_backends_explains_what_cannot_run():
         assert reason is None or len(reason) > 10, name
 
 
+def _copy_package(root, packages):
+    """A copy of the alignscan package with only ``packages`` below it, at ``root``/alignscan
+    (real files, no links), to import with PYTHONPATH=root."""
+    (root / "alignscan").mkdir()
+    for module in ("__init__.py", "testing.py"):
+        shutil.copy(REPO / "alignscan" / module, root / "alignscan" / module)
+    for pkg in packages:
+        shutil.copytree(REPO / pkg, root / "alignscan" / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+
+
 def test_read_only_cache_directory_still_works(tmp_path):
     """No writable cache anywhere (in-tree __pycache__ and NUMBA_CACHE_DIR both blocked): the
     kernels compile without caching and give the same answer."""
-    for pkg in ("reference", "cuda_kernels", "bench"):
-        shutil.copytree(REPO / pkg, tmp_path / pkg, ignore=shutil.ignore_patterns("__pycache__"))
-    (tmp_path / "cuda_kernels" / "__pycache__").write_text("not a directory")
+    _copy_package(tmp_path, ("reference", "cuda_kernels"))
+    (tmp_path / "alignscan" / "cuda_kernels" / "__pycache__").write_text("not a directory")
     blocker = tmp_path / "blocked"
     blocker.write_text("a file, so nothing can be created below it")
     script = textwrap.dedent("""
-        import numpy as np, reference as R, cuda_kernels as K
-        from bench.problems import make_problem
+        import numpy as np
+        from alignscan import reference as R, cuda_kernels as K
+        from alignscan.testing import make_problem
         p = make_problem(np.random.default_rng(0), batch=1, dim=2, dstate=2, length=4, dtype=np.float32)
         out = K.selective_scan_fwd(**p.kwargs(return_last_state=False))
         assert R.within_tolerance(out, R.selective_scan(**p.kwargs(return_last_state=False)), np.float32)
@@ -129,11 +139,10 @@ def test_read_only_cache_directory_still_works(tmp_path):
 def test_a_changed_helper_file_invalidates_the_cached_kernels(tmp_path):
     """numba alone keeps a cached kernel until its own file changes; ours also recompile when
     a file they inline from (``_numba_support.py``) changes, so no stale kernel survives."""
-    for pkg in ("reference", "cuda_kernels"):
-        shutil.copytree(REPO / pkg, tmp_path / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    _copy_package(tmp_path, ("reference", "cuda_kernels"))
     script = textwrap.dedent("""
         import numpy as np
-        from cuda_kernels import cpu
+        from alignscan.cuda_kernels import cpu
         cpu._ordered_sum(np.ones(3), 0.0)
         print("hits", sum(cpu._ordered_sum.stats.cache_hits.values()))
     """)
@@ -147,6 +156,6 @@ def test_a_changed_helper_file_invalidates_the_cached_kernels(tmp_path):
 
     assert hits() == "0"                      # compiled and cached
     assert hits() == "1"                      # loaded from the cache
-    helper = tmp_path / "cuda_kernels" / "_numba_support.py"
+    helper = tmp_path / "alignscan" / "cuda_kernels" / "_numba_support.py"
     helper.write_text(helper.read_text() + "\n# a change in a helper file\n")
     assert hits() == "0"                      # recompiled, not the stale kernel

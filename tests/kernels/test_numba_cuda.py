@@ -24,8 +24,7 @@ def test_numba_cuda_kernels_match_reference_under_the_simulator():
 
 def _ptx_reason():
     try:
-        from numba import cuda
-        from numba import types
+        from numba import cuda, types
         cuda.compile_ptx(lambda x: None, (types.float32[:],), cc=(8, 0))
     except Exception as exc:  # no NVVM/NVRTC here
         return f"numba cannot compile PTX on this machine ({type(exc).__name__}: {str(exc)[:200]})"
@@ -43,7 +42,7 @@ def test_every_cuda_kernel_compiles_to_ptx(cc, dstate, per_group, dtype):
     """A real type check (the simulator does none) of the specialisations launches use."""
     from numba import cuda
 
-    from cuda_kernels import numba_cuda
+    from alignscan.cuda_kernels import numba_cuda
     ch, tile = numba_cuda.launch_config(dstate, per_group)
     signatures = numba_cuda.kernel_signatures(dtype)
     for name, fn in numba_cuda.kernel_functions(dstate, ch, tile, dtype).items():
@@ -65,8 +64,8 @@ def _gpu_reason():
 @pytest.mark.skipif(_gpu_reason() is not None, reason=_gpu_reason() or "")
 @pytest.mark.parametrize("alignment", ["prev", "self", "none"])
 def test_real_gpu_matches_reference(alignment):
-    import cuda_kernels as K
-    from bench.problems import vim_layer_problem
+    from alignscan import cuda_kernels as K
+    from alignscan.testing import vim_layer_problem
     from tests.kernels.equivalence import check_backward, check_forward
     p = vim_layer_problem(batch=2, keep_ratio=0.7, alignment=alignment, dtype=np.float32)
     p.return_last_state = True

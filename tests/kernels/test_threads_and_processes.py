@@ -13,9 +13,9 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 PROBLEM = """
 import numpy as np, torch, numba
-import cuda_kernels as K
-from bench.problems import make_problem
-from bridges import selective_scan_fn
+from alignscan import cuda_kernels as K
+from alignscan.testing import make_problem
+from alignscan.bridges import selective_scan_fn
 p = make_problem(np.random.default_rng(0), batch=2, dim=64, dstate=8, length=40, dtype=np.float32,
                  positions=np.sort(np.random.default_rng(1).choice(60, 40, replace=False)), seqlen=60,
                  return_last_state=False)
@@ -96,8 +96,8 @@ def spawn_work(_):
     import numpy as np
     import torch
 
-    from bench.problems import make_problem
-    from bridges import selective_scan_fn
+    from alignscan.bridges import selective_scan_fn
+    from alignscan.testing import make_problem
     p = make_problem(np.random.default_rng(0), batch=2, dim=64, dstate=8, length=40, dtype=np.float32,
                      positions=np.sort(np.random.default_rng(1).choice(60, 40, replace=False)), seqlen=60,
                      return_last_state=False)

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-import models
-import reference as R
-from bridges import TorchPositionMap
-from models.flops import PAPER_GFLOPS
+from alignscan import models
+from alignscan import reference as R
+from alignscan.bridges import TorchPositionMap
+from alignscan.models.flops import PAPER_GFLOPS
 
 # Copies of ../shared/models/*.json: the official state-dict keys, shapes and parameter counts.
 OFFICIAL = Path(__file__).resolve().parent / "official"

@@ -5,7 +5,7 @@ import zipfile
 import pytest
 import torch
 
-import models
+from alignscan import models
 
 TINY = dict(embed_dim=32, depth=2, img_size=64, num_classes=10)
 

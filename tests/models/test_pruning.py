@@ -7,10 +7,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import models
-import reference as R
-from bridges import TorchPositionMap
-from models.pruning import PruningConfig, select_kept
+from alignscan import models
+from alignscan import reference as R
+from alignscan.bridges import TorchPositionMap
+from alignscan.models.pruning import PruningConfig, select_kept
 
 TINY_VIM = dict(embed_dim=32, depth=4, img_size=64, num_classes=10)       # 16 patches + class token
 TINY_PM = dict(embed_dim=32, depth=4, img_size=64, num_classes=10)        # a 4 x 4 grid
@@ -78,10 +78,11 @@ def test_aligned_vim_scans_agree_with_the_expansion_oracle_layer_by_layer(mode, 
     sequence); the model's outputs must agree with it, and the whole forward with the manual one."""
     model = _vim(mode, schedule=(1, 3), keep_ratio=0.6)
     x = _images(2)
-    scans = []
+    record = models.Recorder()
     with torch.no_grad():
-        logits = model(x, scans=scans)
+        logits = model(x, record=record)
         manual = _vim_manual(model, x, (1, 3), 0.6, alignment)
+    scans = record.scans
     torch.testing.assert_close(logits, manual)
     checked = []
     for scan in scans:
@@ -184,7 +185,7 @@ def test_any_schedule_keeps_the_class_token_and_composes(schedule, ratios, mode,
 def test_the_backend_argument_reaches_every_scan(monkeypatch, build):
     """backend= given to the model runs every scan there (here: the torch twin), with the
     same answer as the default backend; no environment variable or patching involved."""
-    import bridges.scan_op as scan_op
+    import alignscan.bridges.scan_op as scan_op
     calls = []
     real = scan_op.scan_twin
     monkeypatch.setattr(scan_op, "scan_twin", lambda args: calls.append(args.alignment) or real(args))

@@ -2,7 +2,7 @@
 import numpy as np
 from hypothesis import given, settings
 
-import reference as R
+from alignscan import reference as R
 from tests.strategies import scan_problems
 
 GRAD_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")

@@ -3,7 +3,7 @@ scan's own arguments are checked on every entry point at once: tests/conformance
 import numpy as np
 import pytest
 
-import reference as R
+from alignscan import reference as R
 from tests.strategies import make_problem
 
 

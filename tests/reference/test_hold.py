@@ -6,8 +6,8 @@ import math
 import numpy as np
 import pytest
 
-import reference as R
-from reference.hold import hold_sum, hold_sum_grad, langevin
+from alignscan import reference as R
+from alignscan.reference.hold import hold_sum, hold_sum_grad, langevin
 
 
 @pytest.mark.parametrize("q", [0, 1, 2, 3, 7, 40])

@@ -1,9 +1,10 @@
 """Token importance metrics and selection (SPEC §4)."""
 import numpy as np
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
-import reference as R
+from alignscan import reference as R
 
 
 def test_metrics_on_a_hand_case():

@@ -1,9 +1,10 @@
 """Position maps: round trips, flips, composition, snake paths (SPEC §3)."""
 import numpy as np
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
-import reference as R
+from alignscan import reference as R
 from tests.strategies import position_maps
 
 
@@ -77,3 +78,19 @@ def test_path_positions_orders_kept_tokens_by_rank(height, width, data):
         np.testing.assert_array_equal(order[positions], kept[index])
         # The same as masking the path: the kept tokens in the order the path visits them.
         np.testing.assert_array_equal(kept[index], [t for t in order if t in set(kept.tolist())])
+
+
+def test_a_position_map_owns_an_immutable_copy_of_its_positions():
+    """Changing the array a map was built from changes nothing: the map keeps what it
+    validated, and its cached coefficients agree with its positions (issue 24, item 2)."""
+    kept = np.array([[1, 5, 9, 13]])
+    position_map = R.PositionMap(kept, 16)
+    before = position_map.coefficients("prev", np.float64).coef_prev.copy()
+    kept[0] = [13, 9, 5, 1]                          # would be unsorted: coef_prev -5 if aliased
+    assert position_map.positions.tolist() == [[1, 5, 9, 13]]
+    np.testing.assert_array_equal(position_map.coefficients("prev", np.float64).coef_prev, before)
+    with pytest.raises(ValueError, match="read-only"):
+        position_map.positions[0, 0] = 3
+    for derived in (position_map.flip(), position_map.compose(np.array([[0, 2]])),
+                    R.PositionMap.from_rows(np.array([[0, 3]]), np.array([16]))):
+        assert not derived.positions.flags.writeable

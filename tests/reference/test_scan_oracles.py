@@ -3,9 +3,10 @@ import numpy as np
 import pytest
 import scipy.sparse
 import scipy.sparse.linalg
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
-import reference as R
+from alignscan import reference as R
 from tests.strategies import make_problem, scan_problems
 
 EXACT = {"rtol": 1e-12, "atol": 1e-13}

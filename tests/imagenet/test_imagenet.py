@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-import models
-from bench import imagenet
+from alignscan import models
+from alignscan.imagenet import data as imagenet_data
+from alignscan.imagenet import finetune, options, world
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -51,20 +52,25 @@ def data(tmp_path_factory):
 def _bench(*args, torchrun=False, timeout=600):
     prefix = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533"] \
         if torchrun else [sys.executable]
-    run = subprocess.run([*prefix, "-m", "bench", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    run = subprocess.run([*prefix, "-m", "alignscan.bench", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-4000:]
     return run
 
 
+def _steps(path):
+    """The step records of a finetune log (the run records between them mark starts and resumes)."""
+    return [r for r in map(json.loads, path.read_text().splitlines()) if "loss" in r]
+
+
 def test_the_folder_reader_follows_imagefolder(data):
-    folder = imagenet.ImageFolder(data[0])
+    folder = imagenet_data.ImageFolder(data[0])
     assert folder.classes == ["class_00", "class_01", "class_02"] and len(folder) == 12
     assert [label for _, label in folder.samples] == [0] * 4 + [1] * 4 + [2] * 4
-    assert len(imagenet.ImageFolder(data[0], limit=2)) == 6
+    assert len(imagenet_data.ImageFolder(data[0], limit=2)) == 6
     from PIL import Image
     image = Image.new("RGB", (100, 60))
-    assert imagenet.eval_transform(image, 64).shape == (3, 64, 64)
-    assert imagenet.train_transform(image, 64, np.random.default_rng(0)).shape == (3, 64, 64)
+    assert imagenet_data.eval_transform(image, 64).shape == (3, 64, 64)
+    assert imagenet_data.train_transform(image, 64, np.random.default_rng(0)).shape == (3, 64, 64)
 
 
 def test_evaluate_one_process_and_torchrun_agree(data, tmp_path):
@@ -102,7 +108,8 @@ def _finetune_args(folder, checkpoint, out, **over):
     args = Namespace(model="vim_tiny", checkpoint=checkpoint, resume=None, data=folder, mode="align", keep=0.5,
                      conv="compact", metric="clip", epochs=1, max_steps=2, batch=4, workers=0, limit=0, img_size=64,
                      lr=1e-4, min_lr=None, warmup_lr=None, weight_decay=None, warmup_epochs=None, schedule=None,
-                     seed=0, backend=None, out=out, backend_device=("numba-cpu", "cpu"), quick=False)
+                     seed=0, backend=None, out=out, backend_device=("numba-cpu", "cpu"), quick=False,
+                     from_scratch=False, overwrite=False, skip_unreadable=False)
     for k, v in over.items():
         setattr(args, k, v)
     return args
@@ -110,20 +117,20 @@ def _finetune_args(folder, checkpoint, out, **over):
 
 def test_finetune_runs_resumes_and_its_checkpoint_evaluates_as_the_model_in_memory(data, tmp_path):
     folder, checkpoint = data
-    summary, model = imagenet._finetune(_finetune_args(folder, checkpoint, tmp_path / "a", max_steps=1), imagenet.World())
+    summary, model = finetune._finetune(_finetune_args(folder, checkpoint, tmp_path / "a", max_steps=1), world.World())
     assert summary["steps"] == 1
     saved = Path(summary["checkpoint"])
     loaded = models.load_checkpoint(models.create("vim_tiny", pruning=models.paper_preset("vim_tiny", keep_ratio=0.5),
                                                   num_classes=3, img_size=64), saved)
-    x = torch.stack([imagenet.eval_transform(imagenet._load_rgb(p), 64) for p, _ in imagenet.ImageFolder(folder).samples])
+    x = torch.stack([imagenet_data.eval_transform(imagenet_data._load_rgb(p), 64) for p, _ in imagenet_data.ImageFolder(folder).samples])
     model.eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded.eval()(x), model(x), rtol=0, atol=0)
     # resume: continues from the saved step to the next
-    resumed, _ = imagenet._finetune(_finetune_args(folder, None, tmp_path / "a", resume=saved, max_steps=2),
-                                    imagenet.World())
+    resumed, _ = finetune._finetune(_finetune_args(folder, None, tmp_path / "a", resume=saved, max_steps=2),
+                                    world.World())
     assert resumed["steps"] == 2
-    log = [json.loads(line) for line in (tmp_path / "a" / "finetune_log.jsonl").read_text().splitlines()]
+    log = _steps(tmp_path / "a" / "finetune_log.jsonl")
     assert [r["step"] for r in log] == [1, 2] and all(np.isfinite(r["loss"]) for r in log)
     # the checkpoint is in the official layout: `bench evaluate` reads it, with the same answer
     _bench("evaluate", "--model", "vim_tiny", "--checkpoint", str(saved), "--data", str(folder), "--img-size", "64",
@@ -131,7 +138,7 @@ def test_finetune_runs_resumes_and_its_checkpoint_evaluates_as_the_model_in_memo
     evaluated = json.loads((tmp_path / "eval" / "evaluate.json").read_text())["results"][0]
     reloaded = models.load_checkpoint(models.create("vim_tiny", pruning=models.paper_preset("vim_tiny", keep_ratio=0.5),
                                                     num_classes=3, img_size=64), saved).eval()
-    labels = torch.tensor([label for _, label in imagenet.ImageFolder(folder).samples])
+    labels = torch.tensor([label for _, label in imagenet_data.ImageFolder(folder).samples])
     with torch.no_grad():
         assert evaluated["correct"] == int((reloaded(x).argmax(-1) == labels).sum())
 
@@ -142,7 +149,7 @@ def test_finetune_from_the_command_line(data, tmp_path, torchrun):
     _bench("finetune", "--model", "vim_tiny", "--checkpoint", str(checkpoint), "--data", str(folder), "--img-size",
            "64", "--mode", "hold", "--keep", "0.5", "--epochs", "1", "--max-steps", "2", "--batch", "2", "--workers",
            "0", "--out", str(tmp_path), torchrun=torchrun)
-    log = [json.loads(line) for line in (tmp_path / "finetune_log.jsonl").read_text().splitlines()]
+    log = _steps(tmp_path / "finetune_log.jsonl")
     assert [r["step"] for r in log] == [1, 2] and all(np.isfinite(r["loss"]) for r in log)
     saved = tmp_path / "checkpoint_vim_tiny_hold.pth"
     models.load_checkpoint(models.create("vim_tiny", num_classes=3, img_size=64), saved)
@@ -153,7 +160,7 @@ def test_the_issue_finetune_command_a_folder_smaller_than_one_batch_still_trains
     folder, checkpoint = data
     _bench("finetune", "--model", "vim_tiny", "--checkpoint", str(checkpoint), "--data", str(folder), "--img-size",
            "64", "--epochs", "1", "--limit", "2", "--workers", "0", "--out", str(tmp_path), torchrun=torchrun)
-    log = [json.loads(line) for line in (tmp_path / "finetune_log.jsonl").read_text().splitlines()]
+    log = _steps(tmp_path / "finetune_log.jsonl")
     assert [r["step"] for r in log] == [1]                      # 6 images, batch 64: one smaller batch
     models.load_checkpoint(models.create("vim_tiny", num_classes=3, img_size=64),
                            tmp_path / "checkpoint_vim_tiny_align.pth")
@@ -163,24 +170,24 @@ def test_clear_errors_for_a_wrong_checkpoint_an_empty_folder_and_unreadable_imag
     folder, _ = data
     other = tmp_path / "pm.pth"
     save_official(other, "plainmamba_l1", 3, 64)
-    run = subprocess.run([sys.executable, "-m", "bench", "evaluate", "--model", "vim_tiny", "--checkpoint", str(other),
+    run = subprocess.run([sys.executable, "-m", "alignscan.bench", "evaluate", "--model", "vim_tiny", "--checkpoint", str(other),
                           "--data", str(folder), "--img-size", "64", "--workers", "0", "--out", str(tmp_path / "o")],
                          cwd=REPO, capture_output=True, text=True, timeout=300)
     assert run.returncode != 0 and "another architecture" in run.stderr
     classes = tmp_path / "ten.pth"
     save_official(classes, "vim_tiny", 10, 64)
     with pytest.raises(ValueError, match="the checkpoint has 10 classes, the data folder 3"):
-        imagenet.load_weights(models.create("vim_tiny", num_classes=3, img_size=64), classes, 3)
+        options.load_weights(models.create("vim_tiny", num_classes=3, img_size=64), classes, 3)
     (tmp_path / "empty" / "a").mkdir(parents=True)
     with pytest.raises(ValueError, match="no images"):
-        imagenet.ImageFolder(tmp_path / "empty")
+        imagenet_data.ImageFolder(tmp_path / "empty")
     broken = make_folder(tmp_path / "broken", classes=2, per_class=2)
     (broken / "class_00" / "img_0.png").write_bytes(b"not a png")
     ckpt = tmp_path / "two.pth"
     save_official(ckpt, "vim_tiny", 2, 64)
     base = ["evaluate", "--model", "vim_tiny", "--checkpoint", str(ckpt), "--data", str(broken), "--img-size", "64",
             "--modes", "dense", "--workers", "0"]
-    run = subprocess.run([sys.executable, "-m", "bench", *base, "--out", str(tmp_path / "b1")], cwd=REPO,
+    run = subprocess.run([sys.executable, "-m", "alignscan.bench", *base, "--out", str(tmp_path / "b1")], cwd=REPO,
                          capture_output=True, text=True, timeout=300)
     assert run.returncode != 0 and "unreadable image" in run.stderr and "img_0.png" in run.stderr
     _bench(*base, "--skip-unreadable", "--out", str(tmp_path / "b2"))

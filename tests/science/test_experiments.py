@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.digits import DigitsConfig, load_digits_split, trained_model, weights_digest
-from bench.zero_shot import bootstrap_interval, fidelity
+from alignscan.science.digits import DigitsConfig, load_digits_split, trained_model, weights_digest
+from alignscan.science.stats import bootstrap_interval
+from alignscan.science.zero_shot import fidelity
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = DigitsConfig(embed_dim=16, depth=2, epochs=1, train_subset=64, batch_size=32)
@@ -75,8 +76,8 @@ def test_bootstrap_interval_brackets_the_accuracy():
 
 
 def test_fidelity_is_zero_at_keep_one_and_positive_when_pruned():
-    from bench.digits import build_model
-    from models.pruning import PruningConfig
+    from alignscan.models.pruning import PruningConfig
+    from alignscan.science.digits import build_model
     cfg = replace(TINY, depth=3)
     torch.manual_seed(0)
     dense = build_model(cfg).eval()
@@ -92,7 +93,7 @@ def test_fidelity_is_zero_at_keep_one_and_positive_when_pruned():
 
 
 def _run(*args, tmp_path):
-    run = subprocess.run([sys.executable, "-m", "bench", *args, "--quick", "--out", str(tmp_path)], cwd=REPO,
+    run = subprocess.run([sys.executable, "-m", "alignscan.bench", *args, "--quick", "--out", str(tmp_path)], cwd=REPO,
                          capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     return run
@@ -103,7 +104,7 @@ def test_zero_shot_runs_the_tasks_named_and_rejects_others(tmp_path):
     result = json.loads((tmp_path / "zero_shot.json").read_text())
     assert list(result["tasks"]) == ["distance"] and {p["task"] for p in result["paired"]} == {"distance"}
     assert not (tmp_path / "zero_shot_digits.png").exists()
-    bad = subprocess.run([sys.executable, "-m", "bench", "zero-shot", "--tasks", "digits,cifar", "--quick", "--out",
+    bad = subprocess.run([sys.executable, "-m", "alignscan.bench", "zero-shot", "--tasks", "digits,cifar", "--quick", "--out",
                           str(tmp_path / "bad")], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "--tasks" in bad.stderr and "Traceback" not in bad.stderr
 
@@ -132,7 +133,7 @@ def test_zero_shot_quick_writes_paired_results_tables_and_figures(tmp_path):
 
 
 def test_mcnemar_exact_matches_the_binomial_tail():
-    from bench.zero_shot import mcnemar_exact, paired_counts
+    from alignscan.science.stats import mcnemar_exact, paired_counts
     assert mcnemar_exact(0, 0) == 1.0
     assert mcnemar_exact(5, 5) == 1.0
     assert mcnemar_exact(0, 6) == 2 / 2 ** 6                     # P(X = 0) + P(X = 6) for n = 6
@@ -143,7 +144,7 @@ def test_mcnemar_exact_matches_the_binomial_tail():
 
 
 def test_background_plans_keep_the_marks_and_the_class_token_and_are_nested():
-    from bench.distance_task import background_plan, make_images, mark_tokens
+    from alignscan.science.distance_task import background_plan, make_images, mark_tokens
     images, labels, marks = make_images(20, seed=3)
     assert images.shape == (20, 1, 32, 32) and set(labels.tolist()) <= {0, 1}
     distance = marks[:, 1] - marks[:, 0]
@@ -175,7 +176,7 @@ def test_visualize_with_a_vim_model_and_an_image(tmp_path):
 
 
 def test_missing_image_is_a_clear_error(tmp_path):
-    run = subprocess.run([sys.executable, "-m", "bench", "visualize", "--image", str(tmp_path / "nope.png"),
+    run = subprocess.run([sys.executable, "-m", "alignscan.bench", "visualize", "--image", str(tmp_path / "nope.png"),
                           "--out", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and "image must be an existing image file" in run.stderr
     assert "Traceback" not in run.stderr

@@ -1,9 +1,9 @@
 """The alignment on trial: zero-shot pruning of small ViMs trained here, with the factors
 that could explain a difference between modes isolated, and paired tests on the same images.
 
-    python -m bench zero-shot [--quick] [--out DIR] [--cache DIR] [--seed S]
+    python -m alignscan.bench zero-shot [--quick] [--out DIR] [--cache DIR] [--seed S]
 
-Tasks: digits (``bench.digits``) and scan distance (``bench.distance_task``: a task where the
+Tasks: digits (``science.digits``) and scan distance (``science.distance_task``: a task where the
 distance along the scan decides the label).
 Factors: mode (dense, align, hold, self, relabel, mask); keep ratio per stage; ViM's conv1d
 over the compacted sequence ("compact", as the paper) or with pruned neighbours read as zero
@@ -18,17 +18,15 @@ p-value. On digits also: the importance metrics, brief fine-tuning, and fidelity
 """
 from __future__ import annotations
 
-import itertools
-import math
-import textwrap
 import time
 from dataclasses import replace
-from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
 
-from bench.digits import (
+from alignscan.outputs import progress_bar, write_json, write_text
+from alignscan.reference.importance import METRICS
+from alignscan.science.digits import (
     DigitsConfig,
     build_model,
     evaluate,
@@ -36,20 +34,13 @@ from bench.digits import (
     train,
     trained_model,
 )
-from bench.choices import CONV_MODES, METRICS
-from bench.outputs import write_json, write_text
-from bench.progress import progress_bar
+
+from .design import CONVS, FINETUNE_MODES, FINETUNE_RATIOS, KEEP_RATIOS, MODES, PAIRS
+from .report import markdown, plot
+from .stats import BOOTSTRAP, bootstrap_interval, mcnemar_exact, paired_counts
 
 __all__ = ["mcnemar_exact", "paired_counts", "run", "TASK_CONFIGS"]
 
-KEEP_RATIOS = (0.9, 0.7, 0.5, 0.3)
-MODES = ("align", "hold", "self", "relabel", "mask")
-PAIRS = (("align", "relabel"), ("hold", "relabel"), ("hold", "align"))
-CONVS = CONV_MODES
-FINETUNE_MODES = ("align", "hold", "relabel")
-FINETUNE_RATIOS = (0.5, 0.3)
-BOOTSTRAP = 1000
-SIGNIFICANCE = 0.05
 
 # The two tasks' models. Digits: pruned after layers 2, 4, 6 of 8; distance: after 2 and 4 of
 # 6 (width 64, 6 epochs on 8,000 images: about 5 minutes on 2 cores).
@@ -64,35 +55,8 @@ QUICK_CONFIGS = {
 }
 
 
-def mcnemar_exact(only_a, only_b):
-    """Two-sided exact McNemar test: p = P(|X - n/2| >= |only_a - n/2|), X ~ Binomial(n, 1/2)
-    with n = only_a + only_b discordant images (1.0 when there are none)."""
-    n = only_a + only_b
-    if n == 0:
-        return 1.0
-    tail = sum(math.comb(n, i) for i in range(min(only_a, only_b) + 1))
-    return float(min(Fraction(1), 2 * Fraction(tail, 2 ** n)))
-
-
-def paired_counts(correct_a, correct_b):
-    """Counts of images both models got right, only a, only b, neither; and McNemar's p."""
-    a, b = np.asarray(correct_a, bool), np.asarray(correct_b, bool)
-    if a.shape != b.shape:
-        raise ValueError(f"correct_a and correct_b must describe the same images, got {a.shape} and {b.shape}")
-    counts = {"both": int((a & b).sum()), "only_a": int((a & ~b).sum()), "only_b": int((~a & b).sum()),
-              "neither": int((~a & ~b).sum())}
-    return {**counts, "p_value": mcnemar_exact(counts["only_a"], counts["only_b"])}
-
-
-def bootstrap_interval(correct, seed=0, resamples=BOOTSTRAP):
-    """95 % bootstrap interval of the accuracy over the test images."""
-    rng = np.random.default_rng(seed)
-    means = rng.choice(correct, size=(resamples, len(correct)), replace=True).mean(axis=1)
-    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
-
-
 def _pruned_copy(dense, cfg, mode, ratio, metric, schedule, conv="compact"):
-    from models.pruning import PruningConfig
+    from alignscan.models.pruning import PruningConfig
     model = build_model(cfg, pruning=PruningConfig(mode=mode, schedule=schedule, keep_ratio=ratio, metric=metric,
                                                    conv=conv))
     model.load_state_dict(dense.state_dict())
@@ -105,13 +69,15 @@ def dense_plan(dense, cfg, x, schedule, ratio, batch_size=256):
     output scores the tokens still in the plan."""
     import torch
 
-    from models.pruning import PruningConfig, select_kept
+    from alignscan.models import Recorder
+    from alignscan.models.pruning import PruningConfig, select_kept
     selector = PruningConfig(mode="mask", schedule=schedule, keep_ratio=ratio)
     stages = [[] for _ in schedule]
     with torch.no_grad():
         for start in range(0, len(x), batch_size):
-            outputs = []
-            dense(x[start:start + batch_size], mixer_outputs=outputs)
+            record = Recorder()
+            dense(x[start:start + batch_size], record=record)
+            outputs = record.mixer_outputs
             n, L = outputs[0][1].shape[0], outputs[0][1].shape[-1]
             active = torch.ones(n, L, dtype=torch.bool)
             protected = torch.full((n, 1), dense.cls_index)
@@ -126,7 +92,7 @@ def random_plan(n, tokens, cls_index, schedule, ratio, seed):
     """One shared seeded draw of nested random subsets (class token protected)."""
     import torch
 
-    import reference as R
+    from alignscan import reference as R
     rng = np.random.default_rng(seed)
     current = np.tile(np.arange(tokens), (n, 1))
     plan = []
@@ -149,7 +115,7 @@ def _plan(selection, dense, cfg, x, schedule, ratio, marks, seed):
     if selection == "random":
         return random_plan(len(x), dense.num_tokens, dense.cls_index, schedule, ratio, seed)
     if selection == "background":
-        from bench.distance_task import background_plan
+        from alignscan.science.distance_task import background_plan
         return background_plan(marks, [ratio] * len(schedule), seed, dense.num_tokens, dense.cls_index)
     raise ValueError(f"selection must be own, dense, random or background, got {selection!r}")
 
@@ -170,7 +136,7 @@ def run_task(task, cfg, schedule, selections, out_dir, cache_dir, quick, seed, l
     _, _, x_test, y_test = load_split(cfg)
     marks = None
     if task == "distance":
-        from bench.distance_task import TEST, make_images
+        from alignscan.science.distance_task import TEST, make_images
         _, _, marks = make_images(TEST, seed=2000 + cfg.split_seed)
     if quick:
         x_test, y_test = x_test[:64], y_test[:64]
@@ -230,10 +196,13 @@ def digits_extras(model, cfg, schedule, test, quick, log):
 def fidelity(dense, pruned, images):
     """Per layer after the first pruning: ||pruned - dense at the same tokens|| / ||dense there||."""
     import torch
-    trace_dense, trace_pruned = [], []
+
+    from alignscan.models import Recorder
+    record_dense, record_pruned = Recorder(), Recorder()
     with torch.no_grad():
-        dense(images, trace=trace_dense)
-        pruned(images, trace=trace_pruned)
+        dense(images, record=record_dense)
+        pruned(images, record=record_pruned)
+    trace_dense, trace_pruned = record_dense.trace, record_pruned.trace
     rows = []
     total = trace_dense[0][1].shape[1]
     for layer, ((_, out_d), (kept, out_p)) in enumerate(zip(trace_dense, trace_pruned), start=1):
@@ -250,7 +219,7 @@ def fidelity_table(digits_model, cfg, schedule, x_test, quick=False):
     ViM-S and PlainMamba-L3 (paper presets)."""
     import torch
 
-    import models
+    from alignscan import models
     out = {}
     cases = [("digits ViM (trained)", lambda mode: _pruned_copy(digits_model, cfg, mode, 0.7, "clip", schedule),
               digits_model, x_test[:64])]
@@ -296,115 +265,3 @@ def run(out_dir, quick=False, cache_dir=None, seed=0, log=print, tasks=("digits"
     write_text(out_dir / "zero_shot.md", markdown(result))
     result["figures"] = [str(plot(result, task, out_dir / f"zero_shot_{task}.png")) for task in tasks]
     return result
-
-
-def _fmt(r):
-    return f"{100 * r['top1']:.1f}"
-
-
-def markdown(result):
-    lines = []
-    smoke = ["**Smoke test (--quick): tiny models trained for seconds; the numbers mean nothing.**", ""] \
-        if result["quick"] else []
-    lines += smoke
-    rows = result["rows"]
-    for task, meta in result["tasks"].items():
-        task_rows = [r for r in rows if r["task"] == task and not r["finetuned"] and "ablation" not in r]
-        dense = next(r for r in task_rows if r["mode"] == "dense")
-        ratios = sorted({r["keep_ratio"] for r in task_rows if r["mode"] != "dense"}, reverse=True)
-        lines += [f"### {task}: zero-shot top-1 (%), dense {_fmt(dense)}, {meta['test_images']} test images, "
-                  f"pruned after layers {meta['schedule']}", ""]
-        get = {(r["selection"], r["conv"], r["keep_ratio"], r["mode"]): r for r in task_rows}
-        for selection in meta["selections"]:
-            for conv in CONVS:
-                lines += [f"tokens: {selection}, conv: {conv}", "",
-                          "| mode | " + " | ".join(f"keep {k}" for k in ratios) + " |", "|---|" + "---|" * len(ratios)]
-                for mode in MODES:
-                    cells = [_fmt(get[(selection, conv, k, mode)]) if (selection, conv, k, mode) in get else "-"
-                             for k in ratios]
-                    lines.append(f"| {mode} | " + " | ".join(cells) + " |")
-                lines.append("")
-        lines += ["Paired on the same images (both / only a / only b / neither, exact McNemar p):", "",
-                  "| tokens | conv | keep | a vs b | both | only a | only b | neither | p |",
-                  "|---|---|---|---|---|---|---|---|---|"]
-        for p in result["paired"]:
-            if p["task"] == task:
-                mark = " *" if p["p_value"] < SIGNIFICANCE else ""
-                lines.append(f"| {p['selection']} | {p['conv']} | {p['keep']} | {p['a']} vs {p['b']} | {p['both']} | "
-                             f"{p['only_a']} | {p['only_b']} | {p['neither']} | {p['p_value']:.3g}{mark} |")
-        lines.append("")
-    metric_rows = [r for r in rows if r.get("ablation") == "metric"]
-    if metric_rows:
-        ratios = sorted({r["keep_ratio"] for r in metric_rows}, reverse=True)
-        lines += ["### digits: importance metrics (align, own tokens, compact conv), top-1 (%)", "",
-                  "| metric | " + " | ".join(f"keep {k}" for k in ratios) + " |", "|---|" + "---|" * len(ratios)]
-        get = {(r["metric"], r["keep_ratio"]): r for r in metric_rows}
-        for metric in sorted({r["metric"] for r in metric_rows}):
-            lines.append(f"| {metric} | " + " | ".join(_fmt(get[(metric, k)]) for k in ratios) + " |")
-        lines.append("")
-    ft = [r for r in rows if r["finetuned"]]
-    if ft:
-        zs = {(r["mode"], r["keep_ratio"]): r for r in rows if r["task"] == "digits" and r["selection"] == "own"
-              and r["conv"] == "compact" and not r["finetuned"] and "ablation" not in r}
-        lines += [f"### digits: after fine-tuning ({ft[0]['finetune_epochs']} epochs each), top-1 (%)", "",
-                  "| mode | keep | zero-shot | fine-tuned |", "|---|---|---|---|"]
-        for r in ft:
-            lines.append(f"| {r['mode']} | {r['keep_ratio']} | {_fmt(zs[(r['mode'], r['keep_ratio'])])} | {_fmt(r)} |")
-        lines.append("")
-    if result["fidelity"]:
-        lines += ["### Fidelity: relative deviation of the remaining tokens' layer outputs from the dense model's at "
-                  "the same tokens", "", "| model | layer | tokens | align | hold | relabel |", "|---|---|---|---|---|---|"]
-        for label, modes in result["fidelity"].items():
-            for a, h, rl in zip(modes["align"], modes["hold"], modes["relabel"]):
-                lines.append(f"| {label} | {a['layer']} | {a['tokens']} | {a['rel_dev']:.4f} | {h['rel_dev']:.4f} | "
-                             f"{rl['rel_dev']:.4f} |")
-        lines.append("")
-    lines.append(f"Spread: {result['spread']}. `*`: p < {SIGNIFICANCE}.")
-    return "\n".join(lines) + "\n"
-
-
-def plot(result, task, path):
-    """Accuracy vs keep ratio per mode, one panel per (conv: row, token source: column); a
-    marker where a pair differs significantly on the same images."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from bench.outputs import save_figure
-    meta = result["tasks"][task]
-    rows = [r for r in result["rows"] if r["task"] == task and not r["finetuned"] and "ablation" not in r]
-    dense = next(r for r in rows if r["mode"] == "dense")
-    selections = meta["selections"]
-    fig, axes = plt.subplots(len(CONVS), len(selections), figsize=(max(4.6 * len(selections), 7.0), 3.8 * len(CONVS)),
-                             squeeze=False, sharey=True, sharex=True)
-    styles = dict(zip(MODES, ("-o", "-s", ":^", "--v", "-.d")))
-    for (i, conv), (j, selection) in itertools.product(enumerate(CONVS), enumerate(selections)):
-        ax = axes[i, j]
-        for mode in MODES:
-            pts = sorted((r["keep_ratio"], 100 * r["top1"]) for r in rows
-                         if r["mode"] == mode and r["selection"] == selection and r["conv"] == conv)
-            if pts:
-                ax.plot(*zip(*pts), styles[mode], label=mode, ms=5)
-        for p in result["paired"]:
-            if p["task"] == task and p["selection"] == selection and p["conv"] == conv and p["b"] == "relabel" \
-                    and p["p_value"] < SIGNIFICANCE:
-                ax.annotate("*" if p["a"] == "align" else "+", (p["keep"], 100 * (p["both"] + p["only_a"])
-                                                               / (p["both"] + p["only_a"] + p["only_b"] + p["neither"])),
-                            textcoords="offset points", xytext=(0, 6), ha="center", fontsize=13)
-        ax.axhline(100 * dense["top1"], color="k", lw=0.8, label="dense")
-        ax.set_title(f"tokens: {selection}, conv: {conv}", fontsize=10)
-        ax.grid(alpha=0.3)
-    for ax in axes[-1]:
-        ax.set_xlabel("keep ratio per stage")
-    for ax in axes[:, 0]:
-        ax.set_ylabel("top-1 (%)")
-    axes[-1, -1].legend(fontsize=8)
-    title = (f"{task}: zero-shot pruning (dense {100 * dense['top1']:.1f} %); * align, + hold differ from relabel "
-             f"on the same images (McNemar p < {SIGNIFICANCE})")
-    if result["quick"]:
-        title = "SMOKE TEST (--quick): " + title
-    fig.suptitle(textwrap.fill(title, width=int(13 * fig.get_figwidth())), fontsize=9)
-    fig.tight_layout()
-    save_figure(fig, path, dpi=110)
-    plt.close(fig)
-    return path

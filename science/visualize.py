@@ -3,9 +3,9 @@ the class token's hidden attention (``reference.hidden_attention``, averaged ove
 both scan directions) for dense, "align", "hold" and "relabel" side by side on one colour
 scale (the paper's Fig. 3).
 
-    python -m bench visualize [--image PATH] [--model NAME] [--checkpoint PATH] [--quick]
+    python -m alignscan.bench visualize [--image PATH] [--model NAME] [--checkpoint PATH] [--quick]
 
-Default: digits test images with the trained digits ViM (bench.digits, cached). With
+Default: digits test images with the trained digits ViM (science.digits, cached). With
 --model, a ViM from ``models`` (random weights unless --checkpoint), its paper preset.
 """
 from __future__ import annotations
@@ -39,10 +39,12 @@ def class_token_attention(model, image):
     with ``reference.hidden_attention`` from the scans the model records."""
     import torch
 
-    import reference as R
-    scans = []
+    from alignscan import reference as R
+    from alignscan.models import Recorder
+    record = Recorder()
     with torch.no_grad():
-        _, kept = model(image, return_kept=True, scans=scans)
+        _, kept = model(image, return_kept=True, record=record)
+    scans = record.scans
     L = model.num_tokens
     positions = kept[-1][0].numpy() if kept else np.arange(L)
     cls_at = int(np.flatnonzero(positions == model.cls_index)[0])
@@ -86,7 +88,7 @@ def figure(model_factory, image, title, path, quick=False):
     import torch
     from matplotlib.patches import Patch
 
-    from bench.outputs import save_figure
+    from alignscan.outputs import save_figure
     align = model_factory("align")
     with torch.no_grad():
         _, kept = align(image, return_kept=True)
@@ -138,9 +140,9 @@ def figure(model_factory, image, title, path, quick=False):
 def run(out_dir, image_path=None, model_name=None, checkpoint=None, quick=False, cache_dir=None, log=print):
     import torch
 
-    import models
-    from bench.digits import DigitsConfig, build_model, load_digits_split, trained_model
-    from models.pruning import PruningConfig
+    from alignscan import models
+    from alignscan.models.pruning import PruningConfig
+    from alignscan.science.digits import DigitsConfig, build_model, load_digits_split, trained_model
     if image_path is not None and not Path(image_path).is_file():
         raise ValueError(f"image must be an existing image file (PNG or JPEG), got {str(image_path)!r}")
     out_dir = Path(out_dir)
@@ -161,9 +163,10 @@ def run(out_dir, image_path=None, model_name=None, checkpoint=None, quick=False,
             _, _, x_test, _ = load_digits_split(cfg.img_size, cfg.split_seed)
             images = [x_test[i:i + 1] for i in (0, 1, 2)]
     else:
-        if not model_name.startswith("vim"):
-            raise ValueError(f"model must be a ViM (the class-token attention needs one): vim_tiny or vim_small, "
-                             f"got {model_name!r}")
+        from alignscan import registry
+        if registry.family(model_name) != "vim":
+            raise ValueError(f"model must be a ViM (the class-token attention needs one): "
+                             f"{' or '.join(registry.names('vim'))}, got {model_name!r}")
         kwargs = dict(img_size=64) if quick else {}
         torch.manual_seed(0)
         base = models.create(model_name, **kwargs)

@@ -86,7 +86,7 @@ def background_plan(marks, keep_ratios, seed, tokens=GRID * GRID + 1, cls_index=
     random subset of the last stage's, of keep_count(n, r, protected=3) tokens in all."""
     import torch
 
-    import reference as R
+    from alignscan import reference as R
     rng = np.random.default_rng(seed)
     protected = np.concatenate([np.full((len(marks), 1), cls_index), mark_tokens(marks, cls_index)], axis=1)
     current = [np.arange(tokens) for _ in range(len(marks))]

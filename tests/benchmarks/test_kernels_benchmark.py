@@ -3,20 +3,21 @@ layer shape (batch 8, dim 768, N 16, L 197), keep 1.0 / 0.7 / 0.5, every alignme
 numba-cpu scales with threads (1 to all cores, batch 1 at L 4096 and batch 8 at L 197) and
 with sequence length (197 to 65,536 tokens, every other token kept).
 
-    pytest bench --benchmark-only                       # all
-    pytest bench --benchmark-only -k numba              # only the kernel
-    pytest bench --benchmark-only -k scaling            # threads and lengths
-Not part of the test command (testpaths = tests): it takes minutes, mostly the reference.
-Peak memory per length is in ``python -m bench kernels`` (each length in a fresh process).
+    pytest tests/benchmarks --benchmark-only                 # all
+    pytest tests/benchmarks --benchmark-only -k numba        # only the kernel
+    pytest tests/benchmarks --benchmark-only -k scaling      # threads and lengths
+Skipped by the test command (tests/benchmarks/conftest.py) unless --benchmark-only is given:
+it takes minutes, mostly the reference.
+Peak memory per length is in ``python -m alignscan.bench kernels`` (each length in a fresh process).
 """
 import numba
 import numpy as np
 import pytest
 
-import cuda_kernels as K
-from bench.kernels import backend_fns
-from bench.problems import make_problem, vim_layer_problem
-from bench.scaling import LENGTHS, THREAD_SHAPES
+from alignscan import cuda_kernels as K
+from alignscan.bench.kernels import backend_fns
+from alignscan.bench.scaling import LENGTHS, THREAD_SHAPES
+from alignscan.testing import make_problem, vim_layer_problem
 
 KEEP = (1.0, 0.7, 0.5)
 ALIGN = ("prev", "self", "none", "hold")

@@ -1,5 +1,5 @@
 """Small ViMs trained here, for experiments that need trained weights: on scikit-learn's
-digits, and on the generated scan-distance task (``bench.distance_task``).
+digits, and on the generated scan-distance task (``science.distance_task``).
 
 The digits ship inside scikit-learn (1,797 grey 8x8 images, no download); images are
 upsampled to 32x32 and cut into 4x4 patches (64 patches + the middle class token = 65
@@ -17,8 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.outputs import save_torch
-from bench.progress import progress_bar
+from alignscan.outputs import progress_bar, save_torch
 
 __all__ = ["DigitsConfig", "TASKS", "load_digits_split", "load_split", "build_model", "train", "evaluate",
            "trained_model", "weights_digest"]
@@ -30,7 +29,7 @@ TASKS = ("digits", "distance")
 @dataclass(frozen=True)
 class DigitsConfig:
     """A small ViM and how it is trained. ``task``: "digits" (10 classes) or "distance" (2
-    classes, bench.distance_task); ``position_embedding=False`` keeps pos_embed at zero."""
+    classes, science.distance_task); ``position_embedding=False`` keeps pos_embed at zero."""
 
     task: str = "digits"
     position_embedding: bool = True
@@ -72,13 +71,13 @@ def load_split(cfg):
     if cfg.task == "digits":
         return load_digits_split(cfg.img_size, cfg.split_seed)
     if cfg.task == "distance":
-        from bench.distance_task import load_distance_split
+        from alignscan.science.distance_task import load_distance_split
         return load_distance_split(cfg.split_seed)
     raise ValueError(f"task must be one of {TASKS}, got {cfg.task!r}")
 
 
 def build_model(cfg, pruning=None, backend=None):
-    from models.vim import VisionMamba
+    from alignscan.models.vim import VisionMamba
     model = VisionMamba(embed_dim=cfg.embed_dim, depth=cfg.depth, img_size=cfg.img_size, patch_size=cfg.patch_size,
                         num_classes=10 if cfg.task == "digits" else 2, channels=1, pruning=pruning, backend=backend)
     if not cfg.position_embedding:      # no absolute positions: what the model knows of order comes from the scan

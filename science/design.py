@@ -1,0 +1,12 @@
+"""The design of the zero-shot experiment: its factors and their levels, in one place."""
+from alignscan.registry import CONV_MODES
+
+__all__ = ["KEEP_RATIOS", "MODES", "PAIRS", "CONVS", "FINETUNE_MODES", "FINETUNE_RATIOS", "SIGNIFICANCE"]
+
+KEEP_RATIOS = (0.9, 0.7, 0.5, 0.3)
+MODES = ("align", "hold", "self", "relabel", "mask")
+PAIRS = (("align", "relabel"), ("hold", "relabel"), ("hold", "align"))
+CONVS = CONV_MODES                 # ViM's conv1d: over the compacted tokens, or position-aware
+FINETUNE_MODES = ("align", "hold", "relabel")
+FINETUNE_RATIOS = (0.5, 0.3)
+SIGNIFICANCE = 0.05

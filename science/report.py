@@ -1,0 +1,123 @@
+"""The zero-shot experiment's report: the Markdown tables and one figure per task, both made
+from the result dict alone (so they can be redrawn from a saved JSON)."""
+from __future__ import annotations
+
+import itertools
+import textwrap
+
+from alignscan.outputs import save_figure
+
+from .design import CONVS, MODES, SIGNIFICANCE
+
+__all__ = ["markdown", "plot"]
+
+
+def _fmt(r):
+    return f"{100 * r['top1']:.1f}"
+
+
+def markdown(result):
+    lines = []
+    smoke = ["**Smoke test (--quick): tiny models trained for seconds; the numbers mean nothing.**", ""] \
+        if result["quick"] else []
+    lines += smoke
+    rows = result["rows"]
+    for task, meta in result["tasks"].items():
+        task_rows = [r for r in rows if r["task"] == task and not r["finetuned"] and "ablation" not in r]
+        dense = next(r for r in task_rows if r["mode"] == "dense")
+        ratios = sorted({r["keep_ratio"] for r in task_rows if r["mode"] != "dense"}, reverse=True)
+        lines += [f"### {task}: zero-shot top-1 (%), dense {_fmt(dense)}, {meta['test_images']} test images, "
+                  f"pruned after layers {meta['schedule']}", ""]
+        get = {(r["selection"], r["conv"], r["keep_ratio"], r["mode"]): r for r in task_rows}
+        for selection in meta["selections"]:
+            for conv in CONVS:
+                lines += [f"tokens: {selection}, conv: {conv}", "",
+                          "| mode | " + " | ".join(f"keep {k}" for k in ratios) + " |", "|---|" + "---|" * len(ratios)]
+                for mode in MODES:
+                    cells = [_fmt(get[(selection, conv, k, mode)]) if (selection, conv, k, mode) in get else "-"
+                             for k in ratios]
+                    lines.append(f"| {mode} | " + " | ".join(cells) + " |")
+                lines.append("")
+        lines += ["Paired on the same images (both / only a / only b / neither, exact McNemar p):", "",
+                  "| tokens | conv | keep | a vs b | both | only a | only b | neither | p |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for p in result["paired"]:
+            if p["task"] == task:
+                mark = " *" if p["p_value"] < SIGNIFICANCE else ""
+                lines.append(f"| {p['selection']} | {p['conv']} | {p['keep']} | {p['a']} vs {p['b']} | {p['both']} | "
+                             f"{p['only_a']} | {p['only_b']} | {p['neither']} | {p['p_value']:.3g}{mark} |")
+        lines.append("")
+    metric_rows = [r for r in rows if r.get("ablation") == "metric"]
+    if metric_rows:
+        ratios = sorted({r["keep_ratio"] for r in metric_rows}, reverse=True)
+        lines += ["### digits: importance metrics (align, own tokens, compact conv), top-1 (%)", "",
+                  "| metric | " + " | ".join(f"keep {k}" for k in ratios) + " |", "|---|" + "---|" * len(ratios)]
+        get = {(r["metric"], r["keep_ratio"]): r for r in metric_rows}
+        for metric in sorted({r["metric"] for r in metric_rows}):
+            lines.append(f"| {metric} | " + " | ".join(_fmt(get[(metric, k)]) for k in ratios) + " |")
+        lines.append("")
+    ft = [r for r in rows if r["finetuned"]]
+    if ft:
+        zs = {(r["mode"], r["keep_ratio"]): r for r in rows if r["task"] == "digits" and r["selection"] == "own"
+              and r["conv"] == "compact" and not r["finetuned"] and "ablation" not in r}
+        lines += [f"### digits: after fine-tuning ({ft[0]['finetune_epochs']} epochs each), top-1 (%)", "",
+                  "| mode | keep | zero-shot | fine-tuned |", "|---|---|---|---|"]
+        for r in ft:
+            lines.append(f"| {r['mode']} | {r['keep_ratio']} | {_fmt(zs[(r['mode'], r['keep_ratio'])])} | {_fmt(r)} |")
+        lines.append("")
+    if result["fidelity"]:
+        lines += ["### Fidelity: relative deviation of the remaining tokens' layer outputs from the dense model's at "
+                  "the same tokens", "", "| model | layer | tokens | align | hold | relabel |", "|---|---|---|---|---|---|"]
+        for label, modes in result["fidelity"].items():
+            for a, h, rl in zip(modes["align"], modes["hold"], modes["relabel"]):
+                lines.append(f"| {label} | {a['layer']} | {a['tokens']} | {a['rel_dev']:.4f} | {h['rel_dev']:.4f} | "
+                             f"{rl['rel_dev']:.4f} |")
+        lines.append("")
+    lines.append(f"Spread: {result['spread']}. `*`: p < {SIGNIFICANCE}.")
+    return "\n".join(lines) + "\n"
+
+
+def plot(result, task, path):
+    """Accuracy vs keep ratio per mode, one panel per (conv: row, token source: column); a
+    marker where a pair differs significantly on the same images."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    meta = result["tasks"][task]
+    rows = [r for r in result["rows"] if r["task"] == task and not r["finetuned"] and "ablation" not in r]
+    dense = next(r for r in rows if r["mode"] == "dense")
+    selections = meta["selections"]
+    fig, axes = plt.subplots(len(CONVS), len(selections), figsize=(max(4.6 * len(selections), 7.0), 3.8 * len(CONVS)),
+                             squeeze=False, sharey=True, sharex=True)
+    styles = dict(zip(MODES, ("-o", "-s", ":^", "--v", "-.d")))
+    for (i, conv), (j, selection) in itertools.product(enumerate(CONVS), enumerate(selections)):
+        ax = axes[i, j]
+        for mode in MODES:
+            pts = sorted((r["keep_ratio"], 100 * r["top1"]) for r in rows
+                         if r["mode"] == mode and r["selection"] == selection and r["conv"] == conv)
+            if pts:
+                ax.plot(*zip(*pts), styles[mode], label=mode, ms=5)
+        for p in result["paired"]:
+            if p["task"] == task and p["selection"] == selection and p["conv"] == conv and p["b"] == "relabel" \
+                    and p["p_value"] < SIGNIFICANCE:
+                ax.annotate("*" if p["a"] == "align" else "+", (p["keep"], 100 * (p["both"] + p["only_a"])
+                                                               / (p["both"] + p["only_a"] + p["only_b"] + p["neither"])),
+                            textcoords="offset points", xytext=(0, 6), ha="center", fontsize=13)
+        ax.axhline(100 * dense["top1"], color="k", lw=0.8, label="dense")
+        ax.set_title(f"tokens: {selection}, conv: {conv}", fontsize=10)
+        ax.grid(alpha=0.3)
+    for ax in axes[-1]:
+        ax.set_xlabel("keep ratio per stage")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("top-1 (%)")
+    axes[-1, -1].legend(fontsize=8)
+    title = (f"{task}: zero-shot pruning (dense {100 * dense['top1']:.1f} %); * align, + hold differ from relabel "
+             f"on the same images (McNemar p < {SIGNIFICANCE})")
+    if result["quick"]:
+        title = "SMOKE TEST (--quick): " + title
+    fig.suptitle(textwrap.fill(title, width=int(13 * fig.get_figwidth())), fontsize=9)
+    fig.tight_layout()
+    save_figure(fig, path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,54 @@
+"""The statistics of the experiments: exact paired tests on the same images, bootstrap
+intervals, and Holm's correction for the many comparisons a table makes."""
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+
+import numpy as np
+
+__all__ = ["mcnemar_exact", "paired_counts", "bootstrap_interval", "holm", "BOOTSTRAP"]
+
+BOOTSTRAP = 1000
+
+
+def mcnemar_exact(only_a, only_b):
+    """Two-sided exact McNemar test: p = P(|X - n/2| >= |only_a - n/2|), X ~ Binomial(n, 1/2)
+    with n = only_a + only_b discordant images (1.0 when there are none)."""
+    n = only_a + only_b
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(only_a, only_b) + 1))
+    return float(min(Fraction(1), 2 * Fraction(tail, 2 ** n)))
+
+
+def paired_counts(correct_a, correct_b):
+    """Counts of images both models got right, only a, only b, neither; and McNemar's p."""
+    a, b = np.asarray(correct_a, bool), np.asarray(correct_b, bool)
+    if a.shape != b.shape:
+        raise ValueError(f"correct_a and correct_b must describe the same images, got {a.shape} and {b.shape}")
+    counts = {"both": int((a & b).sum()), "only_a": int((a & ~b).sum()), "only_b": int((~a & b).sum()),
+              "neither": int((~a & ~b).sum())}
+    return {**counts, "p_value": mcnemar_exact(counts["only_a"], counts["only_b"])}
+
+
+def bootstrap_interval(correct, seed=0, resamples=BOOTSTRAP):
+    """95 % bootstrap interval of the accuracy over the test images."""
+    rng = np.random.default_rng(seed)
+    means = rng.choice(correct, size=(resamples, len(correct)), replace=True).mean(axis=1)
+    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+def holm(p_values):
+    """Holm's step-down adjusted p-values (family-wise error control over all of them), in
+    the order given: p_(i) adjusted = max over j <= i of min(1, (m - j + 1) · p_(j)) for the
+    ascending p-values."""
+    p = np.asarray(p_values, dtype=float)
+    m = len(p)
+    order = np.argsort(p, kind="stable")
+    adjusted = np.empty(m)
+    running = 0.0
+    for rank, index in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * p[index]))
+        adjusted[index] = running
+    return adjusted.tolist()
