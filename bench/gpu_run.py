@@ -14,7 +14,12 @@ SciPy). Steps, each printed as it starts and ends:
 3. forward and forward+backward of cupy and numba-cuda at the ViM-S layer shape, batch 64,
    keep 1.0 / 0.7 / 0.5, every alignment, with effective bandwidth and the goals;
 4. if time is left, images/s of ViM-S and PlainMamba-L3 (dense, align, relabel), batch 64,
-   on the cupy backend.
+   on the cupy backend;
+5. the deterministic backward: scan.cu's gradients from 5 runs compared bit for bit, with
+   the time and the bytes of its per-channel dB/dC partials;
+6. the pruned ViM-S and PlainMamba-L3 (align, paper presets) captured in a CUDA graph and
+   replayed: logits against eager, replay and eager times (a forward that waited for the
+   host could not be captured).
 
 It stops starting new work when the budget (default 330 s: the whole run fits in 6 minutes)
 is spent and says what it skipped. One JSON, named after the device, goes to --out, else
@@ -186,6 +191,70 @@ def goals(rows, copy_bw):
     return out
 
 
+def _guarded(step):
+    """A step's result, or its error (a failed step never loses the others' results)."""
+    try:
+        return step()
+    except Exception as exc:          # reported in the JSON, the run goes on
+        say(f"    failed: {type(exc).__name__}: {exc}")
+        return {"error": f"{type(exc).__name__}: {exc}"}
+
+
+def determinism(device, runs=5):
+    """scan.cu's backward (cupy; numba-cpu in a dry run) run ``runs`` times on one problem:
+    whether every gradient is the same bits each time, its median time, and the memory of the
+    per-channel dB/dC partials that make it deterministic (2·b·dim·N·M accumulators)."""
+    from alignscan import cuda_kernels as K
+    from alignscan.testing import vim_layer_problem
+    backend = "numba-cpu" if device.dry else "cupy"
+    p = vim_layer_problem(batch=8 if not device.dry else 2, dim=device.dim, keep_ratio=0.7, alignment="prev",
+                          dtype=np.float32)
+    kw = {k: (device.xp.asarray(v) if isinstance(v, np.ndarray) else v) for k, v in p.kwargs(return_last_state=False).items()}
+    dout = device.xp.asarray(p.dout())
+    backward = lambda: K.selective_scan_bwd(dout, **kw, backend=backend)
+    as_bytes = lambda grads: [None if g is None else device.xp.asnumpy(g).tobytes() if not device.dry
+                              else np.ascontiguousarray(g).tobytes() for g in grads]
+    first = as_bytes(backward())
+    identical = all(as_bytes(backward()) == first for _ in range(runs - 1))
+    b, d, m = p.u.shape
+    n = p.A.shape[1]
+    result = {"backend": backend, "runs": runs, "bit_identical": identical, "bwd_s": device.seconds(backward),
+              "partials_bytes": 2 * b * d * n * m * 4, "shape": [b, d, m, n]}
+    say(f"    bit-identical over {runs} runs: {identical}; partials {result['partials_bytes'] / 1e6:.0f} MB")
+    return result
+
+
+def graph_capture(device, names=("vim_small", "plainmamba_l3"), batch=64):
+    """Each pruned model (align, paper preset, cupy backend) captured in a CUDA graph once and
+    replayed on a static input: max |logits - eager|, replay and eager seconds."""
+    import torch
+
+    from alignscan import models
+    out = []
+    for name in names:
+        torch.manual_seed(0)
+        model = models.create(name, pruning=models.paper_preset(name), backend="cupy").eval().cuda()
+        x = torch.randn(batch, 3, 224, 224, device="cuda")
+        with torch.no_grad():
+            eager = model(x)
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    model(x)                                      # warm-up outside the capture
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                captured = model(x)
+            graph.replay()
+            torch.cuda.synchronize()
+            row = {"model": name, "batch": batch, "max_abs_diff": float((captured - eager).abs().max()),
+                   "replay_s": device.seconds(graph.replay), "eager_s": device.seconds(lambda: model(x))}
+        say(f"    {name}: captured; replay {row['replay_s'] * 1e3:.1f} ms vs eager {row['eager_s'] * 1e3:.1f} ms")
+        out.append(row)
+    return out
+
+
 def output_dir(args):
     if args.out is not None:
         return args.out
@@ -222,20 +291,20 @@ def main(argv=None):
     say(f"device: {device.name}; budget {args.budget_s:.0f} s; results to {out_dir}")
     result = {"device": device.name, "dry_run": device.dry, "backends": {k: v or "available" for k, v in status.items()},
               "python": sys.version.split()[0]}
-    say("1/4 GPU tests" + (" (collected only: dry run)" if device.dry else ""))
+    say("1/6 GPU tests" + (" (collected only: dry run)" if device.dry else ""))
     result["gpu_tests"] = run_gpu_tests(device, timeout_s=max(60, int(0.45 * args.budget_s)), checkout=args.tests)
     say(f"    {result['gpu_tests']['summary']}")
-    say("2/4 copy bandwidth")
+    say("2/6 copy bandwidth")
     result["copy_bandwidth_bytes_per_s"] = copy_bandwidth(device)
     say(f"    {result['copy_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s")
-    say("3/4 kernels at the ViM-S layer shape")
+    say("3/6 kernels at the ViM-S layer shape")
     rows = []
     for backend in device.backends(status):
         rows += bench_backend(device, backend, end, ALIGNMENTS)
     result["kernels"] = rows
     result["goals"] = goals(rows, result["copy_bandwidth_bytes_per_s"])
     if time.monotonic() < end - 60 or device.dry:
-        say("4/4 model throughput")
+        say("4/6 model throughput")
         from alignscan.bench.models_bench import throughput, throughput_checks
         try:
             tp = throughput(batch=device.batch, img=224 if not device.dry else 64, repeats=3 if not device.dry else 1,
@@ -248,7 +317,18 @@ def main(argv=None):
             say(f"    throughput failed: {result['throughput_error']}")
     else:
         result["throughput_skipped"] = "budget"
-        say("4/4 model throughput: skipped (budget)")
+        say("4/6 model throughput: skipped (budget)")
+    if time.monotonic() < end - 30 or device.dry:
+        say("5/6 deterministic backward")
+        result["determinism"] = _guarded(lambda: determinism(device))
+    else:
+        result["determinism"] = {"skipped": "budget"}
+    if (time.monotonic() < end - 30 or device.dry) and not device.dry:
+        say("6/6 CUDA graph capture of the pruned models")
+        result["graphs"] = _guarded(lambda: graph_capture(device))
+    else:
+        result["graphs"] = {"skipped": "dry run: needs a CUDA GPU" if device.dry else "budget"}
+        say(f"6/6 CUDA graph capture: skipped ({result['graphs']['skipped']})")
     result["wall_s"] = time.monotonic() - start
     path = out_dir / f"gpu_{re.sub(r'[^A-Za-z0-9]+', '_', device.name).strip('_')}.json"
     write_json(path, result)

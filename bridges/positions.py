@@ -1,15 +1,22 @@
 """``TorchPositionMap``: the torch twin of ``reference.PositionMap``, on the scan's device.
 
-A map is made once per pruning stage: one custom op (``alignscan::position_map``) reads the
-positions on the host, builds and checks a ``reference.PositionMap`` (the one set of rules
-and messages), and returns everything a scan needs as tensors on the positions' device:
-the positions, each row's path length, and the gap coefficients of every alignment. Every
-scan of the stage then reads those tensors: no host round trip per call, and under
-``torch.compile`` the op is one opaque node with a fake implementation.
+Everything a scan needs from a position map — the positions, each row's path length, the
+gap coefficients of every alignment and the trailing steps (SPEC §1), and the maps that
+``flip``, ``compose`` and ``path`` make (SPEC §3) — is computed here with torch ops where
+the positions are: nothing goes to the host, so a pruned model's forward never waits for
+it, captures in a CUDA graph, and traces whole under ``torch.compile(fullgraph=True)``.
+``reference.PositionMap`` (NumPy) stays the reference; a Hypothesis test checks that both
+give the same maps and coefficients.
 
-    m = TorchPositionMap(positions, seqlen)        # validated here, once
+    m = TorchPositionMap(positions, seqlen)        # a map a user passes: validated, once
+    m = TorchPositionMap.trusted(kept, seqlen)     # a map a model makes (sorted top-k): no check
     m.coefficients("prev", torch.float32)          # GapCoefficients of tensors (cached)
-    m.flip(); m.compose(kept); m.path(order)       # new maps, made by the same op
+    m.flip(); m.compose(kept); m.path(order)       # new maps, on the device
+
+A map a user passes is validated by the reference's rules and messages (the one validator):
+that reads the positions on the host, once, when the map is made — the one synchronisation,
+at the public entry. The maps a model derives from it (flip, compose with its own sorted
+indices, path along a fixed permutation) are correct by construction and are not checked.
 """
 from __future__ import annotations
 
@@ -22,62 +29,55 @@ from torch import Tensor
 from alignscan.reference.arguments import check_seqlen
 from alignscan.reference.positions import ALIGNMENTS, GapCoefficients, PositionMap
 
-__all__ = ["TorchPositionMap", "as_position_map"]
-
-_TRANSFORMS = ("none", "flip", "compose", "path")
+__all__ = ["TorchPositionMap", "as_position_map", "map_tables"]
 
 
-@torch.library.custom_op("alignscan::position_map", mutates_args=())
-def _position_map_op(positions: Tensor, seqlen: Optional[int], seqlen_rows: Optional[Tensor], transform: str,
-                     extra: Optional[Tensor], batch: Optional[int] = None,
-                     length: Optional[int] = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(index, positions, seqlen_rows, coefficients (len(ALIGNMENTS), 3, b, M) float64,
-    trailing (len(ALIGNMENTS), b) float64) of the map ``transform`` makes. ``batch`` and
-    ``length``: the scan the map must fit, when known (checked by the reference)."""
-    host = positions.detach().cpu().numpy()
-    if seqlen_rows is None:
-        source = PositionMap(host, seqlen, batch=batch, length=length)
+@torch.library.custom_op("alignscan::validate_positions", mutates_args=())
+def _validate_op(positions: Tensor, seqlen: Optional[int], batch: Optional[int] = None,
+                 length: Optional[int] = None) -> tuple[Tensor, Tensor]:
+    """(positions (batch, M) int64, seqlen_rows (batch,) int64) of a user's map, checked by the
+    reference's rules and messages (``reference.PositionMap``): the one host read of a map."""
+    checked = PositionMap(positions.detach().cpu().numpy(), seqlen, batch=batch, length=length)
+    return (torch.tensor(checked.positions, device=positions.device),
+            torch.tensor(checked.seqlen_rows, device=positions.device))
+
+
+@_validate_op.register_fake
+def _validate_fake(positions, seqlen, batch=None, length=None):
+    rows = batch if batch is not None else positions.shape[0] if positions.dim() == 2 else 1
+    return (positions.new_empty((rows, positions.shape[-1]), dtype=torch.int64),
+            positions.new_empty((rows,), dtype=torch.int64))
+
+
+def map_tables(positions, seqlen_rows):
+    """The coefficients of every alignment for a (batch, M) int64 map on its device:
+    ``(table, trailing)``, table (len(ALIGNMENTS), 3, batch, M) float64 with rows coef_self,
+    coef_prev, hold, and trailing (len(ALIGNMENTS), batch) float64 (SPEC §1):
+
+        "prev", "hold": (coef_self, coef_prev) = (1, g_i - 1);  "self": (g_i, 0);  "none": (1, 0)
+        hold = g_i - 1 under "hold", else 0; trailing = seqlen - 1 - positions_{M-1}, 0 under "none"
+    """
+    batch, length = positions.shape
+    g = torch.ones((batch, length), dtype=torch.float64, device=positions.device)
+    if length > 1:
+        g = torch.cat([g[:, :1], (positions[:, 1:] - positions[:, :-1]).to(torch.float64)], dim=1)
+    ones, zeros = torch.ones_like(g), torch.zeros_like(g)
+    if length:
+        trailing = (seqlen_rows - 1 - positions[:, -1]).to(torch.float64)
     else:
-        source = PositionMap.from_rows(host, seqlen_rows.detach().cpu().numpy())
-    index = None
-    if transform == "flip":
-        result = source.flip()
-    elif transform == "compose":
-        result = source.compose(extra.detach().cpu().numpy())
-    elif transform == "path":
-        index, result = source.path(extra.detach().cpu().numpy())
-    else:
-        result = source
-    if index is None:
-        index = np.broadcast_to(np.arange(result.length), result.positions.shape)
-    device = positions.device
-    as_tensor = lambda a, dt: torch.tensor(np.asarray(a), dtype=dt, device=device)
-    coefs = [result.coefficients(a) for a in ALIGNMENTS]
-    table = np.stack([np.stack([c.coef_self, c.coef_prev, c.hold]) for c in coefs])
-    trailing = np.stack([c.trailing for c in coefs])
-    return (as_tensor(index, torch.int64), as_tensor(result.positions, torch.int64),
-            as_tensor(result.seqlen_rows, torch.int64), as_tensor(table, torch.float64),
-            as_tensor(trailing, torch.float64))
-
-
-@_position_map_op.register_fake
-def _position_map_fake(positions, seqlen, seqlen_rows, transform, extra, batch=None, length=None):
-    batch = batch if batch is not None else positions.shape[0] if positions.dim() == 2 else 1
-    length = positions.shape[-1]
-    if transform == "compose":
-        batch, length = (extra.shape[0] if extra.dim() == 2 else batch), extra.shape[-1]
-    new = positions.new_empty
-    return (new((batch, length), dtype=torch.int64), new((batch, length), dtype=torch.int64),
-            new((batch,), dtype=torch.int64), new((len(ALIGNMENTS), 3, batch, length), dtype=torch.float64),
-            new((len(ALIGNMENTS), batch), dtype=torch.float64))
+        trailing = torch.zeros(batch, dtype=torch.float64, device=positions.device)
+    rows = {"prev": (ones, g - 1, zeros, trailing), "self": (g, zeros, zeros, trailing),
+            "none": (ones, zeros, zeros, torch.zeros_like(trailing)), "hold": (ones, g - 1, g - 1, trailing)}
+    table = torch.stack([torch.stack(rows[a][:3]) for a in ALIGNMENTS])
+    return table, torch.stack([rows[a][3] for a in ALIGNMENTS])
 
 
 class TorchPositionMap:
-    """A validated position map held as tensors on the scan's device (see the module doc).
+    """A position map held as tensors on the scan's device (see the module doc).
 
     Args:
         positions: an integer tensor (batch, M) or (M,), or anything ``torch.as_tensor``
-            takes; ``device`` puts it there.
+            takes; ``device`` puts it there. Validated by the reference's rules.
         seqlen: the unpruned path length (int), or None: each row ends at its last token.
         batch, length: the (batch, M) of the scans it is for, when known (a (M,) map then
             covers every row).
@@ -92,24 +92,47 @@ class TorchPositionMap:
             positions = torch.tensor(np.asarray(positions))          # a copy: the map owns its positions
         if device is not None:
             positions = positions.to(device)
-        self._set(*_position_map_op(positions, seqlen, None, "none", None, batch, length))
+        # The one host read of a user's map (an opaque op under torch.compile).
+        checked, rows = _validate_op(positions, seqlen, batch, length)
+        self._set(checked, rows, seqlen=seqlen)
 
     @classmethod
-    def _made(cls, outputs):
+    def trusted(cls, positions, seqlen):
+        """A map a model makes itself: ``positions`` (batch, M) int64 strictly increasing rows
+        in [0, seqlen) by construction (sorted top-k indices), ``seqlen`` an int or a (batch,)
+        tensor. Not checked: nothing is read on the host."""
+        positions = positions.to(torch.int64)
+        static = None
+        if isinstance(seqlen, Tensor):
+            seqlen_rows = seqlen.to(device=positions.device, dtype=torch.int64)
+        else:
+            static = check_seqlen(seqlen)
+            seqlen_rows = torch.full((positions.shape[0],), static, dtype=torch.int64, device=positions.device)
         obj = cls.__new__(cls)
-        obj._set(*outputs)
+        obj._set(positions, seqlen_rows, seqlen=static)
         return obj
 
-    def _set(self, index, positions, seqlen_rows, table, trailing):
-        self.index, self.positions, self.seqlen_rows = index, positions, seqlen_rows
-        self._table, self._trailing = table, trailing
+    def _derived(self, positions, index=None):
+        """A map this one makes (flip, compose, path): same path lengths, not checked."""
+        obj = TorchPositionMap.__new__(TorchPositionMap)
+        obj._set(positions, self.seqlen_rows, index, self.seqlen)
+        return obj
+
+    def _set(self, positions, seqlen_rows, index=None, seqlen=None):
+        self.positions, self.seqlen_rows = positions, seqlen_rows
+        self.seqlen = seqlen          # the path length as an int when every row has the same one (else None)
+        self.index = index if index is not None else \
+            torch.arange(positions.shape[1], device=positions.device).expand(positions.shape)
+        self._table, self._trailing = map_tables(positions, seqlen_rows)
         self._cache = {}
 
     @classmethod
     def from_numpy(cls, position_map, device):
         """A ``reference.PositionMap`` (validated already) copied to ``device``."""
-        return cls._made(_position_map_op(torch.tensor(position_map.positions, device=device), None,
-                                          torch.tensor(position_map.seqlen_rows, device=device), "none", None))
+        rows = position_map.seqlen_rows
+        uniform = rows.size and (rows == rows[0]).all()
+        return cls.trusted(torch.tensor(position_map.positions, device=device),
+                           int(rows[0]) if uniform else torch.tensor(rows, device=device))
 
     @property
     def batch(self):
@@ -135,9 +158,10 @@ class TorchPositionMap:
             return self
         if self.batch != 1:
             raise ValueError(f"{name} must have batch={batch} rows, got a map with {self.batch}")
-        expand = lambda t, dim: t.expand(*t.shape[:dim], batch, *t.shape[dim + 1:]).contiguous()
-        return TorchPositionMap._made((expand(self.index, 0), expand(self.positions, 0), expand(self.seqlen_rows, 0),
-                                       expand(self._table, 2), expand(self._trailing, 1)))
+        obj = TorchPositionMap.__new__(TorchPositionMap)
+        obj._set(self.positions.expand(batch, length).contiguous(), self.seqlen_rows.expand(batch).contiguous(),
+                 seqlen=self.seqlen)
+        return obj
 
     def coefficients(self, alignment, dtype=torch.float64):
         """``GapCoefficients`` of tensors in ``dtype`` on the map's device (cached)."""
@@ -151,18 +175,29 @@ class TorchPositionMap:
         return self._cache[key]
 
     def flip(self):
-        """The map of the flipped sequence (ViM's backward branch, SPEC §3)."""
-        return TorchPositionMap._made(_position_map_op(self.positions, None, self.seqlen_rows, "flip", None))
+        """The map of the flipped sequence (ViM's backward branch, SPEC §3):
+        seqlen - 1 - flip(positions)."""
+        return self._derived(self.seqlen_rows[:, None] - 1 - self.positions.flip(1))
 
     def compose(self, kept):
-        """The map after a further pruning step keeping ``kept`` (batch, K), ascending."""
-        return TorchPositionMap._made(_position_map_op(self.positions, None, self.seqlen_rows, "compose", kept))
+        """The map after a further pruning step keeping ``kept`` (batch, K) of the current
+        tokens, ascending (SPEC §3: ``positions[kept]``). ``kept`` is a model's own selection
+        (sorted indices), so it is not checked on the host."""
+        kept = torch.as_tensor(kept, device=self.device).to(torch.int64)
+        if kept.dim() == 1:
+            kept = kept.expand(self.batch, kept.shape[0])
+        return self._derived(torch.gather(self.positions, 1, kept))
 
     def path(self, order):
-        """``(index, map)``: this map's positions (raster indices) along the path ``order``."""
-        made = TorchPositionMap._made(_position_map_op(self.positions, None, self.seqlen_rows, "path",
-                                                       torch.as_tensor(order, device=self.device)))
-        return made.index, made
+        """``(index, map)``: this map's positions read as raster indices, ordered along the
+        path ``order`` (a permutation of range(seqlen), SPEC §3): ``index`` the compact order
+        along the path, ``map`` the tokens' ranks on it."""
+        order = torch.as_tensor(order, device=self.device).to(torch.int64)
+        rank = torch.empty_like(order)
+        rank[order] = torch.arange(order.shape[0], device=self.device)
+        ranks = rank[self.positions]
+        index = torch.sort(ranks, dim=1, stable=True).indices
+        return index, self._derived(torch.gather(ranks, 1, index), index)
 
 
 def as_position_map(positions, seqlen, like):

@@ -22,8 +22,11 @@
 #include <math.h>
 #include <pthread.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstddef>
+#include <cstdlib>
+#include <random>
 #include <thread>
 #include <type_traits>
 #include <utility>
@@ -51,27 +54,41 @@ inline thread_local unsigned barrier_round;
 // itself: no thread reaches round k + 2 before every thread has left round k.
 inline void syncthreads() { pthread_barrier_wait(&block_barriers[barrier_round++ & 1u]); }
 
+// The order blocks run in, and threads start in: grid order, or with
+// $ALIGNSCAN_EMU_SHUFFLE_SEED set a permutation drawn from that seed (a GPU runs blocks in
+// any order, concurrently: a kernel whose result depends on it shows it here).
+inline std::vector<unsigned> launch_order(unsigned n, unsigned salt) {
+    std::vector<unsigned> order(n);
+    for (unsigned k = 0; k < n; ++k) order[k] = k;
+    const char* seed = std::getenv("ALIGNSCAN_EMU_SHUFFLE_SEED");
+    if (seed != nullptr && *seed != '\0') {
+        std::mt19937 rng(static_cast<unsigned>(std::strtoul(seed, nullptr, 10)) * 2654435761u + salt);
+        std::shuffle(order.begin(), order.end(), rng);
+    }
+    return order;
+}
+
 // Runs kernel() for every (block, thread) of the launch: blockDim threads, each walking the
-// grid's blocks in order; a barrier after every block keeps blocks from overlapping.
+// grid's blocks in the launch order; a barrier after every block keeps blocks from overlapping.
 template <typename Kernel>
 void launch(dim3 grid, dim3 block, Kernel&& kernel) {
     grid_dim = grid;
     block_dim = block;
     const unsigned nthreads = block.x * block.y * block.z;
+    const unsigned nblocks = grid.x * grid.y * grid.z;
+    const std::vector<unsigned> blocks = launch_order(nblocks, 1u), starts = launch_order(nthreads, 2u);
     for (auto& barrier : block_barriers) pthread_barrier_init(&barrier, nullptr, nthreads);
     std::vector<std::thread> threads;
     threads.reserve(nthreads);
-    for (unsigned t = 0; t < nthreads; ++t) {
+    for (unsigned t : starts) {
         threads.emplace_back([&, t] {
             thread_index = dim3(t % block.x, (t / block.x) % block.y, t / (block.x * block.y));
             barrier_round = 0;
-            for (unsigned bz = 0; bz < grid.z; ++bz)
-                for (unsigned by = 0; by < grid.y; ++by)
-                    for (unsigned bx = 0; bx < grid.x; ++bx) {
-                        block_index = dim3(bx, by, bz);
-                        kernel();
-                        syncthreads();
-                    }
+            for (unsigned k : blocks) {
+                block_index = dim3(k % grid.x, (k / grid.x) % grid.y, k / (grid.x * grid.y));
+                kernel();
+                syncthreads();
+            }
         });
     }
     for (auto& thread : threads) thread.join();

@@ -26,8 +26,11 @@
 //   and runs the adjoint as a second scan in reverse thread order on the carried quantity
 //   G_i = deltaA_i·dh_i (G_{i} = a_i·(G_{i+1} + dy_i·C_i): again a linear pair scan).
 //   dA, dD and ddelta_bias are reduced per block (fixed order) and summed over the batch by
-//   the caller; dB and dC sum over the channels of a group with atomicAdd, as mamba_ssm
-//   does, so their last bits may differ run to run.
+//   the caller. dB and dC are deterministic, unlike mamba_ssm's atomicAdds: each block (one
+//   channel) writes its own partials dB_part, dC_part (batch, dim, N, M), written once each,
+//   and reduce_channels sums the channels of a group in ascending order, so the gradients
+//   are the same bits on every run. The cost: 2·batch·dim·N·M accumulators of memory (ViM-S
+//   layer, batch 64: 1.24 GB) and one extra pass that writes and reads them.
 // - Accumulation is in float for float inputs and in double for double inputs.
 
 #ifndef SCAN_THREADS
@@ -274,13 +277,14 @@ selective_scan_fwd(SCAN_INPUTS(T), int write_out, int want_last,
 }
 
 // Backward: gradients of sum(dout · out). Needs chunk_states from selective_scan_fwd with
-// write_out = 0. dB, dC (acc type, zeroed by the caller) receive atomicAdds.
+// write_out = 0. dB_part, dC_part (acc type, batch x dim x N x M): this channel's share of
+// dB and dC, every element written exactly once (reduce_channels sums them, in order).
 template <typename T>
 __global__ void
 selective_scan_bwd(SCAN_INPUTS(T), const T* __restrict__ dout,
                    const typename AccType<T>::type* __restrict__ chunk_states,
                    T* __restrict__ du, T* __restrict__ ddelta, T* __restrict__ dz,
-                   typename AccType<T>::type* __restrict__ dB, typename AccType<T>::type* __restrict__ dC,
+                   typename AccType<T>::type* __restrict__ dB_part, typename AccType<T>::type* __restrict__ dC_part,
                    typename AccType<T>::type* __restrict__ dA_part,
                    typename AccType<T>::type* __restrict__ dD_part,
                    typename AccType<T>::type* __restrict__ dbias_part) {
@@ -353,6 +357,7 @@ selective_scan_bwd(SCAN_INPUTS(T), const T* __restrict__ dout,
         for (int n = 0; n < dstate; ++n) {
             const acc_t An = A[(long)d * dstate + n];
             const long brow = (bc_row + n) * length;
+            const long prow = (((long)b * dim + d) * dstate + n) * length;   // this channel's partials
             acc_t a[SCAN_ITEMS], bb[SCAN_ITEMS], Bv[SCAN_ITEMS], Cv[SCAN_ITEMS], hp[SCAN_ITEMS];
             acc_t own[SCAN_ITEMS], wgt[SCAN_ITEMS], dhv[SCAN_ITEMS];
             // Recompute this chunk's states from its saved start state.
@@ -381,7 +386,7 @@ selective_scan_bwd(SCAN_INPUTS(T), const T* __restrict__ dout,
                 hp[j] = h;                       // h_{i-1}
                 h = a[j] * h + bb[j];
                 y[j] += Cv[j] * h;
-                if (valid[j]) atomicAdd(&dC[brow + first + j], dy[j] * h);   // dC_i += dy_i·h_i
+                if (valid[j]) dC_part[prow + first + j] = dy[j] * h;           // this channel's dC_i
             }
             // Adjoint, in reverse thread order: G_i = a_i·(G_{i+1} + dy_i·C_i).
             ta = acc_t(1);
@@ -419,7 +424,7 @@ selective_scan_bwd(SCAN_INPUTS(T), const T* __restrict__ dout,
                 s[j] += d_own * Bv[j];
                 dE[j] += t * An;
                 dA_acc += t * E[j];
-                if (valid[j]) atomicAdd(&dB[brow + first + j], d_own * dl[j] * uv[j]);
+                if (valid[j]) dB_part[prow + first + j] = d_own * dl[j] * uv[j];
                 if (q[j] > acc_t(0)) {       // w_i's gradient to Δ_i, Δ_{i-1} and A (reference.hold)
                     const acc_t dlp = j > 0 ? dl[j - 1] : dl_before;
                     const acc_t dw = dh * (j > 0 ? own[j - 1] : own_before);
@@ -474,4 +479,28 @@ selective_scan_bwd(SCAN_INPUTS(T), const T* __restrict__ dout,
     }
     for (int n = rank; n < dstate; n += SCAN_THREADS)
         dA_part[((long)b * dim + d) * dstate + n] = s_dA[n];
+}
+
+// dB, dC of each group (batch, G, N, M) = the sum of its channels' partials (batch, dim, N, M),
+// channel by channel in ascending order: the same bits whatever the launch order. One
+// thread per output element; reads are coalesced along M.
+template <typename T>
+__global__ void
+reduce_channels(const typename AccType<T>::type* __restrict__ part, typename AccType<T>::type* __restrict__ out,
+                int batch, int dim, int groups, int dstate, int length) {
+    typedef typename AccType<T>::type acc_t;
+    const long total = (long)batch * groups * dstate * length;
+    const long k = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (k >= total) return;
+    const int i = k % length;
+    const int n = (k / length) % dstate;
+    const int g = (k / ((long)length * dstate)) % groups;
+    const int b = k / ((long)length * dstate * groups);
+    const int per_group = dim / groups;
+    acc_t sum = acc_t(0);
+    for (int c = 0; c < per_group; ++c) {
+        const int d = g * per_group + c;
+        sum += part[(((long)b * dim + d) * dstate + n) * length + i];
+    }
+    out[k] = sum;
 }

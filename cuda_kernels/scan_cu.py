@@ -20,7 +20,8 @@ SOURCE = Path(__file__).with_name("scan.cu")
 THREADS = 128      # threads per block: one block per (batch, channel)
 ITEMS = 4          # consecutive tokens per thread; a chunk is THREADS x ITEMS tokens
 SPECIALISATIONS = {"float": np.dtype(np.float32), "double": np.dtype(np.float64)}
-KERNELS = ("selective_scan_fwd", "selective_scan_bwd")
+KERNELS = ("selective_scan_fwd", "selective_scan_bwd", "reduce_channels")
+REDUCE_THREADS = 256   # threads per block of reduce_channels (one output element each)
 
 
 def defines(threads=THREADS, items=ITEMS):
@@ -93,6 +94,10 @@ def backward(dout, params, xp, launch, threads=THREADS, items=ITEMS, grads_out=N
     du = _out(grads_out.get("du"), "du", (b, d, m), xp, dt)
     ddelta = _out(grads_out.get("ddelta"), "ddelta", (b, d, m), xp, dt)
     dz = _out(grads_out.get("dz"), "dz", (b, d, m), xp, dt) if p.has_z else None
+    # Per-channel partials, each written once by its block, summed over a group's channels in
+    # order by reduce_channels: deterministic dB and dC (no atomics).
+    dB_part = xp.zeros((b, d, n, m), dt)
+    dC_part = xp.zeros((b, d, n, m), dt)
     dB = xp.zeros((b, g, n, m), dt)
     dC = xp.zeros((b, g, n, m), dt)
     dA_part = xp.zeros((b, d, n), dt)
@@ -105,7 +110,12 @@ def backward(dout, params, xp, launch, threads=THREADS, items=ITEMS, grads_out=N
         grid, block = launch_geometry(b, d, threads)
         launch("selective_scan_fwd", dt, grid, block, (*inputs, np.int32(0), np.int32(0), None, None, states))
         launch("selective_scan_bwd", dt, grid, block, (
-            *inputs, dout_d, states, du, ddelta, dz, dB, dC, dA_part, dD_part, dbias_part))
+            *inputs, dout_d, states, du, ddelta, dz, dB_part, dC_part, dA_part, dD_part, dbias_part))
+        total = b * g * n * m
+        reduce_grid = ((total + REDUCE_THREADS - 1) // REDUCE_THREADS, 1)
+        for part, out in ((dB_part, dB), (dC_part, dC)):
+            launch("reduce_channels", dt, reduce_grid, (REDUCE_THREADS,),
+                   (part, out, np.int32(b), np.int32(d), np.int32(g), np.int32(n), np.int32(m)))
     else:
         for arr in (du, ddelta, dz):
             if arr is not None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -33,14 +34,14 @@ class PathPlan:
     (``index``), its inverse, the path's position map (None when nothing is pruned) and the
     direction label of each path position. Made once per pruning stage."""
 
-    def __init__(self, kept_map, height, width, device):
-        orders, labels = R.snake_paths(height, width)
-        self.seqlen = height * width
+    def __init__(self, kept_map, orders, labels):
+        """orders, labels: (4, HW) the snake paths and their direction labels (SPEC §3), tensors
+        on the device (the backbone's buffers), so that making a plan reads nothing on the host."""
+        self.seqlen = orders.shape[1]
         self.paths = []
         for order, label in zip(orders, labels):
-            label = torch.as_tensor(label, device=device)
             if kept_map is None:    # dense: the path visits every token, in its own order
-                index = torch.as_tensor(order, device=device)[None]
+                index = order[None]
                 self.paths.append((index, torch.argsort(index, dim=1), None, label[None]))
                 continue
             index, path_map = kept_map.path(order)
@@ -135,6 +136,10 @@ class Backbone(nn.Module):
                                     for i in range(depth))
         self.ln1 = nn.LayerNorm(embed_dim, eps=1e-6)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        orders, labels = R.snake_paths(*self.grid)
+        # The four snake paths on the module's device (not in the state dict: derived, not learned).
+        self.register_buffer("path_orders", torch.as_tensor(np.asarray(orders), dtype=torch.int64), persistent=False)
+        self.register_buffer("path_labels", torch.as_tensor(np.asarray(labels), dtype=torch.int64), persistent=False)
 
 
 class Head(nn.Module):
@@ -174,7 +179,7 @@ class PlainMamba(nn.Module):
         x = bb.patch_embed(images).flatten(2).transpose(1, 2) + bb.pos_embed               # (b, HW, D)
         b, L, _ = x.shape
         stages = Stages(cfg, b, L, x.device, keep_plan=keep_plan)
-        plan = PathPlan(None, *self.grid, x.device)
+        plan = PathPlan(None, bb.path_orders, bb.path_labels)
         for i, layer in enumerate(bb.layers):
             x, y = layer(x, stages.positions, plan, self.grid, stages.alignment, self.backend)
             if record is not None:
@@ -182,7 +187,7 @@ class PlainMamba(nn.Module):
             was = stages.position_map
             (x,) = stages.after_layer(i, y, x)
             if stages.position_map is not was:
-                plan = PathPlan(stages.position_map, *self.grid, x.device)   # each snake path's map (SPEC §3)
+                plan = PathPlan(stages.position_map, bb.path_orders, bb.path_labels)   # each path's map (SPEC §3)
         logits = self.head.fc(bb.ln1(x).mean(dim=1))
         return (logits, stages.kept_per_stage) if return_kept else logits
 

@@ -2,9 +2,10 @@
 
 A ``PruningConfig`` says how (mode), where (after which 1-based layers), how much (keep
 ratio per stage), by which importance metric and count rule. The models call
-``select_kept`` after each scheduled layer with the layer's merged gated SSM output y; the
-importance and the selection themselves are ``reference.token_importance`` and
-``reference.select_tokens`` (one implementation, shared with everything else).
+``select_kept`` after each scheduled layer with the layer's merged gated SSM output y; it
+scores and selects with torch ops on y's device (no host round trip: ``token_scores`` and
+``top_tokens``), and ``reference.token_importance`` / ``reference.select_tokens`` are its
+NumPy twins, tested equal (ties included).
 
 Modes:
     "dense"    no pruning
@@ -25,8 +26,8 @@ import torch
 from alignscan import reference as R
 from alignscan.registry import CARDS, CONV_MODES, MODES
 
-__all__ = ["MODES", "PruningConfig", "paper_preset", "select_kept", "alignment_of", "PAPER_PRESETS", "plan_indices",
-           "check_images"]
+__all__ = ["MODES", "PruningConfig", "paper_preset", "select_kept", "token_scores", "top_tokens", "alignment_of",
+           "PAPER_PRESETS", "plan_indices", "check_images", "KeepPlan"]
 
 _ALIGNMENT = {"dense": "none", "align": "prev", "hold": "hold", "self": "self", "relabel": "none", "mask": "none"}
 
@@ -134,55 +135,114 @@ def paper_preset(name, mode="align", **overrides):
     return PruningConfig(mode=mode, **{**PAPER_PRESETS[name], **overrides})
 
 
-def select_kept(y, config, stage, active=None, protected=None):
-    """Indices (batch, K) into the current token axis of the tokens to keep, ascending.
+def token_scores(y, metric):
+    """Importance s_j of every token (SPEC §4) with torch ops on y's device: (batch, L) float64,
+    summed over the channels in float64 as ``reference.token_importance`` (its NumPy twin)
+    does, so that both rank the same tokens (the clamp and the absolute value are exact in
+    y's dtype; "l2" squares in float64)."""
+    y = y.detach()
+    if metric == "clip":
+        return y.clamp_min(0).sum(dim=1, dtype=torch.float64)
+    if metric == "raw":
+        return y.sum(dim=1, dtype=torch.float64)
+    if metric == "l1":
+        return y.abs().sum(dim=1, dtype=torch.float64)
+    if metric == "l2":
+        return y.to(torch.float64).square().sum(dim=1).sqrt()
+    raise ValueError(f"metric must be one of {R.METRICS}, got {metric!r}")
+
+
+def top_tokens(scores, count, protected=None):
+    """Indices (batch, count) of the ``count`` highest scores, ascending in each row, with torch
+    ops on the scores' device (``reference.select_tokens``'s twin). Protected indices (batch, P)
+    rank first; ties go to the lower index (a stable descending sort keeps equal scores in
+    index order, as the reference's stable argsort of -s does). A NaN score ranks highest
+    (torch's sort order); the reference refuses non-finite scores."""
+    ranked = scores
+    if protected is not None and protected.shape[1]:
+        ranked = scores.scatter(1, protected, float("inf"))
+    order = torch.sort(ranked, dim=1, descending=True, stable=True).indices[:, :count]
+    return torch.sort(order, dim=1).values
+
+
+def select_kept(y, config, stage, live=None, protected=None):
+    """Indices (batch, K) into the current token axis of the tokens to keep, ascending, chosen
+    on y's device with no host round trip.
 
     Args:
         y: (batch, dim, L) merged gated SSM output of the pruning layer (detached here).
-        active: (batch, L) bool, tokens still alive ("mask" mode keeps pruned ones in place);
-            None means all.
-        protected: (batch, P) indices that are always kept (ViM's class token).
+        live: (batch, n) ascending indices of the tokens still alive ("mask" mode keeps
+            pruned ones in place, zeroed); None means all.
+        protected: (batch, P) indices (into the L tokens) that are always kept (ViM's class
+            token); in "mask" mode they must be live.
     """
-    scores = R.token_importance(y.detach().to(torch.float64).cpu().numpy(), config.metric)
+    scores = token_scores(y, config.metric)
     ratio = config.ratio(stage)
-    if active is None:
-        kept = R.select_tokens(scores, ratio, protected=None if protected is None else protected.cpu().numpy(),
-                               rule=config.count_rule)
-        return torch.as_tensor(kept, device=y.device)
+    n_protected = 0 if protected is None else protected.shape[1]
+    if live is None:
+        count = R.keep_count(scores.shape[1], ratio, n_protected=n_protected, rule=config.count_rule)
+        return top_tokens(scores, count, protected)
     # "mask": choose among the live tokens only (the same number in every row).
-    live = R.mask_to_positions(active.cpu().numpy())
-    sub_scores = np.take_along_axis(scores, live, axis=1)
-    sub_protected = None
-    if protected is not None:
-        prot = protected.cpu().numpy()
-        sub_protected = np.stack([np.searchsorted(row, p) for row, p in zip(live, prot)])
-    sub = R.select_tokens(sub_scores, ratio, protected=sub_protected, rule=config.count_rule)
-    return torch.as_tensor(np.take_along_axis(live, sub, axis=1), device=y.device)
+    sub_scores = torch.gather(scores, 1, live)
+    sub_protected = None if protected is None else torch.searchsorted(live.contiguous(), protected)
+    count = R.keep_count(live.shape[1], ratio, n_protected=n_protected, rule=config.count_rule)
+    return torch.gather(live, 1, top_tokens(sub_scores, count, sub_protected))
 
 
-def plan_indices(current, planned, stage):
-    """Indices (batch, K) into the current token axis of the tokens a keep plan keeps.
+class KeepPlan:
+    """A keep plan checked once, on the host, before it is used: one (batch, K_s) tensor per
+    stage of the original indices to keep, integer, strictly increasing in each row, nested
+    (each stage keeps a subset of the previous stage's tokens) and, with ``tokens``, below it.
+
+    A forward given a ``KeepPlan`` reads nothing on the host (on a GPU: no synchronisation);
+    one given a plain list makes it into a ``KeepPlan`` first, which reads it there once.
+    ``in_every_row[s]`` is the set of indices stage s keeps in every row (ViM checks that its
+    class token is among them).
+    """
+
+    def __init__(self, stages, tokens=None):
+        if isinstance(stages, (torch.Tensor, np.ndarray)) or not hasattr(stages, "__len__"):
+            raise TypeError(f"keep_plan must be a list with one (batch, K) tensor per stage, "
+                            f"got {type(stages).__name__}")
+        self.stages, self.in_every_row = [], []
+        previous = None
+        for s, planned in enumerate(stages):
+            t = planned if isinstance(planned, torch.Tensor) else torch.as_tensor(np.asarray(planned))
+            if t.dtype == torch.bool or t.is_floating_point() or t.is_complex():
+                raise TypeError(f"keep_plan[{s}] must hold integer token indices, got {t.dtype}")
+            host = t.detach().cpu().numpy().astype(np.int64)
+            if host.ndim != 2 or (previous is not None and host.shape[0] != previous.shape[0]):
+                raise ValueError(f"keep_plan[{s}] must have shape (batch{'' if previous is None else '=' + str(previous.shape[0])}"
+                                 f", K), got {tuple(host.shape)}")
+            if host.shape[1] > 1 and np.any(np.diff(host, axis=1) <= 0):
+                raise ValueError(f"keep_plan[{s}] must be strictly increasing in each row (ascending original indices)")
+            if host.size and (host.min() < 0 or (tokens is not None and host.max() >= tokens)):
+                raise ValueError(f"keep_plan[{s}] must hold indices in [0, {tokens if tokens is not None else 'L'}), "
+                                 f"got [{host.min()}, {host.max()}]")
+            if previous is not None and not all(np.isin(row, prev).all() for row, prev in zip(host, previous)):
+                raise ValueError(f"keep_plan[{s}] must keep a subset of the tokens still there at that stage "
+                                 f"(plans are nested, ascending, original indices)")
+            self.stages.append(t.to(torch.int64))
+            self.in_every_row.append(set.intersection(*(set(row.tolist()) for row in host)) if len(host) else set())
+            previous = host
+
+    def __len__(self):
+        return len(self.stages)
+
+    def __getitem__(self, stage):
+        return self.stages[stage]
+
+
+def plan_indices(current, planned):
+    """Indices (batch, K) into the current token axis of the tokens a checked keep plan keeps.
 
     Args:
         current: (batch, L) ascending positions of the current tokens (original indices).
         planned: (batch, K) ascending positions the plan keeps at this stage: a subset of
-            ``current`` (plans are nested across stages).
+            ``current`` (a ``KeepPlan`` is nested, so it is).
     """
-    if not isinstance(planned, torch.Tensor):
-        planned = torch.as_tensor(np.asarray(planned))
-    if planned.dtype in (torch.bool,) or planned.is_floating_point() or planned.is_complex():
-        raise TypeError(f"keep_plan[{stage}] must hold integer token indices, got {planned.dtype}")
-    planned = planned.to(current.device, torch.long)
-    if planned.dim() != 2 or planned.shape[0] != current.shape[0]:
-        raise ValueError(f"keep_plan[{stage}] must have shape (batch={current.shape[0]}, K), "
-                         f"got {tuple(planned.shape)}")
-    if planned.shape[1] and not bool((planned[:, 1:] > planned[:, :-1]).all()):
-        raise ValueError(f"keep_plan[{stage}] must be strictly increasing in each row (ascending original indices)")
-    index = torch.searchsorted(current.contiguous(), planned.contiguous()).clamp(max=current.shape[1] - 1)
-    if not torch.equal(torch.gather(current, 1, index), planned):
-        raise ValueError(f"keep_plan[{stage}] must keep a subset of the tokens still there at that stage "
-                         f"(plans are nested, ascending, original indices)")
-    return index
+    planned = planned.to(current.device)
+    return torch.searchsorted(current.contiguous(), planned.contiguous()).clamp(max=current.shape[1] - 1)
 
 
 def check_images(images, size, channels):

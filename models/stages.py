@@ -19,7 +19,7 @@ import torch
 
 from alignscan.bridges import TorchPositionMap
 
-from .pruning import plan_indices, select_kept
+from .pruning import KeepPlan, plan_indices, select_kept
 
 __all__ = ["Stages", "Recorder"]
 
@@ -50,21 +50,25 @@ class Stages:
     Args:
         config: the model's ``PruningConfig``.
         batch, tokens, device: the token grid before any pruning.
-        keep_plan: optional list, one (batch, K) tensor per stage of the original indices to
-            keep (ascending, nested), instead of choosing them by importance.
+        keep_plan: optional ``KeepPlan`` (or a list it is made from), one (batch, K) tensor per
+            stage of the original indices to keep (ascending, nested), instead of choosing
+            them by importance.
         protected: optional index (into the unpruned tokens) that every stage keeps and a
             keep plan must keep (ViM's class token).
     """
 
     def __init__(self, config, batch, tokens, device, keep_plan=None, protected=None):
         config.check_plan(keep_plan)
+        if keep_plan is not None and not isinstance(keep_plan, KeepPlan):
+            keep_plan = KeepPlan(keep_plan, tokens)          # a plain list: checked here, on the host
         self.config = config
         self.tokens = tokens
         self.keep_plan = keep_plan
         self.protected = protected
         self.positions = torch.arange(tokens, device=device).expand(batch, tokens)   # original indices, (b, L)
         self.position_map = None                      # TorchPositionMap of the current tokens, once pruned
-        self.active = torch.ones(batch, tokens, dtype=torch.bool, device=device) if config.mode == "mask" else None
+        # "mask": the live tokens' indices (the pruned ones stay in place, zeroed).
+        self.live = self.positions if config.mode == "mask" else None
         # Where the protected token sits in the current (compact) token axis.
         self.protected_at = None if protected is None else torch.full((batch, 1), protected, device=device,
                                                                       dtype=torch.long)
@@ -83,15 +87,13 @@ class Stages:
         """Indices (b, K) into the current token axis of the tokens this stage keeps."""
         cfg = self.config
         if self.keep_plan is None:
-            return select_kept(y, cfg, stage, active=self.active, protected=self.protected_at)
+            return select_kept(y, cfg, stage, live=self.live, protected=self.protected_at)
         if cfg.mode == "mask":
             full = torch.arange(self.tokens, device=self.positions.device).expand_as(self.positions)
-            return plan_indices(full, self.keep_plan[stage], stage)
-        kept = plan_indices(self.positions, self.keep_plan[stage], stage)
-        if self.protected is not None and \
-                not (torch.gather(self.positions, 1, kept) == self.protected).any(dim=1).all():
+            return plan_indices(full, self.keep_plan[stage])
+        if self.protected is not None and self.protected not in self.keep_plan.in_every_row[stage]:
             raise ValueError(f"keep_plan[{stage}] must keep the class token (index {self.protected})")
-        return kept
+        return plan_indices(self.positions, self.keep_plan[stage])
 
     def after_layer(self, index, y, *streams):
         """After 0-based layer ``index``: prune if a stage is scheduled there. ``y`` (b, E, L) is
@@ -102,12 +104,14 @@ class Stages:
             return streams
         kept = self._kept(stage, y)
         if self.config.mode == "mask":
-            self.active = torch.zeros_like(self.active).scatter(1, kept, True)
+            self.live = kept
+            alive = torch.zeros(self.positions.shape, dtype=torch.bool, device=kept.device).scatter(1, kept, True)
             self.kept_per_stage.append(kept)
-            return tuple(t * self.active[..., None].to(t.dtype) for t in streams)
+            return tuple(t * alive[..., None].to(t.dtype) for t in streams)
         streams = tuple(torch.gather(t, 1, kept[..., None].expand(-1, -1, t.shape[-1])) for t in streams)
         # SPEC §3: positions compose; the map is made once per stage and handed to every scan.
-        self.position_map = TorchPositionMap(kept, self.tokens) if self.position_map is None \
+        # The model's own sorted indices: a map correct by construction, made on the device.
+        self.position_map = TorchPositionMap.trusted(kept, self.tokens) if self.position_map is None \
             else self.position_map.compose(kept)
         self.positions = self.position_map.positions
         if self.protected_at is not None:

@@ -54,6 +54,14 @@ def _causal_conv(x, conv, positions=None, seqlen=None):
     return F.silu(torch.gather(conv(full)[..., :seqlen], 2, idx))
 
 
+def _path_length(position_map):
+    """The map's unpruned length as an int: known statically for the maps a model makes (no
+    host read); a user's map with rows of different lengths cannot be convolved in one piece."""
+    if position_map.seqlen is None:
+        raise ValueError("positions must have one seqlen for every row for conv='position_aware'")
+    return position_map.seqlen
+
+
 class BiMambaMixer(nn.Module):
     """Mamba with bimamba v2: a forward and a backward branch, each with its own conv1d,
     x_proj, dt_proj, A and D; ``out_proj((y_fwd + flip(y_bwd)) / 2)``."""
@@ -86,7 +94,7 @@ class BiMambaMixer(nn.Module):
                 record):
         aware = position_aware and position_map is not None
         xc = _causal_conv(x, conv, position_map.positions if aware else None,
-                          int(position_map.seqlen_rows[0]) if aware else None)                # (b, E, L)
+                          _path_length(position_map) if aware else None)                     # (b, E, L)
         dbl = x_proj(xc.transpose(1, 2))                                                  # (b, L, R+2N)
         dt, B, C = torch.split(dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         delta = (dt @ dt_proj.weight.t()).transpose(1, 2)                                 # (b, E, L)

@@ -55,7 +55,7 @@ def class_token_attention(model, image):
         pmap = scan["position_map"]
         alpha = R.hidden_attention(u, delta, A, B, C, D, None, bias, softplus,
                                    positions=None if pmap is None else pmap.positions.numpy(),
-                                   seqlen=None if pmap is None else int(pmap.seqlen_rows[0]),
+                                   seqlen=None if pmap is None else pmap.seqlen,
                                    alignment=scan["alignment"])
         row = len(positions) - 1 - cls_at if flipped else cls_at
         a = np.abs(alpha[0, :, row, :]).mean(axis=0)

@@ -79,12 +79,11 @@ def dense_plan(dense, cfg, x, schedule, ratio, batch_size=256):
             dense(x[start:start + batch_size], record=record)
             outputs = record.mixer_outputs
             n, L = outputs[0][1].shape[0], outputs[0][1].shape[-1]
-            active = torch.ones(n, L, dtype=torch.bool)
+            live = torch.arange(L).expand(n, L)
             protected = torch.full((n, 1), dense.cls_index)
             for stage, layer in enumerate(schedule):
-                kept = select_kept(outputs[layer - 1][1], selector, stage, active=active, protected=protected)
-                active = torch.zeros_like(active).scatter(1, kept, True)
-                stages[stage].append(kept)
+                live = select_kept(outputs[layer - 1][1], selector, stage, live=live, protected=protected)
+                stages[stage].append(live)
     return [torch.cat(parts) for parts in stages]
 
 

@@ -3,6 +3,7 @@ site-packages, no module is importable under two names, and a user's own top-lev
 ``models`` / ``bench`` / ``reference`` packages neither shadow ours nor are shadowed."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -71,9 +72,18 @@ def test_a_users_own_models_package_does_not_shadow_ours(tmp_path):
     assert "their models loaded" in check.stderr          # `import models` is still the user's own
 
 
+def _source_copy(tmp_path):
+    """The checkout copied (links kept), so that building a wheel writes nothing into it."""
+    source = tmp_path / "source"
+    shutil.copytree(REPO, source, symlinks=True, ignore=shutil.ignore_patterns(
+        ".git", "build", "*.egg-info", "__pycache__", "bench_out", ".hypothesis", ".pytest_cache", ".benchmarks"))
+    return source
+
+
 def test_the_wheel_holds_one_top_level_name_and_the_cuda_sources(tmp_path):
-    run = subprocess.run([sys.executable, "-m", "pip", "wheel", str(REPO), "--no-deps", "--no-build-isolation",
-                          "-q", "-w", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    run = subprocess.run([sys.executable, "-m", "pip", "wheel", str(_source_copy(tmp_path)), "--no-deps",
+                          "--no-build-isolation", "-q", "-w", str(tmp_path)], capture_output=True, text=True,
+                         timeout=300)
     if run.returncode != 0 and "No module named" in run.stderr:
         pytest.skip(f"cannot build a wheel here without build isolation: {run.stderr[-300:]}")
     assert run.returncode == 0, run.stderr[-3000:]
@@ -90,8 +100,8 @@ def test_a_fresh_venv_with_the_wheel_adds_one_name_to_site_packages(tmp_path):
     """`pip install .` (not editable) in a new environment: site-packages gains alignscan and
     its dist-info, and the package works from there (dependencies from this interpreter)."""
     wheels = tmp_path / "wheels"
-    subprocess.run([sys.executable, "-m", "pip", "wheel", str(REPO), "--no-deps", "--no-build-isolation", "-q",
-                    "-w", str(wheels)], check=True, capture_output=True, timeout=300)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(_source_copy(tmp_path)), "--no-deps",
+                    "--no-build-isolation", "-q", "-w", str(wheels)], check=True, capture_output=True, timeout=300)
     env_dir = tmp_path / "venv"
     venv.create(env_dir, system_site_packages=True, with_pip=False)
     python = env_dir / "bin" / "python"

@@ -36,7 +36,8 @@ def test_dry_run_needs_only_the_gpu_image_packages_and_writes_its_json_into_OUT(
     run = subprocess.run([sys.executable, "-m", "alignscan.bench.gpu_run", "--dry-run", "--budget-s", "240"], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    for step in ("1/4 GPU tests", "2/4 copy bandwidth", "3/4 kernels", "4/4 model throughput"):
+    for step in ("1/6 GPU tests", "2/6 copy bandwidth", "3/6 kernels", "4/6 model throughput",
+                 "5/6 deterministic backward", "6/6 CUDA graph capture"):
         assert step in run.stdout, f"progress line for {step!r} missing"
     (path,) = out.glob("gpu_*.json")
     result = json.loads(path.read_text())
@@ -47,6 +48,8 @@ def test_dry_run_needs_only_the_gpu_image_packages_and_writes_its_json_into_OUT(
     assert {r["alignment"] for r in result["kernels"]} == {"prev", "self", "none", "hold"}
     assert all(r["fwd_s"] > 0 for r in result["kernels"] if "fwd_s" in r)
     assert result["throughput"] and "throughput_error" not in result
+    assert result["determinism"]["bit_identical"] is True and result["determinism"]["partials_bytes"] > 0
+    assert "needs a CUDA GPU" in result["graphs"]["skipped"]
     assert result["wall_s"] < 360
 
 

@@ -47,7 +47,8 @@ int main() {
                                   dim, dstate, groups, length, 1, 1, 1, 1, 1, 1, 1, 1, out.data(), last.data(),
                                   states.data());
     });
-    std::vector<float> du(u.size()), ddelta(u.size()), dz(u.size()), dB(B.size()), dC(C.size());
+    std::vector<float> du(u.size()), ddelta(u.size()), dz(u.size());
+    std::vector<float> dB(batch * dim * dstate * length), dC(batch * dim * dstate * length);   // per-channel partials
     std::vector<float> dA_part(dim * dstate), dD_part(dim), dbias_part(dim);
     cuda_emu::launch(grid, block, [&] {
         selective_scan_bwd<float>(u.data(), delta.data(), A.data(), B.data(), C.data(), D.data(),

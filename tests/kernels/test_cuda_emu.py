@@ -139,6 +139,52 @@ def test_the_real_kernel_runs_clean_under_thread_sanitizer():
     assert run.stdout.startswith("checksum")
 
 
+DB_PARTIAL = "if (valid[j]) dB_part[prow + first + j] = d_own * dl[j] * uv[j];"
+# The order-dependent sum mamba_ssm (and this kernel before) use: every channel of a group
+# atomically adds into one accumulator, in whatever order the blocks run.
+DB_ATOMIC = ("if (valid[j]) atomicAdd(&dB_part[(((long)b * dim + g * (dim / groups)) * dstate + n) * length "
+             "+ first + j], d_own * dl[j] * uv[j]);")
+
+
+def _gradient_bits(p, seeds, monkeypatch, source=scan_cu.SOURCE):
+    """The backward's outputs as bytes, once per shuffle seed (block and thread start order)."""
+    _, backward = emu(dict(SMALL, source=source))
+    runs = []
+    for seed in seeds:
+        monkeypatch.setenv("ALIGNSCAN_EMU_SHUFFLE_SEED", str(seed))
+        runs.append(tuple(None if g is None else np.ascontiguousarray(g).tobytes()
+                          for g in backward(p.dout(), **p.kwargs())))
+    return runs
+
+
+def _many_channels(alignment):
+    rng = np.random.default_rng(11)
+    m = 2 * CHUNK + 3
+    positions = np.sort(rng.choice(m + 40, m, replace=False))[None]
+    return make_problem(rng, batch=1, dim=8, dstate=3, length=m, groups=2, positions=positions, seqlen=m + 45,
+                        alignment=alignment, dtype=np.float32)
+
+
+@pytest.mark.parametrize("alignment", R.ALIGNMENTS)
+def test_gradients_are_bit_identical_whatever_order_the_blocks_run_in(alignment, monkeypatch):
+    """20 runs, each with the blocks (channels) and the threads started in another order: the
+    same bits every time (dB, dC: per-channel partials summed in a fixed order, no atomics);
+    and the reference still agrees."""
+    p = _many_channels(alignment)
+    runs = _gradient_bits(p, range(20), monkeypatch)
+    assert all(run == runs[0] for run in runs), "a gradient changed with the launch order"
+    check_backward(p, emu(SMALL)[1])
+
+
+def test_an_order_dependent_sum_is_caught(tmp_path, monkeypatch):
+    """The mutation that puts the atomicAdd back: within tolerance, but not the same bits."""
+    mutant = _mutant(tmp_path, DB_PARTIAL, DB_ATOMIC)
+    p = _many_channels("prev")
+    runs = _gradient_bits(p, range(20), monkeypatch, source=mutant)
+    assert any(run[3] != runs[0][3] for run in runs), "the shuffled launch order must change the atomic sum's bits"
+    check_backward(p, emu(dict(SMALL, source=mutant))[1])     # still correct to tolerance: only the bits move
+
+
 @tsan
 def test_a_missing_barrier_is_reported_by_thread_sanitizer(tmp_path):
     mutant = _mutant(tmp_path, BLOCK_SCAN_BARRIER, "    s_a[rank] = a;\n    s_b[rank] = b;\n    for (int off = 1;")

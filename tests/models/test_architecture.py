@@ -111,7 +111,8 @@ def test_plainmamba_mixer_matches_reference_rebuild(alignment):
     mixer = models.plainmamba.PlainMamba2D(16).double()
     kept = torch.tensor([[0, 1, 3, 5, 6, 9, 10, 12, 15], [0, 2, 3, 4, 7, 8, 11, 13, 14]])
     x = torch.randn(2, kept.shape[1], 16, dtype=torch.float64)
-    plan = models.plainmamba.PathPlan(TorchPositionMap(kept, H * W), H, W, "cpu")
+    orders, labels = (torch.as_tensor(np.asarray(a)) for a in R.snake_paths(H, W))
+    plan = models.plainmamba.PathPlan(TorchPositionMap(kept, H * W), orders, labels)
     out, y = mixer(x, kept, plan, (H, W), alignment)
     # Rebuild: in_proj, 7x7 depthwise conv on the zero-filled grid, x_proj, dt_proj (with bias),
     # then four scans with u in path order and delta/B/C in raster order (SPEC §5 quirks).

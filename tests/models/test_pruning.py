@@ -91,7 +91,7 @@ def test_aligned_vim_scans_agree_with_the_expansion_oracle_layer_by_layer(mode, 
             continue
         assert scan["alignment"] == alignment
         args = [None if t is None else t.detach().double().numpy() for t in scan["args"][:8]]
-        positions, seqlen = position_map.positions.numpy(), int(position_map.seqlen_rows[0])
+        positions, seqlen = position_map.positions.numpy(), position_map.seqlen
         dense = R.selective_scan(**R.expand_to_dense(*args, True, positions=positions, seqlen=seqlen,
                                                      alignment=alignment))
         at = np.take_along_axis(dense, np.repeat(positions[:, None, :], dense.shape[1], 1), 2)
