@@ -150,8 +150,11 @@ def run_kernels(args):
         elif name in untimed:
             print(f"  (not timed: {name}: {K.backends.get(name).purpose})")
     # At --quick sizes a call takes microseconds and overhead decides the ratios: no checks.
-    checks = [] if quick else performance_checks(rows, exp_floor_seconds(**shape), **shape)
-    results = {"kernels": rows, "performance_checks": checks,
+    floors = {} if quick else exp_floor_seconds(**shape)
+    checks = [] if quick else performance_checks(rows, floors, **shape)
+    if floors:
+        print("One exp per state element: " + ", ".join(f"{k}.exp {1e3 * v:.1f} ms" for k, v in floors.items()))
+    results = {"kernels": rows, "performance_checks": checks, "exp_floor_s": floors,
                "backends": {k: v or "available" for k, v in status.items()}}
     if not quick:
         from alignscan.bench.bridges_bench import bridge_checks, bridge_rows

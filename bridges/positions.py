@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from alignscan.reference.arguments import check_seqlen
-from alignscan.reference.positions import ALIGNMENTS, GapCoefficients, PositionMap
+from alignscan.reference.positions import ALIGNMENTS, GapCoefficients, MapShape, PositionMap, fits
 
 __all__ = ["TorchPositionMap", "as_position_map", "map_tables"]
 
@@ -72,7 +72,7 @@ def map_tables(positions, seqlen_rows):
     return table, torch.stack([rows[a][3] for a in ALIGNMENTS])
 
 
-class TorchPositionMap:
+class TorchPositionMap(MapShape):
     """A position map held as tensors on the scan's device (see the module doc).
 
     Args:
@@ -135,14 +135,6 @@ class TorchPositionMap:
                            int(rows[0]) if uniform else torch.tensor(rows, device=device))
 
     @property
-    def batch(self):
-        return self.positions.shape[0]
-
-    @property
-    def length(self):
-        return self.positions.shape[1]
-
-    @property
     def device(self):
         return self.positions.device
 
@@ -151,13 +143,8 @@ class TorchPositionMap:
 
     def fit(self, batch, length, name="positions"):
         """This map for a scan of (batch, M) tokens: a one-row map broadcasts over the batch."""
-        if self.length != length:
-            raise ValueError(f"{name} must have M={length} entries per row (one per remaining token), "
-                             f"got a map with M={self.length}")
-        if self.batch == batch:
+        if not fits(self, batch, length, name):
             return self
-        if self.batch != 1:
-            raise ValueError(f"{name} must have batch={batch} rows, got a map with {self.batch}")
         obj = TorchPositionMap.__new__(TorchPositionMap)
         obj._set(self.positions.expand(batch, length).contiguous(), self.seqlen_rows.expand(batch).contiguous(),
                  seqlen=self.seqlen)

@@ -200,6 +200,26 @@ def _int32_bits_as_float32(typingctx, x):
     return sig, codegen
 
 
+@intrinsic
+def _float32_bits_as_int32(typingctx, x):
+    sig = types.int32(types.float32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+    return sig, codegen
+
+
+@intrinsic
+def _fma32(typingctx, a, b, c):
+    """a·b + c with one rounding (llvm.fma.f32): opaque to fast-math reassociation, which
+    would otherwise fold the two-constant range reduction below back into one constant."""
+    sig = types.float32(types.float32, types.float32, types.float32)
+
+    def codegen(context, builder, signature, args):
+        return builder.fma(*args)
+    return sig, codegen
+
+
 _LOG2E = np.float32(1.4426950408889634)
 _LN2_HI = np.float32(0.693359375)
 _LN2_LO = np.float32(-2.12194440e-4)
@@ -207,11 +227,21 @@ _P = tuple(np.float32(c) for c in (1.9875691500e-4, 1.3981999507e-3, 8.333451907
                                    4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1))
 
 
+_EXP_HI = np.float32(88.72283)          # above: exp(x) > FLT_MAX, inf
+_EXP_LO = np.float32(-87.33654)         # below: exp(x) < FLT_MIN, flushed to 0 (no denormal slowdown)
+_FLT_MIN = np.float32(1.1754944e-38)
+
+
 @njit(inline="always", fastmath={"contract"})
 def _expf32(x):
-    x = min(max(x, np.float32(-87.0)), np.float32(88.0))   # keep 2^n a normal number
-    n = math.floor(x * _LOG2E + np.float32(0.5))
-    r = x - n * _LN2_HI - n * _LN2_LO
+    """exp(x) in float32, branch-free (selects, not branches, so a loop over it vectorises):
+    at most ``reference.tolerances.FAST_EXP_MAX_ULP`` ulp from the float64 exp rounded; inf
+    above ln(FLT_MAX), 0 below ln(FLT_MIN) (no denormals), NaN for NaN, 1 exactly at 0."""
+    xc = min(max(x, _EXP_LO), _EXP_HI)
+    # np.floor keeps float32 (math.floor would return an int64: the polynomial would then run
+    # in float64, and AVX2 has no packed int64 -> float conversion, so the loop went scalar).
+    n = np.floor(xc * _LOG2E + np.float32(0.5))
+    r = _fma32(-n, _LN2_LO, _fma32(-n, _LN2_HI, xc))
     p = _P[0]
     p = p * r + _P[1]
     p = p * r + _P[2]
@@ -219,7 +249,13 @@ def _expf32(x):
     p = p * r + _P[4]
     p = p * r + _P[5]
     p = p * r * r + r + np.float32(1.0)
-    return p * _int32_bits_as_float32((np.int32(n) + np.int32(127)) << 23)
+    # p·2^n by adding n to p's exponent field (integer arithmetic: exact, and out of reach of
+    # fast-math reassociation, which turned p·2^a·2^b into p·(2^a·2^b) = p·inf at n = 128). A
+    # result below FLT_MIN (exponent field 0) is flushed to 0 next.
+    y = _int32_bits_as_float32(_float32_bits_as_int32(p) + (np.int32(n) << 23))
+    y = np.float32(0.0) if (y < _FLT_MIN) | (x < _EXP_LO) else y
+    y = np.float32(np.inf) if x > _EXP_HI else y
+    return x if x != x else y
 
 
 def fast_exp(x):

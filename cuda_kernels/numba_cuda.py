@@ -184,6 +184,17 @@ def kernel_functions(dstate, ch, tile, dtype_name):
                 hn += math.exp(Delta * a_row[n]) * hold_sum(q, Delta_prev * a_row[n]) * du_prev * bp
             h[n] = hn
 
+    @cuda.jit(device=True, inline=True)
+    def advance(h, a_row, x, u_t, use_softplus, has_map, coef_self, coef_prev, has_hold, hold, b, i, Delta_prev,
+                du_prev, sB, B, g, t):
+        """Token i, in place on h: its (Δ, E) from raw delta + bias x, Δ·u, and the one
+        recurrence step (``step``); returns (Δ, E, Δ·u)."""
+        Delta, E = timescales(x, use_softplus, has_map, coef_self, coef_prev, b, i, Delta_prev)
+        du = Delta * u_t
+        q = hold[b, i] if has_hold else ZERO
+        step(h, a_row, E, Delta, Delta_prev, du, du_prev, q, sB, B, b, g, t, i)
+        return Delta, E, du
+
     def forward_kernel(u, delta, A, B, C, D, z, bias, coef_self, coef_prev, hold, trailing,
                        use_softplus, has_D, has_z, has_bias, has_map, has_hold, want_last, out, last):
         tid = cuda.threadIdx.x
@@ -215,11 +226,9 @@ def kernel_functions(dstate, ch, tile, dtype_name):
             if active:
                 for t in range(tn):
                     i = t0 + t
-                    Delta, E = timescales(sX[tid, t] + bias_d, use_softplus, has_map, coef_self, coef_prev, b, i,
-                                          Delta_prev)
-                    du = Delta * sU[tid, t]
-                    q = hold[b, i] if has_hold else ZERO
-                    step(h, a_row, E, Delta, Delta_prev, du, du_prev, q, sB, B, b, g, t, i)
+                    Delta, E, du = advance(h, a_row, sX[tid, t] + bias_d, sU[tid, t], use_softplus, has_map,
+                                           coef_self, coef_prev, has_hold, hold, b, i, Delta_prev, du_prev, sB, B,
+                                           g, t)
                     y = ZERO
                     for n in range(NS):
                         y += sC[t, n] * h[n]
@@ -292,11 +301,9 @@ def kernel_functions(dstate, ch, tile, dtype_name):
                     ckpt[b, d, k, n] = h[n]
                 for t in range(tn):
                     i = t0 + t
-                    Delta, E = timescales(sX[tid, t] + bias_d, use_softplus, has_map, coef_self, coef_prev, b, i,
-                                          Delta_prev)
-                    du = Delta * sU[tid, t]
-                    q = hold[b, i] if has_hold else ZERO
-                    step(h, a_row, E, Delta, Delta_prev, du, du_prev, q, sB, B, b, g, t, i)
+                    Delta, E, du = advance(h, a_row, sX[tid, t] + bias_d, sU[tid, t], use_softplus, has_map,
+                                           coef_self, coef_prev, has_hold, hold, b, i, Delta_prev, du_prev, sB, B,
+                                           g, t)
                     Delta_prev = Delta
                     du_prev = du
             cuda.syncthreads()
@@ -331,13 +338,11 @@ def kernel_functions(dstate, ch, tile, dtype_name):
                     h[n] = h0[n]
                 for t in range(tn):
                     i = t0 + t
-                    Delta, E = timescales(sX[tid, t] + bias_d, use_softplus, has_map, coef_self, coef_prev, b, i,
-                                          Delta_prev)
+                    Delta, E, du = advance(h, a_row, sX[tid, t] + bias_d, sU[tid, t], use_softplus, has_map,
+                                           coef_self, coef_prev, has_hold, hold, b, i, Delta_prev, du_prev, sB, B,
+                                           g, t)
                     Dl[t] = Delta
                     El[t] = E
-                    du = Delta * sU[tid, t]
-                    q = hold[b, i] if has_hold else ZERO
-                    step(h, a_row, E, Delta, Delta_prev, du, du_prev, q, sB, B, b, g, t, i)
                     for n in range(NS):
                         hs[t * NS + n] = h[n]
                     Delta_prev = Delta

@@ -143,6 +143,19 @@ class GapCoefficients(NamedTuple):
     trailing: Any    # (batch,)
 
 
+def fits(position_map, batch, length, name="positions"):
+    """Whether a map (NumPy or torch) must be broadcast to fit a (batch, M) scan: False when it
+    fits as it is, True for a one-row map; ValueError naming ``name`` otherwise."""
+    if position_map.length != length:
+        raise ValueError(f"{name} must have M={length} entries per row (one per remaining token), "
+                         f"got a map with M={position_map.length}")
+    if position_map.batch == batch:
+        return False
+    if position_map.batch != 1:
+        raise ValueError(f"{name} must have batch={batch} rows, got a map with {position_map.batch}")
+    return True
+
+
 def _owned(array):
     """A read-only copy that belongs to the map: a caller who changes the array they built the
     map from cannot change a validated map (or disagree with its cached coefficients)."""
@@ -151,7 +164,19 @@ def _owned(array):
     return owned
 
 
-class PositionMap:
+class MapShape:
+    """(batch, M) of a map's ``positions``: shared by ``PositionMap`` and its torch twin."""
+
+    @property
+    def batch(self):
+        return self.positions.shape[0]
+
+    @property
+    def length(self):
+        return self.positions.shape[1]
+
+
+class PositionMap(MapShape):
     """A validated position map: where the M remaining tokens of each row sit on the
     unpruned scan path, and everything a scan derives from that (SPEC §1, §3).
 
@@ -202,26 +227,13 @@ class PositionMap:
         obj.device_cache = {}
         return obj
 
-    @property
-    def batch(self):
-        return self.positions.shape[0]
-
-    @property
-    def length(self):
-        return self.positions.shape[1]
-
     def __repr__(self):
         return f"PositionMap(batch={self.batch}, M={self.length}, seqlen={np.unique(self.seqlen_rows).tolist()})"
 
     def fit(self, batch, length, name="positions"):
         """This map for a scan of (batch, M) tokens: a one-row map broadcasts over the batch."""
-        if self.length != length:
-            raise ValueError(f"{name} must have M={length} entries per row (one per remaining token), "
-                             f"got a map with M={self.length}")
-        if self.batch == batch:
+        if not fits(self, batch, length, name):
             return self
-        if self.batch != 1:
-            raise ValueError(f"{name} must have batch={batch} rows, got a map with {self.batch}")
         return PositionMap.from_rows(np.broadcast_to(self.positions, (batch, length)),
                                      np.broadcast_to(self.seqlen_rows, (batch,)), name)
 

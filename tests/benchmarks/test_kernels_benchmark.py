@@ -39,27 +39,21 @@ def _problem(keep, alignment):
     return p.kwargs(return_last_state=False), p.dout()
 
 
-@pytest.mark.parametrize("alignment", ALIGN)
-@pytest.mark.parametrize("keep", KEEP)
-@pytest.mark.parametrize("backend", ["numba-cpu", "reference"])
-def test_forward(benchmark, backend, keep, alignment):
-    kw, _ = _problem(keep, alignment)
-    fwd, _ = backend_fns(backend)
-    fwd(**kw)
-    rounds = 3 if backend == "reference" else 20
-    benchmark.group = f"forward {alignment}"
-    benchmark.pedantic(lambda: fwd(**kw), rounds=rounds, warmup_rounds=1)
+# Rounds per part and backend: the reference is slow, a few rounds give its median.
+ROUNDS = {("forward", "reference"): 3, ("forward", "numba-cpu"): 20, ("forward+backward", "reference"): 2,
+          ("forward+backward", "numba-cpu"): 10}
 
 
 @pytest.mark.parametrize("alignment", ALIGN)
 @pytest.mark.parametrize("keep", KEEP)
 @pytest.mark.parametrize("backend", ["numba-cpu", "reference"])
-def test_forward_backward(benchmark, backend, keep, alignment):
+@pytest.mark.parametrize("part", PARTS)
+def test_kernel(benchmark, part, backend, keep, alignment):
     kw, dout = _problem(keep, alignment)
     fwd, bwd = backend_fns(backend)
-    rounds = 2 if backend == "reference" else 10
-    benchmark.group = f"forward+backward {alignment}"
-    benchmark.pedantic(lambda: (fwd(**kw), bwd(dout, **kw)), rounds=rounds, warmup_rounds=1)
+    call = (lambda: fwd(**kw)) if part == "forward" else (lambda: (fwd(**kw), bwd(dout, **kw)))
+    benchmark.group = f"{part} {alignment}"
+    benchmark.pedantic(call, rounds=ROUNDS[(part, backend)], warmup_rounds=1)
 
 
 def _scaling_call(part, batch, dim, length, positions=None, seqlen=None):
