@@ -126,19 +126,22 @@ def train(model, x, y, cfg, epochs=None, desc="train"):
     return losses
 
 
-def evaluate(model, x, y, batch_size=256, keep_plan=None):
-    """(top-1 accuracy, per-image correctness as a bool array). keep_plan: one (n, K) tensor
-    per pruning stage for the n images (the tokens to keep, instead of choosing them)."""
+def evaluate(model, x, y, batch_size=256, keep_plan=None, predictions=False):
+    """(top-1 accuracy, per-image correctness as a bool array[, per-image predicted class]).
+    keep_plan: one (n, K) tensor per pruning stage for the n images (the tokens to keep,
+    instead of choosing them)."""
     import torch
     model.eval()
-    correct = []
+    predicted = []
     with torch.no_grad():
         for start in range(0, len(x), batch_size):
             part = slice(start, start + batch_size)
             plan = None if keep_plan is None else [stage[part] for stage in keep_plan]
-            correct.append((model(x[part], keep_plan=plan).argmax(1) == y[part]).numpy())
-    correct = np.concatenate(correct)
-    return float(correct.mean()), correct
+            predicted.append(model(x[part], keep_plan=plan).argmax(1).numpy())
+    predicted = np.concatenate(predicted) if predicted else np.zeros(0, np.int64)
+    correct = predicted == np.asarray(y)
+    accuracy = float(correct.mean()) if correct.size else 0.0
+    return (accuracy, correct, predicted) if predictions else (accuracy, correct)
 
 
 def weights_digest(state_dict):

@@ -38,14 +38,16 @@ def markdown(result):
                              for k in ratios]
                     lines.append(f"| {mode} | " + " | ".join(cells) + " |")
                 lines.append("")
-        lines += ["Paired on the same images (both / only a / only b / neither, exact McNemar p):", "",
-                  "| tokens | conv | keep | a vs b | both | only a | only b | neither | p |",
-                  "|---|---|---|---|---|---|---|---|---|"]
-        for p in result["paired"]:
-            if p["task"] == task:
-                mark = " *" if p["p_value"] < SIGNIFICANCE else ""
-                lines.append(f"| {p['selection']} | {p['conv']} | {p['keep']} | {p['a']} vs {p['b']} | {p['both']} | "
-                             f"{p['only_a']} | {p['only_b']} | {p['neither']} | {p['p_value']:.3g}{mark} |")
+        paired = [p for p in result["paired"] if p["task"] == task]
+        lines += [f"Paired on the same images (both / only a / only b / neither, exact McNemar p; p Holm: adjusted "
+                  f"over this task's {len(paired)} comparisons; * marks p Holm < {SIGNIFICANCE}):", "",
+                  "| tokens | conv | keep | a vs b | both | only a | only b | neither | p | p Holm |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for p in paired:
+            mark = " *" if p.get("p_holm", 1.0) < SIGNIFICANCE else ""
+            lines.append(f"| {p['selection']} | {p['conv']} | {p['keep']} | {p['a']} vs {p['b']} | {p['both']} | "
+                         f"{p['only_a']} | {p['only_b']} | {p['neither']} | {p['p_value']:.3g} | "
+                         f"{p.get('p_holm', float('nan')):.3g}{mark} |")
         lines.append("")
     metric_rows = [r for r in rows if r.get("ablation") == "metric"]
     if metric_rows:
@@ -73,7 +75,7 @@ def markdown(result):
                 lines.append(f"| {label} | {a['layer']} | {a['tokens']} | {a['rel_dev']:.4f} | {h['rel_dev']:.4f} | "
                              f"{rl['rel_dev']:.4f} |")
         lines.append("")
-    lines.append(f"Spread: {result['spread']}. `*`: p < {SIGNIFICANCE}.")
+    lines.append(f"Spread: {result['spread']}. `*`: Holm-adjusted p < {SIGNIFICANCE} (within the task).")
     return "\n".join(lines) + "\n"
 
 
@@ -100,7 +102,7 @@ def plot(result, task, path):
                 ax.plot(*zip(*pts), styles[mode], label=mode, ms=5)
         for p in result["paired"]:
             if p["task"] == task and p["selection"] == selection and p["conv"] == conv and p["b"] == "relabel" \
-                    and p["p_value"] < SIGNIFICANCE:
+                    and p.get("p_holm", p["p_value"]) < SIGNIFICANCE:
                 ax.annotate("*" if p["a"] == "align" else "+", (p["keep"], 100 * (p["both"] + p["only_a"])
                                                                / (p["both"] + p["only_a"] + p["only_b"] + p["neither"])),
                             textcoords="offset points", xytext=(0, 6), ha="center", fontsize=13)
@@ -113,7 +115,7 @@ def plot(result, task, path):
         ax.set_ylabel("top-1 (%)")
     axes[-1, -1].legend(fontsize=8)
     title = (f"{task}: zero-shot pruning (dense {100 * dense['top1']:.1f} %); * align, + hold differ from relabel "
-             f"on the same images (McNemar p < {SIGNIFICANCE})")
+             f"on the same images (McNemar, Holm-adjusted p < {SIGNIFICANCE})")
     if result["quick"]:
         title = "SMOKE TEST (--quick): " + title
     fig.suptitle(textwrap.fill(title, width=int(13 * fig.get_figwidth())), fontsize=9)

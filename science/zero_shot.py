@@ -18,13 +18,14 @@ p-value. On digits also: the importance metrics, brief fine-tuning, and fidelity
 """
 from __future__ import annotations
 
+import io
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
-from alignscan.outputs import progress_bar, write_json, write_text
+from alignscan.outputs import progress_bar, write_bytes, write_json, write_text
 from alignscan.reference.importance import METRICS
 from alignscan.science.digits import (
     DigitsConfig,
@@ -37,7 +38,7 @@ from alignscan.science.digits import (
 
 from .design import CONVS, FINETUNE_MODES, FINETUNE_RATIOS, KEEP_RATIOS, MODES, PAIRS
 from .report import markdown, plot
-from .stats import BOOTSTRAP, bootstrap_interval, mcnemar_exact, paired_counts
+from .stats import BOOTSTRAP, bootstrap_interval, holm, mcnemar_exact, paired_counts
 
 __all__ = ["mcnemar_exact", "paired_counts", "run", "TASK_CONFIGS"]
 
@@ -140,9 +141,10 @@ def run_task(task, cfg, schedule, selections, out_dir, cache_dir, quick, seed, l
     if quick:
         x_test, y_test = x_test[:64], y_test[:64]
         marks = None if marks is None else marks[:64]
-    _, dense_correct = evaluate(model, x_test, y_test)
+    _, dense_correct, dense_predicted = evaluate(model, x_test, y_test, predictions=True)
     rows = [_row(task, "dense", 1.0, "-", "-", dense_correct)]
     correct = {("dense",): dense_correct}
+    predicted = {("dense",): dense_predicted}
     ratios = (0.7, 0.3) if quick else KEEP_RATIOS
     jobs = [(s, c, r, m) for s in selections for c in CONVS for r in ratios for m in MODES]
     plans = {}
@@ -150,13 +152,18 @@ def run_task(task, cfg, schedule, selections, out_dir, cache_dir, quick, seed, l
         if (selection, ratio) not in plans:
             plans[(selection, ratio)] = _plan(selection, model, cfg, x_test, schedule, ratio, marks, seed=17)
         pruned = _pruned_copy(model, cfg, mode, ratio, "clip", schedule, conv)
-        _, c = evaluate(pruned, x_test, y_test, keep_plan=plans[(selection, ratio)])
+        _, c, pred = evaluate(pruned, x_test, y_test, keep_plan=plans[(selection, ratio)], predictions=True)
         correct[(selection, conv, ratio, mode)] = c
+        predicted[(selection, conv, ratio, mode)] = pred
         rows.append(_row(task, mode, ratio, conv, selection, c))
-    return model, cfg, info, (x_test, y_test), rows, correct
+    per_image = {"labels": np.asarray(y_test), "predicted": predicted, "marks": marks}
+    return model, cfg, info, (x_test, y_test), rows, correct, per_image
 
 
 def paired_rows(task, correct, ratios, selections):
+    """Every pair of PAIRS in every cell, on the same images, with McNemar's exact p and the
+    Holm-adjusted p over all of this task's comparisons (``p_holm``: the family-wise error of
+    the whole table is held at the level)."""
     out = []
     for selection in selections:
         for conv in CONVS:
@@ -166,7 +173,25 @@ def paired_rows(task, correct, ratios, selections):
                         out.append({"task": task, "keep": ratio, "conv": conv, "selection": selection, "a": a, "b": b,
                                     **paired_counts(correct[(selection, conv, ratio, a)],
                                                     correct[(selection, conv, ratio, b)])})
+    for row, adjusted in zip(out, holm([r["p_value"] for r in out])):
+        row["p_holm"] = adjusted
+        row["comparisons"] = len(out)
     return out
+
+
+def save_per_image(path, task, per_image, seed):
+    """Every image's prediction and correctness per cell (selection, conv, keep, mode), with
+    the labels (and, on the distance task, the marks' patches), compressed, next to the
+    JSON: any breakdown (by class, gap length, span) can be redone from it."""
+    arrays = {"labels": per_image["labels"].astype(np.int16), "seed": np.array(seed)}
+    if per_image.get("marks") is not None:
+        arrays["marks"] = np.asarray(per_image["marks"]).astype(np.int16)
+    for key, pred in per_image["predicted"].items():
+        name = "dense" if key == ("dense",) else "|".join(str(k) for k in key)
+        arrays[f"predicted/{name}"] = pred.astype(np.int16)
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **arrays)
+    return write_bytes(path, buffer.getvalue())
 
 
 def digits_extras(model, cfg, schedule, test, quick, log):
@@ -249,13 +274,15 @@ def run(out_dir, quick=False, cache_dir=None, seed=0, log=print, tasks=("digits"
                         f"test on the images two modes disagree on; training seed {seed}"}
     for task in tasks:
         cfg, schedule, selections = configs[task]
-        model, cfg, info, test, rows, correct = run_task(task, cfg, schedule, selections, out_dir, cache_dir, quick,
-                                                         seed, log)
+        model, cfg, info, test, rows, correct, per_image = run_task(task, cfg, schedule, selections, out_dir,
+                                                                    cache_dir, quick, seed, log)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        per_image_path = save_per_image(out_dir / f"zero_shot_images_{task}.npz", task, per_image, seed)
         ratios = sorted({r["keep_ratio"] for r in rows if r["mode"] != "dense"}, reverse=True)
         result["rows"] += rows
         result["paired"] += paired_rows(task, correct, ratios, selections)
         result["tasks"][task] = {"model": info, "schedule": list(schedule), "test_images": int(len(test[1])),
-                                 "selections": list(selections)}
+                                 "selections": list(selections), "per_image": per_image_path.name}
         if task == "digits":
             extra_rows, result["fidelity"] = digits_extras(model, cfg, schedule, test, quick, log)
             result["rows"] += extra_rows

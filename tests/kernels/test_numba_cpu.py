@@ -115,12 +115,16 @@ def _copy_package(root, packages):
 
 
 def test_read_only_cache_directory_still_works(tmp_path):
-    """No writable cache anywhere (in-tree __pycache__ and NUMBA_CACHE_DIR both blocked): the
-    kernels compile without caching and give the same answer."""
+    """No writable cache where numba looks (in-tree __pycache__, NUMBA_CACHE_DIR and the home
+    cache all blocked): the kernels cache in the per-user fallback directory instead, saying
+    so in one line; the first run says, in one line, that it compiles; the second run loads
+    them from the fallback (no compile notice); the answers equal the reference."""
     _copy_package(tmp_path, ("reference", "cuda_kernels"))
     (tmp_path / "alignscan" / "cuda_kernels" / "__pycache__").write_text("not a directory")
     blocker = tmp_path / "blocked"
     blocker.write_text("a file, so nothing can be created below it")
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
     script = textwrap.dedent("""
         import numpy as np
         from alignscan import reference as R, cuda_kernels as K
@@ -130,10 +134,22 @@ def test_read_only_cache_directory_still_works(tmp_path):
         assert R.within_tolerance(out, R.selective_scan(**p.kwargs(return_last_state=False)), np.float32)
         print("ok")
     """)
-    env = {**os.environ, "NUMBA_CACHE_DIR": str(blocker / "cache"), "PYTHONPATH": str(tmp_path)}
-    run = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True,
-                         text=True, timeout=600)
-    assert run.returncode == 0 and "ok" in run.stdout, run.stderr[-3000:]
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(blocker / "cache"), "PYTHONPATH": str(tmp_path),
+           "HOME": str(blocker / "home"), "XDG_CACHE_HOME": str(blocker / "xdg"), "TMPDIR": str(temporary)}
+
+    def run(**over):
+        done = subprocess.run([sys.executable, "-W", "always::RuntimeWarning", "-c", script], cwd=tmp_path,
+                              env={**env, **over}, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-3000:]
+        warnings = [line for line in done.stderr.splitlines() if "RuntimeWarning: alignscan:" in line]
+        assert len(warnings) == 1, done.stderr[-3000:]
+        return warnings[0], "compiling the CPU forward kernel once" in done.stderr
+
+    warning, compiled = run()
+    assert "cached in" in warning and str(temporary) in warning and compiled
+    warning, compiled = run()
+    assert "cached in" in warning and not compiled                    # loaded from the fallback cache
+    assert any(temporary.glob("alignscan-numba-cache-*/**/*.nbi"))
 
 
 def test_a_changed_helper_file_invalidates_the_cached_kernels(tmp_path):

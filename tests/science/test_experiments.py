@@ -7,6 +7,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from alignscan.science.digits import DigitsConfig, load_digits_split, trained_model, weights_digest
@@ -123,13 +124,32 @@ def test_zero_shot_quick_writes_paired_results_tables_and_figures(tmp_path):
     assert {(p["a"], p["b"]) for p in paired} == {("align", "relabel"), ("hold", "relabel"), ("hold", "align")}
     for p in paired:
         assert p["both"] + p["only_a"] + p["only_b"] + p["neither"] == result["tasks"][p["task"]]["test_images"]
-        assert 0.0 <= p["p_value"] <= 1.0
+        assert 0.0 <= p["p_value"] <= p["p_holm"] <= 1.0               # Holm never lowers a p-value
+        assert p["comparisons"] == sum(q["task"] == p["task"] for q in paired)
+    for task in ("digits", "distance"):
+        saved = np.load(tmp_path / result["tasks"][task]["per_image"])
+        n = result["tasks"][task]["test_images"]
+        assert saved["labels"].shape == (n,) and saved["predicted/dense"].shape == (n,)
+        cells = [k for k in saved.files if k.startswith("predicted/") and k != "predicted/dense"]
+        assert len(cells) == sum(r["task"] == task and not r["finetuned"] and "ablation" not in r
+                                 and r["mode"] != "dense" for r in rows)
+        for r in rows:                                                   # the per-image file reproduces the table
+            if r["task"] == task and not r["finetuned"] and "ablation" not in r and r["mode"] != "dense":
+                key = f"predicted/{r['selection']}|{r['conv']}|{r['keep_ratio']}|{r['mode']}"
+                assert abs((saved[key] == saved["labels"]).mean() - r["top1"]) < 1e-12
     assert set(result["fidelity"]) == {"digits ViM (trained)", "vim_small (random init)",
                                        "plainmamba_l3 (random init)"}
     for task in ("digits", "distance"):
         assert (tmp_path / f"zero_shot_{task}.png").stat().st_size > 1000
     table = (tmp_path / "zero_shot.md").read_text()
-    assert "Smoke test" in table and "McNemar" in table
+    assert "Smoke test" in table and "McNemar" in table and "p Holm" in table
+
+
+def test_holm_adjusts_in_step_down_order():
+    from alignscan.science.stats import holm
+    assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    assert holm([0.5, 0.001]) == pytest.approx([0.5, 0.002])
+    assert holm([]) == []
 
 
 def test_mcnemar_exact_matches_the_binomial_tail():
