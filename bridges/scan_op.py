@@ -16,6 +16,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.utils.flop_counter import register_flop_formula
 
 from alignscan.cuda_kernels import backends
 from alignscan.cuda_kernels.params import ScanParams
@@ -26,7 +27,7 @@ from .dlpack import compute_dtype, kernel_input, kernel_view, stream_handle, to_
 from .positions import as_position_map
 from .reference import require_tensor, scan_twin
 
-__all__ = ["selective_scan_fn", "resolve_backend", "ENV_BACKEND"]
+__all__ = ["scan_flops", "selective_scan_fn", "resolve_backend", "ENV_BACKEND"]
 
 ENV_BACKEND = backends.ENV_BACKEND
 
@@ -140,6 +141,29 @@ def _backward(ctx, dout, _dlast):
 
 
 torch.library.register_autograd("alignscan::selective_scan_fwd", _backward, setup_context=_setup_context)
+
+
+def scan_flops(batch, dim, length, dstate, has_D, has_z, has_map, alignment):
+    """FLOPs of one position-map scan, as mamba_ssm's authors count the selective scan
+    (9·B·L·D·N: discretising A and B, the recurrence, the output; + B·L·D each for D and the
+    z gate), plus the gap terms: E_i = coef_self·Δ_i + coef_prev·Δ_{i-1} (3·B·L·D) with a map,
+    and under "hold" the held input of every token after a gap (an exp and the S_q sum,
+    counted as 4·B·L·D·N as if every token followed a gap: an upper bound, shapes only)."""
+    flops = 9 * batch * length * dim * dstate + (batch * dim * length if has_D else 0) \
+        + (batch * dim * length if has_z else 0)
+    if has_map:
+        flops += 3 * batch * dim * length
+        if alignment == "hold":
+            flops += 4 * batch * dim * length * dstate
+    return flops
+
+
+@register_flop_formula(torch.ops.alignscan.selective_scan_fwd, get_raw=True)
+def _scan_flop_formula(u, delta, A, B, C, D, z, delta_bias, coef_self, coef_prev, hold, trailing, delta_softplus,
+                       return_last_state, alignment, backend, *args, **kwargs):
+    """``torch.utils.flop_counter.FlopCounterMode`` counts every call of the op by ``scan_flops``."""
+    batch, dim, length = u.shape
+    return scan_flops(batch, dim, length, A.shape[-1], D is not None, z is not None, coef_self is not None, alignment)
 
 
 def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
