@@ -349,9 +349,10 @@ def check_arguments(args):
     if args.command == "visualize":
         if args.image is not None and not Path(args.image).is_file():
             raise UsageError(f"--image must be an existing image file (PNG or JPEG), got {args.image!r}")
-        if args.model is not None and args.model not in ("vim_tiny", "vim_small"):
-            raise UsageError(f"--model must be a ViM (the class-token attention needs one): vim_tiny or vim_small, "
-                             f"got {args.model!r}")
+        from alignscan import registry
+        if args.model is not None and args.model not in registry.names("vim"):
+            raise UsageError(f"--model must be a ViM (the class-token attention needs one): "
+                             f"{' or '.join(registry.names('vim'))}, got {args.model!r}")
         if args.checkpoint is not None and not Path(args.checkpoint).is_file():
             raise UsageError(f"--checkpoint must be an existing file, got {args.checkpoint!r}")
     if args.command in ("evaluate", "finetune"):
