@@ -159,6 +159,9 @@ class PlainMamba(nn.Module):
         self.backend = backend        # every scan's backend (None: the registry's default for the device)
         self.embed_dim = embed_dim
         self.pruning = (pruning if pruning is not None else PruningConfig()).check_depth(depth)
+        if self.pruning.metric == "official":
+            raise ValueError("metric 'official' (the released ViM code's selector, SPEC §4) needs ViM's backward "
+                             "branch: PlainMamba has none; use clip, raw, l1 or l2")
         self.img_size = img_size
         self.backbone = Backbone(embed_dim, depth, stem_convs, dw_after_first, img_size, channels)
         self.head = Head(embed_dim, num_classes)

@@ -143,7 +143,7 @@ def token_scores(y, metric):
     y = y.detach()
     if metric == "clip":
         return y.clamp_min(0).sum(dim=1, dtype=torch.float64)
-    if metric == "raw":
+    if metric in ("raw", "official"):          # "official": y is ViM's flipped backward output (SPEC §4)
         return y.sum(dim=1, dtype=torch.float64)
     if metric == "l1":
         return y.abs().sum(dim=1, dtype=torch.float64)

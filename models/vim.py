@@ -122,7 +122,7 @@ class BiMambaMixer(nn.Module):
         y_b = self._branch(x.flip(-1), z.flip(-1), self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log,
                            self.D_b, flipped_map, alignment, position_aware, backend, record)
         y = y_f + y_b.flip(-1)
-        return self.out_proj((y / 2).transpose(1, 2)), y
+        return self.out_proj((y / 2).transpose(1, 2)), y, y_b
 
 
 class Block(nn.Module):
@@ -136,8 +136,8 @@ class Block(nn.Module):
 
     def forward(self, hidden, residual, **scan):
         residual = hidden.float() if residual is None else residual + hidden.float()
-        out, y = self.mixer(self.norm(residual.to(self.norm.weight.dtype)), **scan)
-        return out, residual, y
+        out, y, y_b = self.mixer(self.norm(residual.to(self.norm.weight.dtype)), **scan)
+        return out, residual, y, y_b
 
 
 class PatchEmbed(nn.Module):
@@ -200,14 +200,16 @@ class VisionMamba(nn.Module):
         flipped_map = None                                                                 # made once per stage
         residual = None
         for i, layer in enumerate(self.layers):
-            hidden, residual, y = layer(hidden, residual, position_map=stages.position_map, flipped_map=flipped_map,
+            hidden, residual, y, y_b = layer(hidden, residual, position_map=stages.position_map, flipped_map=flipped_map,
                                         alignment=stages.alignment,
                                         position_aware=stages.pruned and cfg.conv == "position_aware",
                                         backend=self.backend, record=None if record is None else record.scans)
             if record is not None:
                 record.layer(stages.positions, residual + hidden.float(), y)
             was = stages.position_map
-            hidden, residual = stages.after_layer(i, y, hidden, residual)
+            # The released code's selector scores the backward branch alone, unflipped (SPEC §4).
+            scored = y_b if cfg.metric == "official" else y
+            hidden, residual = stages.after_layer(i, scored, hidden, residual)
             if stages.position_map is not was:
                 flipped_map = stages.position_map.flip()         # the backward branch's map (SPEC §3)
         final = self.norm_f((residual + hidden.float()).to(self.norm_f.weight.dtype))

@@ -11,7 +11,7 @@ import numpy as np
 
 __all__ = ["METRICS", "COUNT_RULES", "token_importance", "keep_count", "select_tokens"]
 
-METRICS = ("clip", "raw", "l1", "l2")
+METRICS = ("clip", "raw", "l1", "l2", "official")
 COUNT_RULES = ("ceil", "vim")
 
 # Guards ceil() against float error: ceil(0.8 * 125) must be 100, not 101.
@@ -19,10 +19,13 @@ _CEIL_SLACK = 1e-9
 
 
 def token_importance(y, metric="clip"):
-    """s_j over channels: "clip" Σ max(y, 0) (Eq. 9), "raw" Σ y, "l1" Σ |y|, "l2" sqrt(Σ y²).
+    """s_j over channels: "clip" Σ max(y, 0) (Eq. 9), "raw" Σ y, "l1" Σ |y|, "l2" sqrt(Σ y²);
+    "official" Σ y of what the released ToP-ViM code scores (SPEC §4): there y is ViM's
+    backward branch's gated output alone, in flipped order and not flipped back, so token j
+    is scored by the output at index j of the flipped sequence.
 
     Args:
-        y: (batch, dim, L) floats.
+        y: (batch, dim, L) floats (for "official": the backward branch's output, flipped).
     Returns:
         (batch, L) float64 scores.
     """
@@ -34,7 +37,7 @@ def token_importance(y, metric="clip"):
     y = y.astype(np.float64, copy=False)
     if metric == "clip":
         return np.maximum(y, 0.0).sum(axis=1)
-    if metric == "raw":
+    if metric in ("raw", "official"):
         return y.sum(axis=1)
     if metric == "l1":
         return np.abs(y).sum(axis=1)

@@ -90,7 +90,7 @@ def test_vim_mixer_matches_reference_rebuild(alignment):
     h = torch.randn(2, 7, 16, dtype=torch.float64)
     positions = torch.tensor([[0, 1, 4, 5, 8, 9, 12], [1, 2, 3, 6, 7, 10, 11]])
     seqlen = 13
-    out, y = mixer(h, position_map=TorchPositionMap(positions, seqlen), alignment=alignment)
+    out, y, _ = mixer(h, position_map=TorchPositionMap(positions, seqlen), alignment=alignment)
     xz = np.einsum("bld,ed->bel", _np(h), _np(mixer.in_proj.weight))
     x, z = xz[:, :32], xz[:, 32:]
     pos = positions.numpy()

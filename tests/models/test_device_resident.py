@@ -184,3 +184,27 @@ def test_the_pruned_model_compiles_whole_and_matches_eager(name, mode):
             torch._dynamo.reset()
             inductor = torch.compile(model, fullgraph=True)(x)
             torch.testing.assert_close(inductor, eager, **COMPILE_TOLERANCE)
+
+
+def test_the_official_metric_is_the_released_codes_scoring_rule():
+    """ToP-ViM's selector, transcribed from its description (SPEC §4): the backward branch's
+    gated output alone, summed over channels, in flipped order and never flipped back, so
+    token j is scored by the backward output at index j of the flipped sequence. Our
+    "official" metric must keep exactly the tokens that rule ranks highest (class token
+    protected in every row, as our models do)."""
+    torch.manual_seed(0)
+    model = models.create("vim_tiny", pruning=PruningConfig("align", (2,), 0.5, metric="official"), img_size=32,
+                          depth=3, num_classes=3).eval()
+    dense = models.create("vim_tiny", img_size=32, depth=3, num_classes=3).eval()
+    dense.load_state_dict(model.state_dict())
+    x = torch.randn(3, 3, 32, 32)
+    record = models.Recorder()
+    with torch.no_grad():
+        _, kept = model(x, return_kept=True)
+        dense(x, record=record)
+    backward_out = record.scans[2 * 1 + 1]["out"]            # layer 2 (index 1): its backward branch, flipped order
+    scores = backward_out.double().sum(dim=1).numpy()        # token j <- flipped index j, not flipped back
+    expected = R.select_tokens(scores, 0.5, protected=np.full((3, 1), model.cls_index), rule="ceil")
+    np.testing.assert_array_equal(kept[0].numpy(), expected)
+    with pytest.raises(ValueError, match="PlainMamba has none"):
+        models.create("plainmamba_l1", pruning=PruningConfig("align", (1,), 0.5, metric="official"))
