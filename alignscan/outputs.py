@@ -22,9 +22,15 @@ __all__ = ["write_bytes", "write_text", "write_json", "save_figure", "save_torch
 
 
 def file_mode():
-    """The mode a newly created file gets here: 0o666 less the process's umask."""
-    umask = os.umask(0)
-    os.umask(umask)
+    """The mode a newly created file gets here: 0o666 less the process's umask. Read from
+    /proc on Linux; elsewhere by setting and restoring it (a brief change another thread
+    could see, hence not the first choice)."""
+    try:
+        with open("/proc/self/status") as status:
+            umask = next(int(line.split()[1], 8) for line in status if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        umask = os.umask(0)
+        os.umask(umask)
     return 0o666 & ~umask
 
 

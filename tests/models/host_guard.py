@@ -18,8 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 __all__ = ["HostGuard", "HostSyncError"]
 
-_METHODS = {"item", "tolist", "numpy", "cpu", "__bool__", "__int__", "__float__", "__index__", "__array__",
-            "__len__"}
+_METHODS = {"item", "tolist", "numpy", "cpu", "__bool__", "__int__", "__float__", "__index__", "__array__"}
 _FROM_HOST = {"as_tensor", "tensor", "from_numpy", "asarray"}
 _DATA_DEPENDENT = ("alignscan::validate_positions", "aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select", "aten::unique",
                    "aten::_unique", "aten::_unique2", "aten::unique_dim", "aten::unique_consecutive",
@@ -34,7 +33,7 @@ class _FunctionGuard(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = getattr(func, "__name__", str(func))
-        if name in _METHODS and not (name == "__len__"):
+        if name in _METHODS:
             raise HostSyncError(f"host synchronisation: Tensor.{name}() in a guarded forward")
         if name in _FROM_HOST and any(isinstance(a, (np.ndarray, list, tuple)) for a in args[:1]):
             raise HostSyncError(f"host-to-device copy: torch.{name}(<host data>) in a guarded forward")
