@@ -11,6 +11,7 @@ One import name for the whole project. Its packages, one floor each, imports poi
     alignscan.imagenet       evaluate and fine-tune on ImageNet-style folders (torchrun)
     alignscan.registry       one torch-free row of facts per model name
     alignscan.outputs        atomic files and progress bars, for every program above
+    alignscan.vision         torchvision and timm, imported so that they work beside a CPU torch
     alignscan.testing        scan problems for tests and benchmarks
 
 The public API is reachable from here; it is imported on first use, so ``import alignscan``
@@ -41,7 +42,7 @@ _PUBLIC = {
     "load_checkpoint": "alignscan.models", "flops": "alignscan.models",
 }
 _PACKAGES = ("reference", "cuda_kernels", "bridges", "models", "bench", "science", "imagenet", "registry",
-             "outputs", "testing")
+             "outputs", "testing", "vision")
 
 __all__ = sorted(_PUBLIC) + list(_PACKAGES)
 

@@ -1,103 +1,80 @@
-"""The data of the ImageNet commands: an ImageNet-style folder (what torchvision's ImageFolder
-reads: one subfolder per class, the sorted class names are the label indices), the released
-models' evaluation transform and the training augmentation, and the datasets the loaders read.
+"""The data of the ImageNet commands, from the field's own libraries: torchvision's
+``ImageFolder`` (one subfolder per class, the sorted class names are the label indices),
+the released models' evaluation transform in ``torchvision.transforms.v2``, and timm's
+training transform (the DeiT recipe Vim fine-tunes with: random resized crop, flip,
+RandAugment, colour jitter, random erasing; see ``recipe``).
 
 Evaluation uses the released models' transform: resize the shorter side to size/0.875 (256
-for 224) with bicubic interpolation, centre crop, ImageNet mean and std (the DeiT recipe of
-Vim; PlainMamba's mmcls test pipeline is the same).
+for 224) with bicubic interpolation, centre crop, ImageNet mean and std (Vim's DeiT
+``build_transform``; PlainMamba's mmcls test pipeline is the same).
+
+What is still written here, and why: ``image_folder`` keeps the first ``--limit`` images of
+each class and turns torchvision's FileNotFoundError into a one-line DataError naming
+``--data``; ``Images`` returns an unreadable image's message instead of raising, so that
+the commands can stop with its path or skip and count it (``--skip-unreadable``).
 """
 from __future__ import annotations
 
-import math
-from pathlib import Path
-
-import numpy as np
+from alignscan import vision
 
 from .options import DataError
 
-__all__ = ["ImageFolder", "eval_transform", "train_transform", "EvalSet", "TrainSet", "collate", "MEAN", "STD"]
+__all__ = ["image_folder", "eval_transform", "train_transform", "Images", "collate", "MEAN", "STD", "CROP_RATIO"]
 
-EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
-STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+MEAN = (0.485, 0.456, 0.406)          # timm.data.IMAGENET_DEFAULT_MEAN / _STD
+STD = (0.229, 0.224, 0.225)
 CROP_RATIO = 0.875
 
-class ImageFolder:
-    """(path, label) for every image below ``root``/<class>/..., classes sorted by name.
 
-    Args:
-        limit: keep the first ``limit`` images (sorted by path) of each class (0: all).
-    """
-
-    def __init__(self, root, limit=0):
-        root = Path(root)
-        if not root.is_dir():
-            raise DataError(f"--data must be a folder with one subfolder per class, got {str(root)!r}")
-        self.classes = sorted(p.name for p in root.iterdir() if p.is_dir())
-        if not self.classes:
-            raise DataError(f"--data {root}: no class subfolders (an ImageNet-style folder has one per class)")
-        self.samples = []
-        for label, name in enumerate(self.classes):
-            files = sorted(p for p in (root / name).rglob("*") if p.suffix.lower() in EXTENSIONS and p.is_file())
-            self.samples += [(p, label) for p in (files[:limit] if limit else files)]
-        if not self.samples:
-            raise DataError(f"--data {root}: no images ({', '.join(EXTENSIONS)}) in its {len(self.classes)} class "
-                             f"folders")
-
-    def __len__(self):
-        return len(self.samples)
+def image_folder(root, limit=0):
+    """torchvision's ImageFolder over ``root``/<class>/... (no transform: ``Images`` applies
+    one), with only the first ``limit`` images (sorted by path) of each class (0: all)."""
+    torchvision = vision.torchvision()
+    try:
+        folder = torchvision.datasets.ImageFolder(str(root), allow_empty=True)
+    except FileNotFoundError as exc:
+        raise DataError(f"--data must be a folder with one subfolder per class holding images: {exc}") from None
+    if limit:
+        taken, samples = {}, []
+        for path, label in folder.samples:          # sorted by class, then by path
+            if taken.get(label, 0) < limit:
+                samples.append((path, label))
+                taken[label] = taken.get(label, 0) + 1
+        folder.samples = folder.imgs = samples
+        folder.targets = [label for _, label in samples]
+    if not folder.samples:
+        raise DataError(f"--data {root}: no images in its {len(folder.classes)} class folders")
+    return folder
 
 
-def _load_rgb(path):
-    from PIL import Image
-    with Image.open(path) as image:
-        return image.convert("RGB")
-
-
-def _to_tensor(image):
+def eval_transform(size):
+    """Resize the shorter side to size/0.875 (bicubic), centre crop ``size``, scale to [0, 1],
+    normalise with the ImageNet mean and std: a PIL image in, a float32 (3, size, size) out."""
     import torch
-    array = (np.asarray(image, dtype=np.float32) / 255.0 - MEAN) / STD
-    return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
+    vision.torchvision()
+    from torchvision.transforms import InterpolationMode, v2
+    return v2.Compose([v2.Resize(int(size / CROP_RATIO), interpolation=InterpolationMode.BICUBIC),
+                       v2.CenterCrop(size), v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True),
+                       v2.Normalize(MEAN, STD)])
 
 
-def eval_transform(image, size):
-    """Resize the shorter side to size/0.875 (bicubic), centre crop ``size``, normalise."""
-    from PIL import Image
-    short = int(size / CROP_RATIO)
-    w, h = image.size
-    scale = short / min(w, h)
-    image = image.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
-    w, h = image.size
-    left, top = (w - size) // 2, (h - size) // 2
-    return _to_tensor(image.crop((left, top, left + size, top + size)))
+def train_transform(size, recipe):
+    """timm's training transform with the recipe's augmentation (``recipe``: a dict with
+    aa, color_jitter, reprob, remode, recount, train_interpolation)."""
+    vision.timm()
+    from timm.data import create_transform
+    return create_transform(size, is_training=True, auto_augment=recipe["aa"] or None,
+                                      color_jitter=recipe["color_jitter"], interpolation=recipe["train_interpolation"],
+                                      re_prob=recipe["reprob"], re_mode=recipe["remode"], re_count=recipe["recount"],
+                                      mean=MEAN, std=STD)
 
 
-def train_transform(image, size, rng):
-    """Random resized crop (scale 0.08-1, ratio 3/4-4/3, bicubic) and a random horizontal flip."""
-    from PIL import Image
-    w, h = image.size
-    area = w * h
-    for _ in range(10):
-        target = area * rng.uniform(0.08, 1.0)
-        ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
-        cw, ch = int(round(math.sqrt(target * ratio))), int(round(math.sqrt(target / ratio)))
-        if 0 < cw <= w and 0 < ch <= h:
-            left, top = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
-            break
-    else:   # fall back to a centre crop of the whole image
-        cw = ch = min(w, h)
-        left, top = (w - cw) // 2, (h - ch) // 2
-    image = image.crop((left, top, left + cw, top + ch)).resize((size, size), Image.BICUBIC)
-    if rng.random() < 0.5:
-        image = image.transpose(Image.FLIP_LEFT_RIGHT)
-    return _to_tensor(image)
+class Images:
+    """Dataset of (index, image, label) over ``indices`` of a folder; an unreadable image
+    gives (index, message, label), reported by the caller, never dropped silently."""
 
-
-class EvalSet:
-    """Dataset of (index, image, label); an unreadable image gives (index, None, label)."""
-
-    def __init__(self, folder, indices, size):
-        self.folder, self.indices, self.size = folder, indices, size
+    def __init__(self, folder, indices, transform):
+        self.folder, self.indices, self.transform = folder, list(indices), transform
 
     def __len__(self):
         return len(self.indices)
@@ -106,27 +83,8 @@ class EvalSet:
         index = self.indices[k]
         path, label = self.folder.samples[index]
         try:
-            return index, eval_transform(_load_rgb(path), self.size), label
-        except Exception as exc:      # unreadable: reported by the caller, never dropped silently
-            return index, f"{path}: {type(exc).__name__}: {exc}", label
-
-
-class TrainSet:
-    """Dataset of (index, augmented image, label); an unreadable image gives (index, message,
-    label), as ``EvalSet``, for ``collate`` to report or skip."""
-
-    def __init__(self, folder, size, seed):
-        self.folder, self.size, self.seed, self.epoch = folder, size, seed, 0
-
-    def __len__(self):
-        return len(self.folder)
-
-    def __getitem__(self, index):
-        path, label = self.folder.samples[index]
-        rng = np.random.default_rng((self.seed, self.epoch, index))
-        try:
-            return index, train_transform(_load_rgb(path), self.size, rng), label
-        except Exception as exc:      # unreadable: reported by the caller, never dropped silently
+            return index, self.transform(self.folder.loader(path)), label
+        except Exception as exc:
             return index, f"{path}: {type(exc).__name__}: {exc}", label
 
 

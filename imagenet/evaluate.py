@@ -9,7 +9,7 @@ import time
 from alignscan.outputs import progress_bar, save_figure, write_json, write_text
 from alignscan.science.stats import paired_counts
 
-from .data import EvalSet, ImageFolder, collate
+from .data import Images, collate, eval_transform, image_folder
 from .options import DataError, build, load_weights
 from .world import World
 
@@ -27,12 +27,12 @@ def evaluate_command(args):
 
 def _evaluate(args, world):
     import torch
-    folder = ImageFolder(args.data, args.limit)
+    folder = image_folder(args.data, args.limit)
     modes = args.modes.split(",")
     keep = None if args.keep is None else args.keep
     n = len(folder)
     shard = list(range(world.rank, n, world.size))               # disjoint, no padding
-    loader = torch.utils.data.DataLoader(EvalSet(folder, shard, args.img_size), batch_size=args.batch,
+    loader = torch.utils.data.DataLoader(Images(folder, shard, eval_transform(args.img_size)), batch_size=args.batch,
                                          num_workers=args.workers, collate_fn=collate)
     nets = {}
     for mode in modes:

@@ -5,26 +5,18 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import time
 
 from alignscan import registry
 from alignscan.outputs import progress_bar
 
-from .data import ImageFolder, TrainSet, collate
-from .options import FINETUNE_DEFAULTS, DataError, build, check_resumable, load_weights
+from . import recipe as recipes
+from .data import Images, collate, image_folder, train_transform
+from .options import DataError, build, check_resumable, load_weights
 from .world import World
 
 __all__ = ["finetune_command"]
-
-
-def _lr_at(step, steps_per_epoch, total_steps, cfg):
-    warmup = int(cfg["warmup_epochs"] * steps_per_epoch)
-    if step < warmup:
-        return cfg["warmup_lr"] + (cfg["lr"] - cfg["warmup_lr"]) * step / max(1, warmup)
-    if cfg["schedule"] == "constant":
-        return cfg["lr"]
-    progress = (step - warmup) / max(1, total_steps - warmup)
-    return cfg["min_lr"] + 0.5 * (cfg["lr"] - cfg["min_lr"]) * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 def finetune_command(args):
@@ -40,20 +32,19 @@ def _finetune(args, world):
     import torch
 
     from alignscan.models.checkpoints import checkpoint_state_dict, write_checkpoint
-    cfg = dict(FINETUNE_DEFAULTS[registry.family(args.model)])
-    for key in ("lr", "min_lr", "warmup_lr", "weight_decay", "warmup_epochs", "schedule"):
-        if getattr(args, key, None) is not None:
-            cfg[key] = getattr(args, key)
-    folder = ImageFolder(args.data, args.limit)
+    cfg = recipes.resolve(registry.family(args.model), args)
+    cfg["epochs"] = args.epochs
+    random.seed(args.seed + world.rank)               # timm's augmentations draw from random and torch
+    torch.manual_seed(args.seed + world.rank)
+    folder = image_folder(args.data, args.limit)
     model = build(args.model, len(folder.classes), args.mode, args.keep, args.conv, args.metric,
-                  args.backend_device[0], args.img_size)
+                  args.backend_device[0], args.img_size, drop_path=cfg["drop_path"])
     if args.checkpoint is not None and args.resume is None:
         load_weights(model, args.checkpoint, len(folder.classes))
     elif args.resume is None and world.main:
         print(f"finetune: training {args.model} from random weights (--from-scratch): no checkpoint given")
     model = model.to(world.device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-    dataset = TrainSet(folder, args.img_size, args.seed)
+    dataset = Images(folder, range(len(folder)), train_transform(args.img_size, cfg))
     sampler = torch.utils.data.distributed.DistributedSampler(dataset, num_replicas=world.size, rank=world.rank,
                                                               shuffle=True, seed=args.seed, drop_last=True) \
         if world.size > 1 else None
@@ -70,16 +61,25 @@ def _finetune(args, world):
     total_steps = steps_per_epoch * args.epochs
     if args.max_steps:
         total_steps = min(total_steps, args.max_steps)
-    step = 0
+    step, blob = 0, None
     if args.resume is not None:
         blob = check_resumable(args.resume)
         try:
             model.load_state_dict(checkpoint_state_dict(blob, args.resume))
-            optimizer.load_state_dict(blob["optimizer"])
         except (RuntimeError, ValueError, KeyError) as exc:
             raise DataError(f"--resume {args.resume} does not fit {args.model} ({args.mode}): "
                             f"{str(exc).splitlines()[0][:300]}") from None
         step = int(blob["step"])
+    parts = recipes.Recipe(cfg, model, len(folder.classes), args.epochs)    # EMA starts from these weights
+    if blob is not None:
+        try:
+            lacking = parts.load_state_dict(blob)
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise DataError(f"--resume {args.resume}: its optimizer or EMA does not fit this run: "
+                            f"{str(exc).splitlines()[0][:300]}") from None
+        if lacking and world.main:
+            print(f"finetune: --resume {args.resume} has no {' or '.join(lacking)} (an older checkpoint): "
+                  f"{'the EMA restarts from its weights' if 'model_ema' in lacking else 'the schedule restarts'}")
     wrapped = model
     if world.size > 1:
         wrapped = torch.nn.parallel.DistributedDataParallel(
@@ -90,12 +90,13 @@ def _finetune(args, world):
         # A fresh run (--overwrite, checked before any work) starts a new log; a resumed one
         # marks where it took over, so the step numbers read on.
         start = {"run": "resumed" if args.resume is not None else "started", "step": step,
-                 "from": str(args.resume or args.checkpoint or "random weights"), "time": time.time()}
+                 "from": str(args.resume or args.checkpoint or "random weights"), "time": time.time(),
+                 "recipe": cfg}
         with open(log_path, "a" if args.resume is not None else "w") as log:
             log.write(json.dumps(start) + "\n")
     unreadable = 0
     last_checkpoint = None
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if world.device.type == "cuda" else None
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cfg["amp"] and world.device.type == "cuda" else None
     wrapped.train()
     start_epoch = step // steps_per_epoch
     for epoch in range(start_epoch, args.epochs):
@@ -105,6 +106,7 @@ def _finetune(args, world):
         if sampler is not None:
             sampler.set_epoch(epoch)
         skip = step - epoch * steps_per_epoch          # batches of this epoch done before a resume
+        lr = parts.start_epoch(epoch)
         bar = progress_bar(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not world.main,
                            leave=False)
         t0, seen, value = time.perf_counter(), 0, float("nan")
@@ -118,18 +120,21 @@ def _finetune(args, world):
             unreadable += len(bad)
             if images is None:
                 raise DataError(f"a whole batch of images is unreadable (first: {bad[0][1]}): nothing to train on")
-            lr = _lr_at(step, steps_per_epoch, total_steps, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            images, labels = images.to(world.device), labels.to(world.device)
+            mixed = parts.mix(images.to(world.device), labels.to(world.device))
+            if mixed is None:                          # a last batch of one image: nothing to mix
+                continue
+            images, targets = mixed
             if autocast is not None:
                 with autocast:
-                    loss = torch.nn.functional.cross_entropy(wrapped(images), labels)
+                    loss = parts.loss(wrapped(images), targets)
             else:
-                loss = torch.nn.functional.cross_entropy(wrapped(images), labels)
-            optimizer.zero_grad(set_to_none=True)
+                loss = parts.loss(wrapped(images), targets)
+            parts.optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            optimizer.step()
+            parts.clip(model)
+            parts.optimizer.step()
+            if parts.ema is not None:
+                parts.ema.update(model, step=step)
             step += 1
             seen += len(images) * world.size
             value = loss.detach().float()
@@ -145,14 +150,14 @@ def _finetune(args, world):
                     log.write(json.dumps(record) + "\n")
         bar.close()
         if world.main:
-            extra = {"epoch": epoch + 1, "step": step, "optimizer": optimizer.state_dict(),
+            extra = {"epoch": epoch + 1, "step": step, **parts.state_dict(), "recipe": cfg,
                      "args": {k: str(v) for k, v in vars(args).items() if k != "backend_device"},
                      "meta": {"epoch": epoch + 1, "step": step, "alignscan": "finetune"}}
             last_checkpoint = args.out / f"checkpoint_{args.model}_{args.mode}.pth"
             write_checkpoint(last_checkpoint, args.model, model.state_dict(), extra)
             print(f"epoch {epoch + 1}: step {step}, loss {value:.4f}, checkpoint {last_checkpoint}")
         world.barrier()
-    summary = {"model": args.model, "mode": args.mode, "steps": step, "world_size": world.size, "settings": cfg,
+    summary = {"model": args.model, "mode": args.mode, "steps": step, "world_size": world.size, "recipe": cfg,
                "unreadable_skipped": unreadable,
                "checkpoint": str(last_checkpoint) if last_checkpoint else None, "log": str(log_path)}
     return summary, model

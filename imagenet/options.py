@@ -7,7 +7,7 @@ from pathlib import Path
 from alignscan.bench.choices import CONV_MODES, METRICS, MODEL_NAMES
 
 __all__ = ["add_evaluate_arguments", "add_finetune_arguments", "check_arguments", "build", "load_weights",
-           "FINETUNE_DEFAULTS", "DataError"]
+           "DataError"]
 
 
 class DataError(ValueError):
@@ -21,22 +21,18 @@ EVALUATE_DOC = ("Evaluates a released (or fine-tuned) checkpoint on an ImageNet-
                 "on exactly the same images: top-1, top-5, images/s, and paired counts with an exact McNemar p-value "
                 "against dense and against relabel. Runs under torchrun (NCCL on GPUs, Gloo on CPUs).")
 FINETUNE_HELP = "fine-tune a pruned model from a checkpoint on an ImageNet-style train folder (torchrun-ready)"
-FINETUNE_DOC = ("Fine-tunes a pruned model (any mode) from a checkpoint, with the paper's settings as defaults where "
-                "the paper gives them (30 epochs; PlainMamba: 5 warm-up epochs from 2e-8, base lr 2e-5, min lr 2e-7, "
-                "weight decay 1e-8, cosine; ViM: a constant learning rate, whose value the paper's text lost: 1e-5 here), "
-                "AdamW, random resized crop + flip, bfloat16 autocast on GPUs, a checkpoint every epoch in the "
-                "official layout, --resume, and a JSON-lines log. Runs under torchrun with DistributedDataParallel.")
-
-# The paper's fine-tuning settings (Sec. 5.1); "constant" for ViM, whose values the text lost.
-FINETUNE_DEFAULTS = {
-    "vim": dict(lr=1e-5, min_lr=1e-5, warmup_lr=1e-5, warmup_epochs=0, weight_decay=1e-8, schedule="constant"),
-    "plainmamba": dict(lr=2e-5, min_lr=2e-7, warmup_lr=2e-8, warmup_epochs=5, weight_decay=1e-8, schedule="cosine"),
-}
+FINETUNE_DOC = ("Fine-tunes a pruned model (any mode) from a checkpoint with the paper's recipe, built from timm's parts: "
+                "the released ViM fine-tuning logs' settings (AdamW, cosine with 5 warm-up epochs, weight decay 1e-8, "
+                "mixup 0.8 / cutmix 1.0, label smoothing 0.1, RandAugment, random erasing, model EMA 0.99996) or "
+                "PlainMamba's from the paper (warm-up from 2e-8 to 2e-5, cosine to 2e-7); every entry overridable "
+                "(--recipe, --lr, --mixup, ...) and written to the run record. torchvision's ImageFolder, a checkpoint "
+                "every epoch in the official layout (with the EMA, optimizer and scheduler), --resume, and a JSON-lines "
+                "log. Runs under torchrun with DistributedDataParallel.")
 
 
-def build(name, num_classes, mode, keep, conv, metric, backend, img_size=224):
+def build(name, num_classes, mode, keep, conv, metric, backend, img_size=224, drop_path=0.0):
     """The model with the paper's schedule for ``name`` and ``mode`` (``keep``: None for the
-    paper's keep ratio, else one ratio per stage)."""
+    paper's keep ratio, else one ratio per stage; ``drop_path``: the stochastic-depth rate)."""
     from alignscan import models
     if mode == "dense":
         pruning = None
@@ -45,7 +41,8 @@ def build(name, num_classes, mode, keep, conv, metric, backend, img_size=224):
         if keep is not None:
             overrides["keep_ratio"] = keep
         pruning = models.paper_preset(name, mode=mode, **overrides)
-    return models.create(name, pruning=pruning, num_classes=num_classes, backend=backend, img_size=img_size)
+    return models.create(name, pruning=pruning, num_classes=num_classes, backend=backend, img_size=img_size,
+                         drop_path_rate=drop_path)
 
 
 def load_weights(model, path, num_classes):
@@ -100,10 +97,8 @@ def add_finetune_arguments(p):
     p.add_argument("--epochs", type=int, default=30, help="epochs (default 30, as the paper)")
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps in all (default: no limit)")
     _add_shared_arguments(p)
-    for name in ("lr", "min-lr", "warmup-lr", "weight-decay"):
-        p.add_argument(f"--{name}", type=float, default=None, help=f"{name} (default: the paper's for the family)")
-    p.add_argument("--warmup-epochs", type=float, default=None, help="warm-up epochs (default: the paper's)")
-    p.add_argument("--schedule", choices=("cosine", "constant"), default=None, help="lr schedule (default: the paper's)")
+    from .recipe import add_recipe_arguments
+    add_recipe_arguments(p)
     p.add_argument("--seed", type=int, default=0, help="seed of the augmentation and the shuffling (default 0)")
     p.add_argument("--backend", default=None, help="scan backend (default $ALIGNSCAN_BACKEND, else by device)")
 
@@ -136,8 +131,12 @@ def check_arguments(args):
 
 
 def _check_finetune(args):
+    from alignscan import registry
+
+    from . import recipe
     if args.epochs < 1:
         raise ValueError(f"--epochs must be >= 1, got {args.epochs}")
+    recipe.check(recipe.resolve(registry.family(args.model), args), args.batch)
     if args.checkpoint is None and args.resume is None and not args.from_scratch:
         raise ValueError("--checkpoint (weights to start from) or --resume is required; "
                          "pass --from-scratch to train from random weights")

@@ -21,6 +21,7 @@ from alignscan import reference as R
 from alignscan import registry
 from alignscan.bridges import selective_scan_fn
 
+from .layers import drop_paths
 from .pruning import PruningConfig, check_images
 from .stages import Stages
 
@@ -95,8 +96,9 @@ class PlainMamba2D(nn.Module):
 
 
 class PlainMambaLayer(nn.Module):
-    def __init__(self, dim, with_dw=False):
+    def __init__(self, dim, with_dw=False, drop_path=None):
         super().__init__()
+        self.drop_path = drop_path if drop_path is not None else nn.Identity()
         self.norm = nn.LayerNorm(dim, eps=1e-5)
         self.mamba = PlainMamba2D(dim)
         if with_dw:   # PlainMamba-L1, layer 0: depthwise 3x3 + BN + GELU replaces the output
@@ -105,7 +107,7 @@ class PlainMambaLayer(nn.Module):
 
     def forward(self, x, kept, plan, grid, alignment, backend=None):
         out, y = self.mamba(self.norm(x), kept, plan, grid, alignment, backend)
-        x = x + out
+        x = x + self.drop_path(out)
         if hasattr(self, "dw"):
             b, L, D = x.shape
             x = self.dw(x.transpose(1, 2).reshape(b, D, *grid)).flatten(2).transpose(1, 2)
@@ -127,12 +129,13 @@ class PatchEmbed(nn.Module):
 
 
 class Backbone(nn.Module):
-    def __init__(self, embed_dim, depth, stem_convs, dw_after_first, img_size=224, channels=3):
+    def __init__(self, embed_dim, depth, stem_convs, dw_after_first, img_size=224, channels=3, drop_path_rate=0.0):
         super().__init__()
         self.grid = (img_size // 16, img_size // 16)
         self.patch_embed = PatchEmbed(embed_dim, stem_convs, channels)
         self.pos_embed = nn.Parameter(torch.zeros(1, self.grid[0] * self.grid[1], embed_dim))
-        self.layers = nn.ModuleList(PlainMambaLayer(embed_dim, with_dw=(dw_after_first and i == 0))
+        paths = drop_paths(drop_path_rate, depth)
+        self.layers = nn.ModuleList(PlainMambaLayer(embed_dim, with_dw=(dw_after_first and i == 0), drop_path=paths[i])
                                     for i in range(depth))
         self.ln1 = nn.LayerNorm(embed_dim, eps=1e-6)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
@@ -152,7 +155,7 @@ class PlainMamba(nn.Module):
     """PlainMamba backbone + linear head on the mean token, with token pruning."""
 
     def __init__(self, embed_dim=192, depth=24, stem_convs=1, dw_after_first=True, num_classes=1000, img_size=224,
-                 channels=3, pruning=None, backend=None):
+                 channels=3, pruning=None, backend=None, drop_path_rate=0.0):
         super().__init__()
         if isinstance(img_size, bool) or not isinstance(img_size, int) or img_size < 16 or img_size % 16:
             raise ValueError(f"img_size must be a positive multiple of 16 (the patch grid), got {img_size!r}")
@@ -163,7 +166,8 @@ class PlainMamba(nn.Module):
             raise ValueError("metric 'official' (the released ViM code's selector, SPEC §4) needs ViM's backward "
                              "branch: PlainMamba has none; use clip, raw, l1 or l2")
         self.img_size = img_size
-        self.backbone = Backbone(embed_dim, depth, stem_convs, dw_after_first, img_size, channels)
+        self.num_classes = num_classes
+        self.backbone = Backbone(embed_dim, depth, stem_convs, dw_after_first, img_size, channels, drop_path_rate)
         self.head = Head(embed_dim, num_classes)
 
     @property

@@ -18,6 +18,7 @@ from torch import nn
 from alignscan import registry
 from alignscan.bridges import selective_scan_fn
 
+from .layers import drop_paths
 from .pruning import PruningConfig, check_images
 from .stages import Stages
 
@@ -129,13 +130,14 @@ class Block(nn.Module):
     """``residual = residual + hidden`` (hidden alone at the first block), then
     ``hidden = mixer(norm(residual))``; the residual stream is kept in float32."""
 
-    def __init__(self, dim):
+    def __init__(self, dim, drop_path=None):
         super().__init__()
         self.mixer = BiMambaMixer(dim)
         self.norm = RMSNorm(dim)
+        self.drop_path = drop_path if drop_path is not None else nn.Identity()   # on the incoming hidden
 
     def forward(self, hidden, residual, **scan):
-        residual = hidden.float() if residual is None else residual + hidden.float()
+        residual = hidden.float() if residual is None else residual + self.drop_path(hidden).float()
         out, y, y_b = self.mixer(self.norm(residual.to(self.norm.weight.dtype)), **scan)
         return out, residual, y, y_b
 
@@ -153,12 +155,13 @@ class VisionMamba(nn.Module):
     """ViM with the class token in the middle and token pruning (``pruning=``)."""
 
     def __init__(self, embed_dim=192, depth=24, img_size=224, patch_size=16, num_classes=1000, channels=3,
-                 pruning=None, backend=None):
+                 pruning=None, backend=None, drop_path_rate=0.0):
         super().__init__()
         if isinstance(img_size, bool) or not isinstance(img_size, int) or img_size < 16 or img_size % 16:
             raise ValueError(f"img_size must be a positive multiple of 16 (the patch grid), got {img_size!r}")
         self.backend = backend        # every scan's backend (None: the registry's default for the device)
         self.embed_dim = embed_dim
+        self.num_classes = num_classes
         self.grid = img_size // patch_size
         self.num_patches = self.grid ** 2
         self.cls_index = self.num_patches // 2
@@ -168,7 +171,9 @@ class VisionMamba(nn.Module):
         self.patch_embed = PatchEmbed(embed_dim, patch_size, channels)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, self.num_tokens, embed_dim))
-        self.layers = nn.ModuleList(Block(embed_dim) for _ in range(depth))
+        # Block i drops the output of block i - 1 (the official [0] + linspace(0, rate, depth) schedule).
+        paths = [nn.Identity()] + drop_paths(drop_path_rate, depth)[:-1]
+        self.layers = nn.ModuleList(Block(embed_dim, paths[i]) for i in range(depth))
         self.norm_f = RMSNorm(embed_dim)
         self.head = nn.Linear(embed_dim, num_classes)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)

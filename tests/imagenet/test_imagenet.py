@@ -4,16 +4,16 @@ one process and torchrun with 2 Gloo processes give the same counts; fine-tuning
 resumes from its saved step, and writes a checkpoint that evaluates as the in-memory model;
 damaged inputs give clear errors."""
 import json
+import math
 import subprocess
 import sys
-from argparse import Namespace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from alignscan import models
+from alignscan import models, vision
 from alignscan.imagenet import data as imagenet_data
 from alignscan.imagenet import finetune, options, world
 
@@ -62,15 +62,58 @@ def _steps(path):
     return [r for r in map(json.loads, path.read_text().splitlines()) if "loss" in r]
 
 
-def test_the_folder_reader_follows_imagefolder(data):
-    folder = imagenet_data.ImageFolder(data[0])
+def test_the_folder_is_torchvisions_imagefolder_with_a_per_class_limit(data):
+    folder = imagenet_data.image_folder(data[0])
+    assert isinstance(folder, vision.torchvision().datasets.ImageFolder)
     assert folder.classes == ["class_00", "class_01", "class_02"] and len(folder) == 12
     assert [label for _, label in folder.samples] == [0] * 4 + [1] * 4 + [2] * 4
-    assert len(imagenet_data.ImageFolder(data[0], limit=2)) == 6
+    limited = imagenet_data.image_folder(data[0], limit=2)
+    assert len(limited) == 6 and [Path(p).name for p, _ in limited.samples[:2]] == ["img_0.png", "img_1.png"]
+
+
+def _previous_eval_transform(image, size):
+    """The evaluation transform this project wrote by hand before torchvision (kept here to
+    compare): the long side rounded, the crop offset floored."""
     from PIL import Image
-    image = Image.new("RGB", (100, 60))
-    assert imagenet_data.eval_transform(image, 64).shape == (3, 64, 64)
-    assert imagenet_data.train_transform(image, 64, np.random.default_rng(0)).shape == (3, 64, 64)
+    w, h = image.size
+    scale = int(size / 0.875) / min(w, h)
+    image = image.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
+    w, h = image.size
+    left, top = (w - size) // 2, (h - size) // 2
+    array = np.asarray(image.crop((left, top, left + size, top + size)), dtype=np.float32) / 255.0
+    array = (array - np.array(imagenet_data.MEAN, np.float32)) / np.array(imagenet_data.STD, np.float32)
+    return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
+
+
+def _vim_eval_transform(size):
+    """Vim's own evaluation transform (DeiT's build_transform, torchvision's v1 API)."""
+    transforms = vision.torchvision().transforms
+    return transforms.Compose([transforms.Resize(int(size / 0.875), interpolation=transforms.InterpolationMode.BICUBIC),
+                               transforms.CenterCrop(size), transforms.ToTensor(),
+                               transforms.Normalize(imagenet_data.MEAN, imagenet_data.STD)])
+
+
+@pytest.mark.parametrize("width,height,size", [(80, 72, 64), (256, 240, 224), (300, 200, 224), (640, 427, 224),
+                                               (257, 300, 224), (1000, 201, 64)])
+def test_the_evaluation_transform_is_the_released_models_and_todays_where_todays_was_right(width, height, size):
+    from PIL import Image
+    image = Image.fromarray((np.random.default_rng(width).random((height, width, 3)) * 255).astype(np.uint8))
+    new = imagenet_data.eval_transform(size)(image)
+    assert new.dtype == torch.float32 and new.shape == (3, size, size)
+    torch.testing.assert_close(new, _vim_eval_transform(size)(image), rtol=0, atol=1e-6)
+    old = _previous_eval_transform(image, size)
+    # torchvision truncates the resized long side and rounds the crop offset; the hand-written
+    # transform rounded and floored. They agree where both give the same pixels (the folders
+    # the evaluate tests make), and differ by a one-pixel shift elsewhere.
+    def geometry(side, previous):
+        scaled = side * int(size / 0.875) / min(width, height)
+        resized = max(size, round(scaled)) if previous else max(size, int(scaled))
+        return resized, (resized - size) // 2 if previous else int(round((resized - size) / 2))
+    same = all(geometry(side, True) == geometry(side, False) for side in (width, height))
+    if same:
+        torch.testing.assert_close(new, old, rtol=0, atol=1e-6)
+    else:
+        assert (new - old).abs().max() > 0.1
 
 
 def test_evaluate_one_process_and_torchrun_agree(data, tmp_path):
@@ -105,11 +148,13 @@ def test_the_issue_command_at_224_pixels(tmp_path):
 
 
 def _finetune_args(folder, checkpoint, out, **over):
-    args = Namespace(model="vim_tiny", checkpoint=checkpoint, resume=None, data=folder, mode="align", keep=0.5,
-                     conv="compact", metric="clip", epochs=1, max_steps=2, batch=4, workers=0, limit=0, img_size=64,
-                     lr=1e-4, min_lr=None, warmup_lr=None, weight_decay=None, warmup_epochs=None, schedule=None,
-                     seed=0, backend=None, out=out, backend_device=("numba-cpu", "cpu"), quick=False,
-                     from_scratch=False, overwrite=False, skip_unreadable=False)
+    import argparse
+    parser = argparse.ArgumentParser()
+    options.add_finetune_arguments(parser)
+    args = parser.parse_args(["--model", "vim_tiny", "--data", str(folder), "--mode", "align", "--keep", "0.5",
+                              "--epochs", "1", "--max-steps", "2", "--batch", "4", "--workers", "0", "--img-size", "64",
+                              "--lr", "1e-4"])
+    args.checkpoint, args.out, args.backend_device, args.quick = checkpoint, out, ("numba-cpu", "cpu"), False
     for k, v in over.items():
         setattr(args, k, v)
     return args
@@ -122,7 +167,8 @@ def test_finetune_runs_resumes_and_its_checkpoint_evaluates_as_the_model_in_memo
     saved = Path(summary["checkpoint"])
     loaded = models.load_checkpoint(models.create("vim_tiny", pruning=models.paper_preset("vim_tiny", keep_ratio=0.5),
                                                   num_classes=3, img_size=64), saved)
-    x = torch.stack([imagenet_data.eval_transform(imagenet_data._load_rgb(p), 64) for p, _ in imagenet_data.ImageFolder(folder).samples])
+    evaluation = imagenet_data.image_folder(folder)
+    x = torch.stack([imagenet_data.eval_transform(64)(evaluation.loader(p)) for p, _ in evaluation.samples])
     model.eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded.eval()(x), model(x), rtol=0, atol=0)
@@ -138,7 +184,7 @@ def test_finetune_runs_resumes_and_its_checkpoint_evaluates_as_the_model_in_memo
     evaluated = json.loads((tmp_path / "eval" / "evaluate.json").read_text())["results"][0]
     reloaded = models.load_checkpoint(models.create("vim_tiny", pruning=models.paper_preset("vim_tiny", keep_ratio=0.5),
                                                     num_classes=3, img_size=64), saved).eval()
-    labels = torch.tensor([label for _, label in imagenet_data.ImageFolder(folder).samples])
+    labels = torch.tensor(evaluation.targets)
     with torch.no_grad():
         assert evaluated["correct"] == int((reloaded(x).argmax(-1) == labels).sum())
 
@@ -180,7 +226,7 @@ def test_clear_errors_for_a_wrong_checkpoint_an_empty_folder_and_unreadable_imag
         options.load_weights(models.create("vim_tiny", num_classes=3, img_size=64), classes, 3)
     (tmp_path / "empty" / "a").mkdir(parents=True)
     with pytest.raises(ValueError, match="no images"):
-        imagenet_data.ImageFolder(tmp_path / "empty")
+        imagenet_data.image_folder(tmp_path / "empty")
     broken = make_folder(tmp_path / "broken", classes=2, per_class=2)
     (broken / "class_00" / "img_0.png").write_bytes(b"not a png")
     ckpt = tmp_path / "two.pth"
@@ -193,3 +239,76 @@ def test_clear_errors_for_a_wrong_checkpoint_an_empty_folder_and_unreadable_imag
     _bench(*base, "--skip-unreadable", "--out", str(tmp_path / "b2"))
     result = json.loads((tmp_path / "b2" / "evaluate.json").read_text())
     assert result["unreadable"] == 1 and result["evaluated"] == 3 and result["results"][0]["total"] == 3
+
+
+@pytest.mark.parametrize("name", ["vim_tiny", "plainmamba_l1"])
+def test_each_preset_finetunes_one_epoch_and_records_its_recipe(tmp_path, name):
+    from alignscan.imagenet import recipe
+    folder = make_folder(tmp_path / "train", classes=2, per_class=3)
+    checkpoint = tmp_path / f"{name}.pth"
+    save_official(checkpoint, name, 2, 64)
+    family = "vim" if name.startswith("vim") else "plainmamba"
+    _bench("finetune", "--model", name, "--checkpoint", str(checkpoint), "--data", str(folder), "--img-size", "64",
+           "--epochs", "1", "--batch", "2", "--workers", "0", "--keep", "0.5", "--out", str(tmp_path / "o"))
+    record = json.loads((tmp_path / "o" / "finetune_run.json").read_text())["finetune"]["recipe"]
+    preset = recipe.RECIPES[family]
+    assert record["name"] == family
+    for key in ("mixup", "cutmix", "smoothing", "model_ema", "model_ema_decay", "sched", "lr", "warmup_lr", "min_lr",
+                "warmup_epochs", "weight_decay", "opt", "aa", "reprob", "drop_path"):
+        assert record[key] == preset[key], key
+    steps = _steps(tmp_path / "o" / "finetune_log.jsonl")
+    assert len(steps) == 3 and all(r["lr"] == preset["warmup_lr"] for r in steps)   # epoch 0 of the warm-up
+    saved = tmp_path / "o" / f"checkpoint_{name}_align.pth"
+    blob = torch.load(saved, weights_only=True)
+    assert {"model_ema", "scheduler", "optimizer", "recipe"} <= set(blob)
+    models.load_checkpoint(models.create(name, num_classes=2, img_size=64), saved)        # strict
+
+
+def test_every_recipe_entry_is_overridable_and_checked():
+    import argparse
+
+    from alignscan.imagenet import recipe
+    parser = argparse.ArgumentParser()
+    options.add_finetune_arguments(parser)
+    args = parser.parse_args(["--model", "vim_tiny", "--data", ".", "--recipe", "plainmamba", "--mixup", "0",
+                              "--cutmix", "0", "--no-model-ema", "--sched", "constant", "--smoothing", "0.2"])
+    resolved = recipe.resolve("vim", args)
+    assert resolved["name"] == "plainmamba" and resolved["lr"] == 2e-5 and resolved["model_ema"] is False
+    assert (resolved["mixup"], resolved["cutmix"], resolved["sched"], resolved["smoothing"]) == (0, 0, "constant", 0.2)
+    assert set(recipe.RECIPES["vim"]) - {"source", "epochs"} <= set(vars(args))
+    for flag, value, message in [("--model-ema-decay", "1.5", "model-ema-decay"), ("--reprob", "2", "reprob"),
+                                 ("--lr", "-1", "--lr")]:
+        bad = parser.parse_args(["--model", "vim_tiny", "--data", ".", flag, value])
+        with pytest.raises(ValueError, match=message):
+            recipe.check(recipe.resolve("vim", bad), 64)
+    with pytest.raises(ValueError, match="--batch must be even"):
+        recipe.check(recipe.resolve("vim", parser.parse_args(["--model", "vim_tiny", "--data", "."])), 5)
+
+
+def test_the_recipe_state_resumes_the_ema_the_scheduler_and_the_optimizer():
+    from alignscan.imagenet import recipe
+    torch.manual_seed(0)
+    cfg = dict(recipe.RECIPES["vim"], model_ema_decay=0.5, warmup_epochs=2)
+    net = lambda: torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 3))
+    model = net()
+    parts = recipe.Recipe(cfg, model, 3, epochs=4)
+    lrs = [parts.start_epoch(e) for e in range(4)]
+    # the warm-up, then timm's cosine over all 4 epochs (warm-up included, as DeiT's runs use it)
+    cosine = [cfg["min_lr"] + 0.5 * (cfg["lr"] - cfg["min_lr"]) * (1 + math.cos(math.pi * e / 4)) for e in range(4)]
+    assert lrs[0] == cfg["warmup_lr"] and lrs[2:] == pytest.approx(cosine[2:], rel=1e-12)
+    for step in range(3):
+        images, targets = parts.mix(torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 0]))
+        assert targets.shape == (4, 3) and torch.allclose(targets.sum(-1), torch.ones(4))   # mixed soft targets
+        parts.loss(model(images), targets).backward()
+        parts.optimizer.step()
+        parts.ema.update(model, step=step)
+    assert parts.mix(torch.randn(3, 3, 8, 8), torch.tensor([0, 1, 2]))[0].shape[0] == 2     # an odd batch loses one
+    state = parts.state_dict()
+    fresh = recipe.Recipe(cfg, net(), 3, epochs=4)
+    assert fresh.load_state_dict(state) == []
+    for a, b in zip(fresh.ema.module.state_dict().values(), parts.ema.module.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert fresh.scheduler.state_dict() == parts.scheduler.state_dict()
+    assert float(fresh.optimizer.state_dict()["state"][0]["step"]) == 3
+    assert recipe.Recipe(cfg, net(), 3, epochs=4).load_state_dict(
+        {"optimizer": state["optimizer"]}) == ["scheduler", "model_ema"]
