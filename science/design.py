@@ -1,7 +1,8 @@
 """The design of the zero-shot experiment: its factors and their levels, in one place."""
 from alignscan.registry import CONV_MODES
 
-__all__ = ["KEEP_RATIOS", "MODES", "PAIRS", "CONVS", "FINETUNE_MODES", "FINETUNE_RATIOS", "SIGNIFICANCE"]
+__all__ = ["KEEP_RATIOS", "MODES", "PAIRS", "CONVS", "FINETUNE_MODES", "FINETUNE_RATIOS", "SIGNIFICANCE",
+           "SPAN_REMOVED", "SPAN_SIDES"]
 
 KEEP_RATIOS = (0.9, 0.7, 0.5, 0.3)
 MODES = ("align", "hold", "self", "relabel", "mask")
@@ -10,3 +11,7 @@ CONVS = CONV_MODES                 # ViM's conv1d: over the compacted tokens, or
 FINETUNE_MODES = ("align", "hold", "relabel")
 FINETUNE_RATIOS = (0.5, 0.3)
 SIGNIFICANCE = 0.05
+# The distance task's span-controlled cells: this many background tokens removed per image,
+# all inside the span joining the marks and the class token, or all outside it.
+SPAN_REMOVED = (4, 8, 12)
+SPAN_SIDES = ("inside", "outside")

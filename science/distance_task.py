@@ -101,3 +101,48 @@ def background_plan(marks, keep_ratios, seed, tokens=GRID * GRID + 1, cls_index=
         current = rows
         plan.append(torch.as_tensor(np.stack(rows), dtype=torch.int64))
     return plan
+
+
+def span(marks, cls_index=GRID * GRID // 2):
+    """(first, last) ViM token index of the scan span that joins the two marks and the class
+    token (the head reads the class token, so what a mark leaves must travel to it)."""
+    special = np.concatenate([mark_tokens(marks, cls_index), np.full((len(marks), 1), cls_index)], axis=1)
+    return special.min(axis=1), special.max(axis=1)
+
+
+def span_plans(marks, remove, seed, tokens=GRID * GRID + 1, cls_index=GRID * GRID // 2):
+    """Two keep plans that remove the *same number* (``remove``) of background tokens from
+    each image, once, before the first pruning stage and no more after it:
+
+    (a) "inside": all removed tokens lie strictly inside the span joining the marks and the
+        class token, so that the scan distance between them shrinks under "relabel";
+    (b) "outside": all lie outside it, so that no distance between them changes.
+
+    Returns (plan_a, plan_b, eligible): each plan a (n_eligible, tokens - remove) int64 array
+    of kept token indices (ascending), for the images that have at least ``remove``
+    background tokens on both sides (``eligible``: their indices into ``marks``). The draw is
+    seeded; the marks and the class token are never removed."""
+    marks = np.asarray(marks)
+    first, last = span(marks, cls_index)
+    protected = np.concatenate([mark_tokens(marks, cls_index), np.full((len(marks), 1), cls_index)], axis=1)
+    rng = np.random.default_rng(seed)
+    plan_a, plan_b, eligible = [], [], []
+    every = np.arange(tokens)
+    for i in range(len(marks)):
+        background = np.setdiff1d(every, protected[i])
+        inside = background[(background > first[i]) & (background < last[i])]
+        outside = background[(background < first[i]) | (background > last[i])]
+        if len(inside) < remove or len(outside) < remove:
+            continue
+        eligible.append(i)
+        for pool, plan in ((inside, plan_a), (outside, plan_b)):
+            plan.append(np.setdiff1d(every, rng.choice(pool, size=remove, replace=False)))
+    shape = (0, tokens - remove)
+    return (np.stack(plan_a) if plan_a else np.empty(shape, np.int64),
+            np.stack(plan_b) if plan_b else np.empty(shape, np.int64), np.asarray(eligible, dtype=np.int64))
+
+
+def pair_overlap(train_marks, test_marks):
+    """Share of test images whose mark pair (p1, p2) also occurs in the training set."""
+    seen = {tuple(p) for p in np.asarray(train_marks).tolist()}
+    return float(np.mean([tuple(p) in seen for p in np.asarray(test_marks).tolist()])) if len(test_marks) else 0.0

@@ -16,6 +16,32 @@ def _fmt(r):
     return f"{100 * r['top1']:.1f}"
 
 
+def _span_markdown(span_rows, meta):
+    """The distance task's span-controlled cells: top-1 and the far-read-as-near share of the
+    errors, inside vs outside the span joining the marks and the class token."""
+    if not span_rows:
+        return []
+    lines = [f"Span-controlled cells (the same number of background tokens removed per image, all inside the span "
+             f"joining the marks and the class token, or all outside it; test pairs seen in training: "
+             f"{100 * meta['model'].get('test_pairs_seen_in_training', float('nan')):.1f} %): top-1 (%) inside / "
+             f"outside, and in brackets the share of errors that read a far pair as near", "",
+             "| conv | removed | images | " + " | ".join(MODES) + " |", "|---|---|---|" + "---|" * len(MODES)]
+    get = {(r["selection"], r["conv"], r["removed"], r["mode"]): r for r in span_rows}
+
+    def cell(r):
+        share = "-" if r.get("far_to_near") is None else f"{100 * r['far_to_near']:.0f}"
+        return f"{_fmt(r)} ({share})"
+    for conv in CONVS:
+        for removed in sorted({r["removed"] for r in span_rows}):
+            first = get.get(("span_inside", conv, removed, MODES[0]))
+            if first is None:
+                continue
+            cells = [f"{cell(get[('span_inside', conv, removed, m)])} / {cell(get[('span_outside', conv, removed, m)])}"
+                     for m in MODES]
+            lines.append(f"| {conv} | {removed} | {first['images']} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def markdown(result):
     lines = []
     smoke = ["**Smoke test (--quick): tiny models trained for seconds; the numbers mean nothing.**", ""] \
@@ -23,7 +49,8 @@ def markdown(result):
     lines += smoke
     rows = result["rows"]
     for task, meta in result["tasks"].items():
-        task_rows = [r for r in rows if r["task"] == task and not r["finetuned"] and "ablation" not in r]
+        task_rows = [r for r in rows if r["task"] == task and not r["finetuned"] and "ablation" not in r
+                     and not r["selection"].startswith("span_")]
         dense = next(r for r in task_rows if r["mode"] == "dense")
         ratios = sorted({r["keep_ratio"] for r in task_rows if r["mode"] != "dense"}, reverse=True)
         lines += [f"### {task}: zero-shot top-1 (%), dense {_fmt(dense)}, {meta['test_images']} test images, "
@@ -38,6 +65,7 @@ def markdown(result):
                              for k in ratios]
                     lines.append(f"| {mode} | " + " | ".join(cells) + " |")
                 lines.append("")
+        lines += _span_markdown([r for r in rows if r["task"] == task and r["selection"].startswith("span_")], meta)
         paired = [p for p in result["paired"] if p["task"] == task]
         lines += [f"Paired on the same images (both / only a / only b / neither, exact McNemar p; p Holm: adjusted "
                   f"over this task's {len(paired)} comparisons; * marks p Holm < {SIGNIFICANCE}):", "",

@@ -36,7 +36,7 @@ from alignscan.science.digits import (
     trained_model,
 )
 
-from .design import CONVS, FINETUNE_MODES, FINETUNE_RATIOS, KEEP_RATIOS, MODES, PAIRS
+from .design import CONVS, FINETUNE_MODES, FINETUNE_RATIOS, KEEP_RATIOS, MODES, PAIRS, SPAN_REMOVED, SPAN_SIDES
 from .report import markdown, plot
 from .stats import BOOTSTRAP, bootstrap_interval, holm, mcnemar_exact, paired_counts
 
@@ -156,23 +156,76 @@ def run_task(task, cfg, schedule, selections, out_dir, cache_dir, quick, seed, l
         correct[(selection, conv, ratio, mode)] = c
         predicted[(selection, conv, ratio, mode)] = pred
         rows.append(_row(task, mode, ratio, conv, selection, c))
-    per_image = {"labels": np.asarray(y_test), "predicted": predicted, "marks": marks}
+    per_image = {"labels": np.asarray(y_test), "predicted": predicted, "marks": marks, "indices": {}}
+    if task == "distance":
+        from alignscan.science.distance_task import TRAIN, make_images, pair_overlap
+        _, _, train_marks = make_images(TRAIN, seed=1000 + cfg.split_seed)        # load_distance_split's draw
+        info["test_pairs_seen_in_training"] = pair_overlap(train_marks[:cfg.train_subset or None], marks)
+        rows += span_cells(model, cfg, schedule, x_test, y_test, marks, quick, correct, predicted, per_image["indices"])
     return model, cfg, info, (x_test, y_test), rows, correct, per_image
+
+
+def far_to_near_share(labels, predicted):
+    """Of the errors, the share that reads a far pair (label 1) as near (0)."""
+    wrong = np.asarray(predicted) != np.asarray(labels)
+    return float(np.mean(np.asarray(labels)[wrong] == 1)) if wrong.any() else None
+
+
+def span_cells(model, cfg, schedule, x_test, y_test, marks, quick, correct, predicted, indices):
+    """The span-controlled cells of the distance task (``distance_task.span_plans``): the same
+    number of background tokens removed from each image, all inside the span joining the
+    marks and the class token, or all outside it, on the images that have enough of both;
+    every mode, both convs. Rows have selection "span_inside"/"span_outside" and ``removed``."""
+    import torch
+
+    from alignscan.science.distance_task import span_plans
+    rows = []
+    jobs = [(k, c, m) for k in (SPAN_REMOVED[:1] if quick else SPAN_REMOVED) for c in CONVS for m in MODES]
+    plans = {}
+    for removed, conv, mode in progress_bar(jobs, desc="distance span cells", leave=False):
+        if removed not in plans:
+            inside, outside, eligible = span_plans(marks, removed, seed=23, tokens=model.num_tokens,
+                                                   cls_index=model.cls_index)
+            plans[removed] = ({"inside": inside, "outside": outside}, eligible)
+        sides, eligible = plans[removed]
+        if len(eligible) == 0:
+            continue
+        x, y = x_test[eligible], y_test[eligible]
+        for side in SPAN_SIDES:
+            kept = torch.as_tensor(sides[side])
+            pruned = _pruned_copy(model, cfg, mode, 1.0 - removed / model.num_tokens, "clip", schedule, conv)
+            _, c, pred = evaluate(pruned, x, y, keep_plan=[kept] * len(schedule), predictions=True)
+            key = (f"span_{side}", conv, removed, mode)
+            correct[key], predicted[key], indices[key] = c, pred, eligible
+            rows.append(_row("distance", mode, round(1.0 - removed / model.num_tokens, 4), conv, f"span_{side}", c,
+                             removed=removed, far_to_near=far_to_near_share(np.asarray(y), pred)))
+    return rows
 
 
 def paired_rows(task, correct, ratios, selections):
     """Every pair of PAIRS in every cell, on the same images, with McNemar's exact p and the
     Holm-adjusted p over all of this task's comparisons (``p_holm``: the family-wise error of
-    the whole table is held at the level)."""
+    the whole table is held at the level). On the distance task also the span cells (``keep``
+    is then the number of tokens removed) and, per mode, inside against outside on the same
+    images (``a``/``b`` "align@inside"/"align@outside")."""
     out = []
-    for selection in selections:
+    span = sorted({k[2] for k in correct if len(k) == 4 and str(k[0]).startswith("span_")})
+    levels = [(s, ratios) for s in selections] + [(f"span_{side}", span) for side in SPAN_SIDES if span]
+    for selection, values in levels:
         for conv in CONVS:
-            for ratio in ratios:
+            for ratio in values:
                 for a, b in PAIRS:
                     if (selection, conv, ratio, a) in correct and (selection, conv, ratio, b) in correct:
                         out.append({"task": task, "keep": ratio, "conv": conv, "selection": selection, "a": a, "b": b,
                                     **paired_counts(correct[(selection, conv, ratio, a)],
                                                     correct[(selection, conv, ratio, b)])})
+    for conv in CONVS:
+        for removed in span:
+            for mode in MODES:
+                inside, outside = ("span_inside", conv, removed, mode), ("span_outside", conv, removed, mode)
+                if inside in correct and outside in correct:
+                    out.append({"task": task, "keep": removed, "conv": conv, "selection": "span", "a": f"{mode}@inside",
+                                "b": f"{mode}@outside", **paired_counts(correct[inside], correct[outside])})
     for row, adjusted in zip(out, holm([r["p_value"] for r in out])):
         row["p_holm"] = adjusted
         row["comparisons"] = len(out)
@@ -189,6 +242,8 @@ def save_per_image(path, task, per_image, seed):
     for key, pred in per_image["predicted"].items():
         name = "dense" if key == ("dense",) else "|".join(str(k) for k in key)
         arrays[f"predicted/{name}"] = pred.astype(np.int16)
+        if key in per_image.get("indices", {}):       # a cell on a subset of the test images (span cells)
+            arrays[f"index/{name}"] = np.asarray(per_image["indices"][key]).astype(np.int16)
     buffer = io.BytesIO()
     np.savez_compressed(buffer, **arrays)
     return write_bytes(path, buffer.getvalue())

@@ -121,9 +121,16 @@ def test_zero_shot_quick_writes_paired_results_tables_and_figures(tmp_path):
     paired = result["paired"]
     assert {p["selection"] for p in paired} >= {"dense", "random", "background", "own"}
     assert {p["conv"] for p in paired} == {"compact", "position_aware"}
-    assert {(p["a"], p["b"]) for p in paired} == {("align", "relabel"), ("hold", "relabel"), ("hold", "align")}
+    modes = ("align", "hold", "self", "relabel", "mask")
+    assert {(p["a"], p["b"]) for p in paired} == {("align", "relabel"), ("hold", "relabel"), ("hold", "align")} | \
+        {(f"{m}@inside", f"{m}@outside") for m in modes}
+    span_images = {(r["conv"], r["removed"]): r["images"] for r in rows if r["selection"].startswith("span_")}
+    assert {r["selection"] for r in rows if "removed" in r} == {"span_inside", "span_outside"}
+    assert 0 < result["tasks"]["distance"]["model"]["test_pairs_seen_in_training"] <= 1     # the shortcut, reported
     for p in paired:
-        assert p["both"] + p["only_a"] + p["only_b"] + p["neither"] == result["tasks"][p["task"]]["test_images"]
+        images = span_images[(p["conv"], p["keep"])] if p["selection"].startswith("span") else \
+            result["tasks"][p["task"]]["test_images"]
+        assert p["both"] + p["only_a"] + p["only_b"] + p["neither"] == images
         assert 0.0 <= p["p_value"] <= p["p_holm"] <= 1.0               # Holm never lowers a p-value
         assert p["comparisons"] == sum(q["task"] == p["task"] for q in paired)
     for task in ("digits", "distance"):
@@ -135,14 +142,40 @@ def test_zero_shot_quick_writes_paired_results_tables_and_figures(tmp_path):
                                  and r["mode"] != "dense" for r in rows)
         for r in rows:                                                   # the per-image file reproduces the table
             if r["task"] == task and not r["finetuned"] and "ablation" not in r and r["mode"] != "dense":
-                key = f"predicted/{r['selection']}|{r['conv']}|{r['keep_ratio']}|{r['mode']}"
-                assert abs((saved[key] == saved["labels"]).mean() - r["top1"]) < 1e-12
+                level = r["removed"] if "removed" in r else r["keep_ratio"]
+                key = f"{r['selection']}|{r['conv']}|{level}|{r['mode']}"
+                labels = saved["labels"][saved[f"index/{key}"]] if "removed" in r else saved["labels"]
+                assert abs((saved[f"predicted/{key}"] == labels).mean() - r["top1"]) < 1e-12
     assert set(result["fidelity"]) == {"digits ViM (trained)", "vim_small (random init)",
                                        "plainmamba_l3 (random init)"}
     for task in ("digits", "distance"):
         assert (tmp_path / f"zero_shot_{task}.png").stat().st_size > 1000
     table = (tmp_path / "zero_shot.md").read_text()
-    assert "Smoke test" in table and "McNemar" in table and "p Holm" in table
+    assert "Smoke test" in table and "McNemar" in table and "p Holm" in table and "Span-controlled" in table
+
+
+def test_span_plans_remove_the_same_number_of_background_tokens_inside_or_outside_the_span():
+    from alignscan.science.distance_task import make_images, mark_tokens, pair_overlap, span, span_plans
+    _, labels, marks = make_images(300, seed=5)
+    tokens, cls = 65, 32
+    for removed in (4, 12):
+        inside, outside, eligible = span_plans(marks, removed, seed=1)
+        assert len(eligible) > 100 and inside.shape == outside.shape == (len(eligible), tokens - removed)
+        first, last = span(marks[eligible])
+        special = np.concatenate([mark_tokens(marks[eligible]), np.full((len(eligible), 1), cls)], axis=1)
+        for i in range(len(eligible)):
+            for plan, where in ((inside, "inside"), (outside, "outside")):
+                gone = np.setdiff1d(np.arange(tokens), plan[i])
+                assert len(gone) == removed and np.all(np.diff(plan[i]) > 0)
+                assert not np.isin(special[i], gone).any()                     # marks and class token stay
+                within = (gone > first[i]) & (gone < last[i])
+                assert within.all() if where == "inside" else not within.any()
+        for i in np.setdiff1d(np.arange(len(marks)), eligible):                 # too few tokens on one side
+            f, l = span(marks[i:i + 1])
+            background = np.setdiff1d(np.arange(tokens), np.append(mark_tokens(marks[i]), cls))
+            n_in = int(((background > f[0]) & (background < l[0])).sum())
+            assert min(n_in, len(background) - n_in) < removed
+    assert pair_overlap(marks[:100], marks[:100]) == 1.0 and pair_overlap(marks[:1], marks[1:2]) in (0.0, 1.0)
 
 
 def test_holm_adjusts_in_step_down_order():
