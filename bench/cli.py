@@ -183,7 +183,15 @@ def run_flops(args):
     rows = flops_rows()
     print("\nFLOPs (GMACs as the paper counts them; pruned = paper preset) beside the paper's Table 1:")
     print(format_flops(rows))
-    return {"flops": rows, "performance_checks": flops_checks(rows)}
+    result = {"flops": rows, "performance_checks": flops_checks(rows)}
+    if getattr(args, "counted", False):
+        from alignscan.bench.models_bench import counted_rows, format_counted
+        img = 64 if args.quick else 224
+        result["counted"] = counted_rows(img)
+        print(f"\nWhat torch's FlopCounterMode counts over one forward ({img}x{img}, batch 1; the scan op by its "
+              f"registered formula, mamba_ssm's convention, not MACs):")
+        print(format_counted(result["counted"]))
+    return result
 
 
 def run_models(args):
@@ -289,8 +297,11 @@ def build_parser():
     add("kernels", help="backend x alignment x keep ratio: time, speed-up over keep 1.0, deviation from the reference",
         description="The kernel table, the numba-cpu performance checks at the ViM-S layer shape, the torch op against "
                     "its autograd twin and the bare kernel, and how numba-cpu scales with threads and tokens.")
-    add("flops", help="FLOPs of the five models, dense and pruned, beside the paper",
-        description="GFLOPs by the paper's two counting recipes with real per-layer token counts.")
+    f = add("flops", help="FLOPs of the five models, dense and pruned, beside the paper",
+            description="GFLOPs by the paper's two counting recipes with real per-layer token counts; with --counted "
+                        "also what torch's FlopCounterMode counts over a real forward of each model.")
+    f.add_argument("--counted", action="store_true",
+                   help="also run each model once under torch's FlopCounterMode (224 px; 64 with --quick)")
     m = add("models", help="images/s of dense, align and relabel (ViM-S, PlainMamba-L3)",
             description="Model throughput with the paper presets; on a GPU use --backend cupy --batch 64.")
     m.add_argument("--batch", type=int, default=8, help="batch size (default 8)")

@@ -24,6 +24,34 @@ def flops_rows():
     return rows
 
 
+def counted_rows(img=224):
+    """Beside the recipe: what torch's FlopCounterMode counts over a real forward of each
+    model, dense and with the paper preset (batch 1; ``models.flops.counted``)."""
+    import torch
+
+    from alignscan import models
+    from alignscan.models.flops import counted
+    rows = []
+    for name in progress_bar(models.NAMES, desc="FlopCounterMode", leave=False):
+        for preset in (False, True):
+            torch.manual_seed(0)
+            model = models.create(name, pruning=models.paper_preset(name) if preset else None, img_size=img).eval()
+            linear, scan, _ = counted(model, torch.randn(1, 3, img, img))
+            rows.append({"model": name, "pruning": "paper preset" if preset else "dense", "img_size": img,
+                         "counter_matmul_conv_gmacs": linear / 1e9, "counter_scan_g": scan / 1e9,
+                         "recipe_gflops": models.flops(model)})
+    return rows
+
+
+def format_counted(rows):
+    head = f"{'model':<14} {'pruning':<13} {'counter matmul+conv GMACs':>26} {'counter scan op G':>18} {'recipe G':>9}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r['model']:<14} {r['pruning']:<13} {r['counter_matmul_conv_gmacs']:>26.3f} "
+                     f"{r['counter_scan_g']:>18.3f} {r['recipe_gflops']:>9.3f}")
+    return "\n".join(lines)
+
+
 def format_flops(rows):
     head = (f"{'model':<14} {'dense G':>8} {'paper':>6} {'pruned G':>9} {'paper':>6} {'reduction':>9}  "
             f"schedule / keep")

@@ -78,8 +78,10 @@ def _finetune(args, world):
             raise DataError(f"--resume {args.resume}: its optimizer or EMA does not fit this run: "
                             f"{str(exc).splitlines()[0][:300]}") from None
         if lacking and world.main:
+            consequence = {"model_ema": "the EMA restarts from its weights",
+                           "scheduler": "the schedule is recomputed from the epoch"}
             print(f"finetune: --resume {args.resume} has no {' or '.join(lacking)} (an older checkpoint): "
-                  f"{'the EMA restarts from its weights' if 'model_ema' in lacking else 'the schedule restarts'}")
+                  f"{'; '.join(consequence[k] for k in lacking)}")
     wrapped = model
     if world.size > 1:
         wrapped = torch.nn.parallel.DistributedDataParallel(

@@ -18,6 +18,8 @@ dashes for underscores) and written to the run record:
 """
 from __future__ import annotations
 
+import argparse
+
 from alignscan import vision
 
 __all__ = ["RECIPES", "SCHEDULES", "resolve", "check", "add_recipe_arguments", "Recipe"]
@@ -58,7 +60,6 @@ def add_recipe_arguments(p):
             continue            # --epochs is its own option (the recipe's 30 is its default)
         flag = f"--{key.replace('_', '-')}"
         if isinstance(value, bool):
-            import argparse
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=_HELP[key])
         elif key == "sched":
             p.add_argument(flag, choices=SCHEDULES, default=None, help=_HELP[key])

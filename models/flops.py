@@ -24,7 +24,7 @@ from .plainmamba import PLAINMAMBA_CONFIGS
 from .pruning import PruningConfig
 from .vim import VIM_CONFIGS
 
-__all__ = ["flops", "token_counts", "PAPER_GFLOPS"]
+__all__ = ["flops", "counted", "token_counts", "PAPER_GFLOPS"]
 
 # Paper Table 1 (and Table 4): dense and pruned GFLOPs.
 PAPER_GFLOPS = {name: c.paper_gflops for name, c in CARDS.items()}
@@ -121,3 +121,20 @@ def _model_flops(model, pruning):
         return _plainmamba_flops(model.embed_dim, len(bb.layers), stem_convs, hasattr(bb.layers[0], "dw"), pruning,
                                  img=bb.grid[0] * 16) / 1e9
     raise TypeError(f"name_or_model must be a model name or a VisionMamba/PlainMamba, got {type(model).__name__}")
+
+
+LINEAR_OPS = ("aten.mm", "aten.addmm", "aten.bmm", "aten.convolution")
+SCAN_OP = "alignscan.selective_scan_fwd"
+
+
+def counted(model, images):
+    """What torch's ``FlopCounterMode`` counts over one no-grad forward of ``model`` on
+    ``images``: (multiply-accumulates of the matmuls and convolutions, the scan op's count by
+    its registered formula ``bridges.scan_op.scan_flops``, every operator's raw count). The
+    counter counts a multiply-accumulate as 2 FLOPs; the first number is halved back to MACs,
+    the unit of ``flops``; the scan's formula is mamba_ssm's count and is left as it is."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(images)
+    counts = {str(k): int(v) for k, v in counter.get_flop_counts()["Global"].items()}
+    return sum(v for k, v in counts.items() if k in LINEAR_OPS) // 2, counts.get(SCAN_OP, 0), counts

@@ -191,9 +191,9 @@ def span_cells(model, cfg, schedule, x_test, y_test, marks, quick, correct, pred
         if len(eligible) == 0:
             continue
         x, y = x_test[eligible], y_test[eligible]
+        pruned = _pruned_copy(model, cfg, mode, 1.0 - removed / model.num_tokens, "clip", schedule, conv)
         for side in SPAN_SIDES:
             kept = torch.as_tensor(sides[side])
-            pruned = _pruned_copy(model, cfg, mode, 1.0 - removed / model.num_tokens, "clip", schedule, conv)
             _, c, pred = evaluate(pruned, x, y, keep_plan=[kept] * len(schedule), predictions=True)
             key = (f"span_{side}", conv, removed, mode)
             correct[key], predicted[key], indices[key] = c, pred, eligible

@@ -56,6 +56,21 @@ def test_flops_subcommand_prints_the_library_numbers(tmp_path):
         assert r["pruned_gflops"] == models.flops(r["model"], models.paper_preset(r["model"]))
 
 
+def test_flops_counted_runs_every_model_under_the_counter(tmp_path):
+    from alignscan import models
+    run = subprocess.run([sys.executable, "-m", "alignscan.bench", "flops", "--quick", "--counted", "--out",
+                          str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    rows = json.loads((tmp_path / "flops.json").read_text())["counted"]
+    assert [(r["model"], r["pruning"]) for r in rows] == [(n, p) for n in models.NAMES for p in ("dense", "paper preset")]
+    for r in rows:
+        model = models.create(r["model"], pruning=models.paper_preset(r["model"]) if r["pruning"] != "dense" else None,
+                              img_size=64)
+        assert r["img_size"] == 64 and r["recipe_gflops"] == models.flops(model)
+        assert r["counter_matmul_conv_gmacs"] > 0 and r["counter_scan_g"] > 0
+    assert "FlopCounterMode" in run.stdout
+
+
 def test_models_subcommand_quick(tmp_path):
     run = subprocess.run([sys.executable, "-m", "alignscan.bench", "models", "--quick", "--out", str(tmp_path)], cwd=REPO,
                          capture_output=True, text=True, timeout=600)

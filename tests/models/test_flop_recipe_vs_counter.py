@@ -18,21 +18,17 @@ import math
 
 import pytest
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from alignscan import models, registry
-from alignscan.models.flops import token_counts
+from alignscan.models.flops import LINEAR_OPS, SCAN_OP, counted, token_counts
 
 IMG, CLASSES, N = 64, 10, 16
 
 
 def _measure(model):
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(torch.randn(1, 3, IMG, IMG))
-    counts = {str(k): v for k, v in counter.get_flop_counts()["Global"].items()}
-    linear = sum(v for k, v in counts.items() if k in ("aten.mm", "aten.addmm", "aten.bmm", "aten.convolution"))
-    assert linear % 2 == 0
-    return linear // 2, counts
+    linear, scan, counts = counted(model, torch.randn(1, 3, IMG, IMG))
+    assert sum(v for k, v in counts.items() if k in LINEAR_OPS) % 2 == 0 and scan == counts[SCAN_OP] > 0
+    return linear, counts
 
 
 def _vim(card, tokens):
