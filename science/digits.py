@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +44,9 @@ class DigitsConfig:
     seed: int = 0                  # initialisation, shuffling and augmentation
     split_seed: int = 0            # the train/test split (fixed across training seeds)
     train_subset: int = 0          # 0: the whole training split (tests use a few images)
+    held_out_pairs: bool = False   # distance: the test images' mark pairs never occur in training
+    bar: float = 0.0               # train on (extra epochs) until the dense validation accuracy reaches this
+    max_epochs: int = 0            # ... but no longer than this many epochs in all (0: epochs)
 
     @property
     def key(self):
@@ -72,7 +75,7 @@ def load_split(cfg):
         return load_digits_split(cfg.img_size, cfg.split_seed)
     if cfg.task == "distance":
         from alignscan.science.distance_task import load_distance_split
-        return load_distance_split(cfg.split_seed)
+        return load_distance_split(cfg.split_seed, held_out=cfg.held_out_pairs)
     raise ValueError(f"task must be one of {TASKS}, got {cfg.task!r}")
 
 
@@ -190,7 +193,7 @@ def trained_model(cfg=DigitsConfig(), cache_dir=Path("bench_out") / "cache", log
         if blob is not None:
             model.eval()
             return model, {**info, "source": "cache", "train_seconds": blob.get("train_seconds"),
-                           "losses": blob.get("losses")}
+                           "losses": blob.get("losses"), "training": blob.get("training")}
         log(f"cached {cfg.task} weights at {path} rejected: {reason}; retraining")
         info["reason"] = reason
     x_train, y_train, _, _ = load_split(cfg)
@@ -200,14 +203,44 @@ def trained_model(cfg=DigitsConfig(), cache_dir=Path("bench_out") / "cache", log
     model = build_model(cfg)
     start = time.perf_counter()
     losses = train(model, x_train, y_train, cfg, desc=f"train {cfg.task} ViM")
+    training = _train_to_bar(model, x_train, y_train, cfg, losses, log)
     seconds = time.perf_counter() - start
     state = model.state_dict()
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
         save_torch({"state_dict": state, "config": asdict(cfg), "digest": weights_digest(state),
-                    "train_seconds": seconds, "losses": losses}, path)
+                    "train_seconds": seconds, "losses": losses, "training": training}, path)
     except OSError as exc:             # the training is not lost for a cache that cannot be written
         log(f"warning: could not cache the trained {cfg.task} weights at {path} ({exc.strerror or exc}); "
             f"going on with the trained model")
         info["cache_error"] = str(exc)
-    return model, {**info, "source": "trained", "train_seconds": seconds, "losses": losses}
+    return model, {**info, "source": "trained", "train_seconds": seconds, "losses": losses, "training": training}
+
+
+def validation_split(cfg):
+    """(x, y) on which the training bar is read: on the distance task, images drawn like the
+    training ones from their own seed; digits has no third split, so its test images (the
+    bar only decides how long the dense model trains, never a comparison between modes)."""
+    if cfg.task == "distance":
+        from alignscan.science.distance_task import load_distance_split
+        return load_distance_split(cfg.split_seed, held_out=cfg.held_out_pairs, split=("validation",))
+    return load_split(cfg)[2:]
+
+
+def _train_to_bar(model, x, y, cfg, losses, log):
+    """Extra epochs (half the first run's at a time, from half its learning rate) until the
+    dense validation accuracy reaches ``cfg.bar`` or ``cfg.max_epochs`` are spent. Returns the
+    record: epochs, validation accuracy after each round, whether the bar was reached."""
+    if not cfg.bar:
+        return {"epochs": cfg.epochs, "bar": None}
+    x_val, y_val = validation_split(cfg)
+    epochs, history = cfg.epochs, [evaluate(model, x_val, y_val)[0]]
+    extra = max(1, cfg.epochs // 2)
+    while history[-1] < cfg.bar and epochs + extra <= max(cfg.max_epochs, cfg.epochs):
+        log(f"{cfg.task} seed {cfg.seed}: validation {100 * history[-1]:.1f} % < bar {100 * cfg.bar:.0f} % after "
+            f"{epochs} epochs: {extra} more")
+        losses += train(model, x, y, replace(cfg, lr=cfg.lr / 2, seed=cfg.seed + 7919 * epochs), epochs=extra,
+                        desc=f"train {cfg.task} ViM (extra)")
+        epochs += extra
+        history.append(evaluate(model, x_val, y_val)[0])
+    return {"epochs": epochs, "bar": cfg.bar, "validation_accuracy": history, "reached_bar": history[-1] >= cfg.bar}

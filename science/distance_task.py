@@ -19,13 +19,14 @@ from __future__ import annotations
 import numpy as np
 
 __all__ = ["GRID", "PATCH", "THRESHOLD", "MARGIN", "make_images", "load_distance_split", "mark_tokens",
-           "background_plan"]
+           "background_plan", "pair_pools", "span", "span_plans", "pair_overlap", "TEST_PAIR_SHARE", "distance_marks"]
 
 GRID = 8            # 8 x 8 patches of 4 x 4 pixels: a 32 x 32 image
 PATCH = 4
 THRESHOLD = 19      # label 1: p2 - p1 > 19 (half of the uniform pairs' distances lie above)
 MARGIN = 3          # distances within 3 of the threshold (16..22) are not drawn: the labels are unambiguous
 TRAIN, TEST = 8000, 1000
+TEST_PAIR_SHARE = 0.2   # the held-out variant: a fifth of the mark pairs (p1, p2) appear only at test time
 
 
 def _distances(rng, n):
@@ -43,12 +44,38 @@ def _distances(rng, n):
     return out, labels
 
 
-def make_images(n, seed):
-    """(images (n, 1, 32, 32) float32 in [0, 1], labels (n,) int64, marks (n, 2) patch indices)."""
+def pair_pools(split_seed):
+    """(train pairs, test pairs): every mark pair (p1 < p2) the task draws (distance not
+    within MARGIN of THRESHOLD), split once by a seeded draw so that TEST_PAIR_SHARE of them
+    appear only in test images: a model that memorised pairs (p1, p2) -> label cannot answer
+    those."""
+    cells = GRID * GRID
+    pairs = np.array([(a, b) for a in range(cells) for b in range(a + 1, cells) if abs(b - a - THRESHOLD) > MARGIN])
+    held = np.random.default_rng(5000 + split_seed).random(len(pairs)) < TEST_PAIR_SHARE
+    return pairs[~held], pairs[held]
+
+
+def _pairs_from(pool, rng, n):
+    """n pairs drawn from ``pool``, balanced between near and far, uniform within each."""
+    far = pool[:, 1] - pool[:, 0] > THRESHOLD
+    labels = rng.integers(0, 2, n)
+    marks = np.empty((n, 2), dtype=np.int64)
+    for label, members in ((0, pool[~far]), (1, pool[far])):
+        idx = labels == label
+        marks[idx] = members[rng.integers(0, len(members), int(idx.sum()))]
+    return marks[:, 1] - marks[:, 0], labels, marks
+
+
+def make_images(n, seed, pool=None):
+    """(images (n, 1, 32, 32) float32 in [0, 1], labels (n,) int64, marks (n, 2) patch indices).
+    pool: draw the mark pairs from these (``pair_pools``) instead of from every pair."""
     rng = np.random.default_rng(seed)
-    d, labels = _distances(rng, n)
-    p1 = rng.integers(0, GRID * GRID - d)
-    marks = np.stack([p1, p1 + d], axis=1)
+    if pool is None:
+        d, labels = _distances(rng, n)
+        p1 = rng.integers(0, GRID * GRID - d)
+        marks = np.stack([p1, p1 + d], axis=1)
+    else:
+        d, labels, marks = _pairs_from(np.asarray(pool), rng, n)
     # Texture: a level per patch plus pixel noise, so every token carries something.
     levels = rng.uniform(0.15, 0.55, (n, GRID, GRID))
     images = np.repeat(np.repeat(levels, PATCH, axis=1), PATCH, axis=2)
@@ -65,12 +92,31 @@ def make_images(n, seed):
     return images, labels.astype(np.int64), marks
 
 
-def load_distance_split(seed=0, train=TRAIN, test=TEST):
-    """(x_train, y_train, x_test, y_test) as tensors; the sets are drawn from fixed seeds."""
+def distance_marks(split, seed=0, held_out=False, n=None):
+    """The marks of a split ("train", "test" or "validation") as ``load_distance_split`` draws
+    them (validation: images like the training ones, for the training bar)."""
+    return _draw(split, seed, held_out, n)[2]
+
+
+def _draw(split, seed, held_out, n=None):
+    offset, size = {"train": (1000, TRAIN), "test": (2000, TEST), "validation": (3000, TEST)}[split]
+    pool = None
+    if held_out:
+        train_pairs, test_pairs = pair_pools(seed)
+        pool = test_pairs if split == "test" else train_pairs
+    return make_images(size if n is None else n, seed=offset + seed, pool=pool)
+
+
+def load_distance_split(seed=0, held_out=False, split=("train", "test")):
+    """(x, y) tensors of each split named, in order (default: x_train, y_train, x_test,
+    y_test); the sets are drawn from fixed seeds. held_out: the test images' mark pairs
+    never occur in training (``pair_pools``)."""
     import torch
-    x_tr, y_tr, _ = make_images(train, seed=1000 + seed)
-    x_te, y_te, _ = make_images(test, seed=2000 + seed)
-    return torch.from_numpy(x_tr), torch.from_numpy(y_tr), torch.from_numpy(x_te), torch.from_numpy(y_te)
+    out = []
+    for name in split:
+        x, y, _ = _draw(name, seed, held_out)
+        out += [torch.from_numpy(x), torch.from_numpy(y)]
+    return tuple(out)
 
 
 def mark_tokens(marks, cls_index=GRID * GRID // 2):

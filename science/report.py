@@ -12,6 +12,46 @@ from .design import CONVS, MODES, SIGNIFICANCE
 __all__ = ["markdown", "plot"]
 
 
+def _of_seed(items, meta):
+    """The rows (or paired entries) of the seed the tables show (entries without a seed: it)."""
+    return [r for r in items if r.get("seed", meta.get("seed")) == meta.get("seed")]
+
+
+def _seeds_markdown(result, task):
+    """Per training seed: dense accuracy, the training bar, the controls; then the across-seed
+    span contrasts."""
+    summaries = result.get("per_seed", {}).get(task, [])
+    if len(summaries) < 2 and not any(r["task"] == task for r in result.get("across_seeds", [])):
+        return []
+    lines = ["Training seeds (included: reached the bar fixed before the run; the tables above show seed "
+             f"{result['tasks'][task].get('seed')}):", "",
+             "| seed | dense (%) | epochs | bar | included | pairs seen in training | dense, positions shuffled (%) |",
+             "|---|---|---|---|---|---|---|"]
+    for m in summaries:
+        t = m.get("training") or {}
+        seen = m.get("test_pairs_seen_in_training")
+        shuffled = m.get("dense_shuffled_positions")
+        bar = f"{100 * t['bar']:.0f} %" if t.get("bar") else "-"
+        seen = "-" if seen is None else f"{100 * seen:.1f} %"
+        shuffled = "-" if shuffled is None else f"{100 * shuffled['shuffled_mean']:.1f}"
+        lines.append(f"| {m['seed']} | {100 * m['dense']:.1f} | {t.get('epochs', '-')} | {bar} | "
+                     f"{'yes' if m['included'] else 'no'} | {seen} | {shuffled} |")
+    contrasts = [r for r in result.get("across_seeds", []) if r["task"] == task]
+    if contrasts:
+        lines += ["", f"Across the {len(contrasts[0]['seeds'])} included seeds (accuracy points; mean, 95 % "
+                  f"t-interval, exact sign test; the primary row, fixed before the run, is tested alone, the "
+                  f"{contrasts[0].get('comparisons', len(contrasts) - 1) if len(contrasts) > 1 else 0} others are "
+                  f"Holm-corrected):", "",
+                  "| conv | removed | contrast | per seed | mean | 95 % t | p sign | p Holm |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in contrasts:
+            per = ", ".join(f"{100 * d:+.1f}" for d in r["differences"])
+            holm_p = "primary" if r["primary"] else f"{r['p_holm']:.3g}"
+            lines.append(f"| {r['conv']} | {r['removed']} | {r['contrast']} | {per} | {100 * r['mean']:+.1f} | "
+                         f"[{100 * r['t95'][0]:+.1f}, {100 * r['t95'][1]:+.1f}] | {r['p_sign']:.3g} | {holm_p} |")
+    return lines + [""]
+
+
 def _fmt(r):
     return f"{100 * r['top1']:.1f}"
 
@@ -49,7 +89,7 @@ def markdown(result):
     lines += smoke
     rows = result["rows"]
     for task, meta in result["tasks"].items():
-        task_rows = [r for r in rows if r["task"] == task and not r["finetuned"] and "ablation" not in r
+        task_rows = [r for r in _of_seed(rows, meta) if r["task"] == task and not r["finetuned"] and "ablation" not in r
                      and not r["selection"].startswith("span_")]
         dense = next(r for r in task_rows if r["mode"] == "dense")
         ratios = sorted({r["keep_ratio"] for r in task_rows if r["mode"] != "dense"}, reverse=True)
@@ -65,8 +105,10 @@ def markdown(result):
                              for k in ratios]
                     lines.append(f"| {mode} | " + " | ".join(cells) + " |")
                 lines.append("")
-        lines += _span_markdown([r for r in rows if r["task"] == task and r["selection"].startswith("span_")], meta)
-        paired = [p for p in result["paired"] if p["task"] == task]
+        lines += _span_markdown([r for r in _of_seed(rows, meta) if r["task"] == task
+                                 and r["selection"].startswith("span_")], meta)
+        lines += _seeds_markdown(result, task)
+        paired = [p for p in _of_seed(result["paired"], meta) if p["task"] == task]
         lines += [f"Paired on the same images (both / only a / only b / neither, exact McNemar p; p Holm: adjusted "
                   f"over this task's {len(paired)} comparisons; * marks p Holm < {SIGNIFICANCE}):", "",
                   "| tokens | conv | keep | a vs b | both | only a | only b | neither | p | p Holm |",
@@ -88,7 +130,8 @@ def markdown(result):
         lines.append("")
     ft = [r for r in rows if r["finetuned"]]
     if ft:
-        zs = {(r["mode"], r["keep_ratio"]): r for r in rows if r["task"] == "digits" and r["selection"] == "own"
+        zs = {(r["mode"], r["keep_ratio"]): r for r in _of_seed(rows, result["tasks"]["digits"])
+              if r["task"] == "digits" and r["selection"] == "own"
               and r["conv"] == "compact" and not r["finetuned"] and "ablation" not in r}
         lines += [f"### digits: after fine-tuning ({ft[0]['finetune_epochs']} epochs each), top-1 (%)", "",
                   "| mode | keep | zero-shot | fine-tuned |", "|---|---|---|---|"]
@@ -115,7 +158,8 @@ def plot(result, task, path):
     import matplotlib.pyplot as plt
 
     meta = result["tasks"][task]
-    rows = [r for r in result["rows"] if r["task"] == task and not r["finetuned"] and "ablation" not in r]
+    rows = [r for r in _of_seed(result["rows"], meta) if r["task"] == task and not r["finetuned"]
+            and "ablation" not in r and not r["selection"].startswith("span_")]
     dense = next(r for r in rows if r["mode"] == "dense")
     selections = meta["selections"]
     fig, axes = plt.subplots(len(CONVS), len(selections), figsize=(max(4.6 * len(selections), 7.0), 3.8 * len(CONVS)),
@@ -128,7 +172,7 @@ def plot(result, task, path):
                          if r["mode"] == mode and r["selection"] == selection and r["conv"] == conv)
             if pts:
                 ax.plot(*zip(*pts), styles[mode], label=mode, ms=5)
-        for p in result["paired"]:
+        for p in _of_seed(result["paired"], meta):
             if p["task"] == task and p["selection"] == selection and p["conv"] == conv and p["b"] == "relabel" \
                     and p.get("p_holm", p["p_value"]) < SIGNIFICANCE:
                 ax.annotate("*" if p["a"] == "align" else "+", (p["keep"], 100 * (p["both"] + p["only_a"])

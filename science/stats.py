@@ -7,7 +7,7 @@ from fractions import Fraction
 
 import numpy as np
 
-__all__ = ["mcnemar_exact", "paired_counts", "bootstrap_interval", "holm", "BOOTSTRAP"]
+__all__ = ["mcnemar_exact", "paired_counts", "bootstrap_interval", "holm", "sign_test", "t_interval", "BOOTSTRAP"]
 
 BOOTSTRAP = 1000
 
@@ -52,3 +52,22 @@ def holm(p_values):
         running = max(running, min(1.0, (m - rank) * p[index]))
         adjusted[index] = running
     return adjusted.tolist()
+
+
+def sign_test(differences):
+    """Two-sided exact sign test of per-seed differences (zeros dropped): the McNemar tail
+    with the positive and negative counts (1.0 when every difference is zero)."""
+    d = np.asarray(differences, dtype=float)
+    return mcnemar_exact(int((d > 0).sum()), int((d < 0).sum()))
+
+
+def t_interval(differences, level=0.95):
+    """(mean, low, high): Student-t interval of the mean of per-seed differences (NaN
+    bounds with fewer than two)."""
+    from scipy import stats
+    d = np.asarray(differences, dtype=float)
+    mean = float(d.mean()) if d.size else float("nan")
+    if d.size < 2:
+        return mean, float("nan"), float("nan")
+    half = float(stats.t.ppf(0.5 + level / 2, d.size - 1) * d.std(ddof=1) / math.sqrt(d.size))
+    return mean, mean - half, mean + half

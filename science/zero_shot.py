@@ -36,9 +36,19 @@ from alignscan.science.digits import (
     trained_model,
 )
 
-from .design import CONVS, FINETUNE_MODES, FINETUNE_RATIOS, KEEP_RATIOS, MODES, PAIRS, SPAN_REMOVED, SPAN_SIDES
+from .design import (
+    CONVS,
+    FINETUNE_MODES,
+    FINETUNE_RATIOS,
+    KEEP_RATIOS,
+    MODES,
+    PAIRS,
+    PRIMARY,
+    SPAN_REMOVED,
+    SPAN_SIDES,
+)
 from .report import markdown, plot
-from .stats import BOOTSTRAP, bootstrap_interval, holm, mcnemar_exact, paired_counts
+from .stats import BOOTSTRAP, bootstrap_interval, holm, mcnemar_exact, paired_counts, sign_test, t_interval
 
 __all__ = ["mcnemar_exact", "paired_counts", "run", "TASK_CONFIGS"]
 
@@ -49,10 +59,15 @@ TASK_CONFIGS = {
     "digits": (DigitsConfig(), (2, 4, 6), ("own", "dense", "random")),
     "distance": (DigitsConfig(task="distance", embed_dim=64, depth=6, epochs=6), (2, 4), ("background",)),
 }
+TASK_CONFIGS["heldout"] = (   # the distance task with the test images' mark pairs never seen in training,
+    DigitsConfig(task="distance", held_out_pairs=True, embed_dim=64, depth=6, epochs=6, bar=0.95, max_epochs=18),
+    (2, 4), ("background",))    # trained to a 95 % validation bar (extra epochs, at most 18 in all)
 QUICK_CONFIGS = {
     "digits": (DigitsConfig(epochs=1, train_subset=128, embed_dim=16, depth=8), (2, 4, 6), ("own", "dense", "random")),
     "distance": (DigitsConfig(task="distance", embed_dim=16, depth=6, epochs=1, train_subset=128), (2, 4),
                  ("background",)),
+    "heldout": (DigitsConfig(task="distance", held_out_pairs=True, embed_dim=16, depth=6, epochs=1, train_subset=128,
+                             bar=0.99, max_epochs=2), (2, 4), ("background",)),
 }
 
 
@@ -135,9 +150,9 @@ def run_task(task, cfg, schedule, selections, out_dir, cache_dir, quick, seed, l
         + (f" ({info['train_seconds']:.0f} s)" if info.get("train_seconds") else ""))
     _, _, x_test, y_test = load_split(cfg)
     marks = None
-    if task == "distance":
-        from alignscan.science.distance_task import TEST, make_images
-        _, _, marks = make_images(TEST, seed=2000 + cfg.split_seed)
+    if cfg.task == "distance":
+        from alignscan.science.distance_task import distance_marks
+        marks = distance_marks("test", cfg.split_seed, cfg.held_out_pairs)
     if quick:
         x_test, y_test = x_test[:64], y_test[:64]
         marks = None if marks is None else marks[:64]
@@ -157,11 +172,13 @@ def run_task(task, cfg, schedule, selections, out_dir, cache_dir, quick, seed, l
         predicted[(selection, conv, ratio, mode)] = pred
         rows.append(_row(task, mode, ratio, conv, selection, c))
     per_image = {"labels": np.asarray(y_test), "predicted": predicted, "marks": marks, "indices": {}}
-    if task == "distance":
-        from alignscan.science.distance_task import TRAIN, make_images, pair_overlap
-        _, _, train_marks = make_images(TRAIN, seed=1000 + cfg.split_seed)        # load_distance_split's draw
+    if cfg.task == "distance":
+        from alignscan.science.distance_task import distance_marks, pair_overlap
+        train_marks = distance_marks("train", cfg.split_seed, cfg.held_out_pairs)
         info["test_pairs_seen_in_training"] = pair_overlap(train_marks[:cfg.train_subset or None], marks)
-        rows += span_cells(model, cfg, schedule, x_test, y_test, marks, quick, correct, predicted, per_image["indices"])
+        info["dense_shuffled_positions"] = shuffled_positions_control(model, x_test, y_test)
+        rows += span_cells(task, model, cfg, schedule, x_test, y_test, marks, quick, correct, predicted,
+                           per_image["indices"])
     return model, cfg, info, (x_test, y_test), rows, correct, per_image
 
 
@@ -171,7 +188,27 @@ def far_to_near_share(labels, predicted):
     return float(np.mean(np.asarray(labels)[wrong] == 1)) if wrong.any() else None
 
 
-def span_cells(model, cfg, schedule, x_test, y_test, marks, quick, correct, predicted, indices):
+def shuffled_positions_control(model, x, y, permutations=3, seed=31):
+    """Dense accuracy with the patch tokens' position embeddings shuffled at test time (the
+    class token's kept), the mean over a few seeded permutations, beside the plain dense
+    accuracy: how much the model leans on absolute positions rather than on the scan."""
+    import copy
+
+    import torch
+    rng = np.random.default_rng(seed)
+    accuracies = []
+    patches = [i for i in range(model.num_tokens) if i != model.cls_index]
+    for _ in range(permutations):
+        shuffled = copy.deepcopy(model)
+        order = torch.as_tensor(rng.permutation(patches))
+        with torch.no_grad():
+            shuffled.pos_embed[:, patches] = model.pos_embed[:, order]
+        accuracies.append(evaluate(shuffled, x, y)[0])
+    return {"dense": evaluate(model, x, y)[0], "shuffled_mean": float(np.mean(accuracies)),
+            "shuffled": accuracies, "permutations": permutations}
+
+
+def span_cells(task, model, cfg, schedule, x_test, y_test, marks, quick, correct, predicted, indices):
     """The span-controlled cells of the distance task (``distance_task.span_plans``): the same
     number of background tokens removed from each image, all inside the span joining the
     marks and the class token, or all outside it, on the images that have enough of both;
@@ -197,7 +234,7 @@ def span_cells(model, cfg, schedule, x_test, y_test, marks, quick, correct, pred
             _, c, pred = evaluate(pruned, x, y, keep_plan=[kept] * len(schedule), predictions=True)
             key = (f"span_{side}", conv, removed, mode)
             correct[key], predicted[key], indices[key] = c, pred, eligible
-            rows.append(_row("distance", mode, round(1.0 - removed / model.num_tokens, 4), conv, f"span_{side}", c,
+            rows.append(_row(task, mode, round(1.0 - removed / model.num_tokens, 4), conv, f"span_{side}", c,
                              removed=removed, far_to_near=far_to_near_share(np.asarray(y), pred)))
     return rows
 
@@ -319,29 +356,96 @@ def fidelity_table(digits_model, cfg, schedule, x_test, quick=False):
     return out
 
 
-def run(out_dir, quick=False, cache_dir=None, seed=0, log=print, tasks=("digits", "distance")):
-    """Every task's grid, the paired comparisons, the digits extras; JSON, Markdown, figures."""
+def across_seeds(task, per_seed):
+    """The span contrasts across training seeds: for each conv, number removed and side, the
+    per-seed difference align - relabel in accuracy (and, per conv and number, the
+    asymmetry: that difference inside minus outside), with its mean, 95 % t-interval and an
+    exact sign test. The PRIMARY row (fixed in ``design``) is tested alone; the others are
+    Holm-corrected among themselves (``p_holm``)."""
+    out = []
+    seeds = [s for s, _ in per_seed]
+
+    def accuracy(correct, side, conv, removed, mode):
+        key = (f"span_{side}", conv, removed, mode)
+        return float(np.mean(correct[key])) if key in correct else None
+
+    levels = sorted({k[2] for _, c in per_seed for k in c if len(k) == 4 and str(k[0]).startswith("span_")})
+    for conv in CONVS:
+        for removed in levels:
+            diffs = {}
+            for side in SPAN_SIDES:
+                values = [accuracy(c, side, conv, removed, PRIMARY["a"]) for _, c in per_seed]
+                others = [accuracy(c, side, conv, removed, PRIMARY["b"]) for _, c in per_seed]
+                if any(v is None for v in values + others):
+                    continue
+                diffs[side] = [a - b for a, b in zip(values, others)]
+                out.append({"task": task, "conv": conv, "removed": removed, "contrast": f"{PRIMARY['a']} - "
+                            f"{PRIMARY['b']} @{side}", "differences": diffs[side]})
+            if len(diffs) == 2:
+                out.append({"task": task, "conv": conv, "removed": removed,
+                            "contrast": f"({PRIMARY['a']} - {PRIMARY['b']}) @inside - @outside",
+                            "differences": [a - b for a, b in zip(diffs["inside"], diffs["outside"])]})
+    for row in out:
+        mean, low, high = t_interval(row["differences"])
+        row.update(seeds=seeds, mean=mean, t95=(low, high), p_sign=sign_test(row["differences"]),
+                   primary=(row["conv"] == PRIMARY["conv"] and row["removed"] == PRIMARY["removed"]
+                            and row["contrast"] == f"{PRIMARY['a']} - {PRIMARY['b']} @{PRIMARY['side']}"))
+    secondary = [r for r in out if not r["primary"]]
+    for row, adjusted in zip(secondary, holm([r["p_sign"] for r in secondary])):
+        row["p_holm"], row["comparisons"] = adjusted, len(secondary)
+    return out
+
+
+def run(out_dir, quick=False, cache_dir=None, seed=0, log=print, tasks=("digits", "distance"), seeds=None):
+    """Every task's grid for every training seed, the paired comparisons (Holm within task
+    and seed), the across-seed span contrasts, the digits extras; JSON, Markdown, figures.
+    The tables and figures show the first seed that reached its training bar; every seed's
+    rows, paired tests and per-image file are in the JSON."""
     out_dir = Path(out_dir)
     cache_dir = Path(cache_dir) if cache_dir is not None else out_dir / "cache"
     configs = QUICK_CONFIGS if quick else TASK_CONFIGS
-    result = {"quick": quick, "seed": seed, "rows": [], "paired": [], "tasks": {}, "fidelity": {},
+    seeds = tuple(seeds) if seeds is not None else (seed,)
+    result = {"quick": quick, "seed": seeds[0], "seeds": list(seeds), "rows": [], "paired": [], "tasks": {},
+              "fidelity": {}, "per_seed": {}, "across_seeds": [],
               "spread": f"95% bootstrap intervals over the test images ({BOOTSTRAP} resamples); paired: exact McNemar "
-                        f"test on the images two modes disagree on; training seed {seed}"}
+                        f"test on the images two modes disagree on, Holm-adjusted within each task and training seed; "
+                        f"across seeds: t-interval and sign test of the per-seed differences; training seeds "
+                        f"{', '.join(map(str, seeds))}"}
+    out_dir.mkdir(parents=True, exist_ok=True)
     for task in tasks:
         cfg, schedule, selections = configs[task]
-        model, cfg, info, test, rows, correct, per_image = run_task(task, cfg, schedule, selections, out_dir,
-                                                                    cache_dir, quick, seed, log)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        per_image_path = save_per_image(out_dir / f"zero_shot_images_{task}.npz", task, per_image, seed)
-        ratios = sorted({r["keep_ratio"] for r in rows if r["mode"] != "dense"}, reverse=True)
-        result["rows"] += rows
-        result["paired"] += paired_rows(task, correct, ratios, selections)
-        result["tasks"][task] = {"model": info, "schedule": list(schedule), "test_images": int(len(test[1])),
-                                 "selections": list(selections), "per_image": per_image_path.name}
-        if task == "digits":
-            extra_rows, result["fidelity"] = digits_extras(model, cfg, schedule, test, quick, log)
-            result["rows"] += extra_rows
-    out_dir.mkdir(parents=True, exist_ok=True)
+        included, summaries = [], []
+        for s in seeds:
+            model, seed_cfg, info, test, rows, correct, per_image = run_task(task, cfg, schedule, selections, out_dir,
+                                                                             cache_dir, quick, s, log)
+            name = f"zero_shot_images_{task}.npz" if len(seeds) == 1 else f"zero_shot_images_{task}_seed{s}.npz"
+            per_image_path = save_per_image(out_dir / name, task, per_image, s)
+            ratios = sorted({r["keep_ratio"] for r in rows if r["mode"] != "dense" and "removed" not in r},
+                            reverse=True)
+            training = info.get("training") or {}
+            reached = training.get("reached_bar", True) if training.get("bar") else True
+            for row in rows:
+                row["seed"] = s
+            paired = paired_rows(task, correct, ratios, selections)
+            for row in paired:
+                row["seed"] = s
+            result["rows"] += rows
+            result["paired"] += paired
+            summaries.append({"seed": s, "dense": rows[0]["top1"], "training": training, "included": reached,
+                              "per_image": per_image_path.name,
+                              **{k: info[k] for k in ("test_pairs_seen_in_training", "dense_shuffled_positions")
+                                 if k in info}})
+            if reached:
+                included.append((s, correct))
+            if task not in result["tasks"] and (reached or s == seeds[-1]):
+                result["tasks"][task] = {"model": info, "schedule": list(schedule), "test_images": int(len(test[1])),
+                                         "selections": list(selections), "per_image": per_image_path.name, "seed": s}
+                if task == "digits":
+                    extra_rows, result["fidelity"] = digits_extras(model, seed_cfg, schedule, test, quick, log)
+                    result["rows"] += [dict(r, seed=s) for r in extra_rows]
+        result["per_seed"][task] = summaries
+        if len(included) > 1:
+            result["across_seeds"] += across_seeds(task, included)
     write_json(out_dir / "zero_shot.json", result)
     write_text(out_dir / "zero_shot.md", markdown(result))
     result["figures"] = [str(plot(result, task, out_dir / f"zero_shot_{task}.png")) for task in tasks]
