@@ -233,3 +233,74 @@ def test_missing_image_is_a_clear_error(tmp_path):
                           "--out", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and "image must be an existing image file" in run.stderr
     assert "Traceback" not in run.stderr
+
+
+def test_held_out_pairs_never_occur_in_training_and_keep_the_task_balanced():
+    from alignscan.science.distance_task import THRESHOLD, distance_marks, pair_overlap, pair_pools
+    train_pairs, test_pairs = pair_pools(0)
+    assert not {tuple(p) for p in train_pairs.tolist()} & {tuple(p) for p in test_pairs.tolist()}
+    assert 0.15 < len(test_pairs) / (len(train_pairs) + len(test_pairs)) < 0.25
+    train, test = distance_marks("train", 0, held_out=True), distance_marks("test", 0, held_out=True)
+    assert pair_overlap(train, test) == 0.0 and pair_overlap(distance_marks("validation", 0, True), test) == 0.0
+    assert pair_overlap(distance_marks("train", 0), distance_marks("test", 0)) > 0.9       # the default task's shortcut
+    far = (test[:, 1] - test[:, 0]) > THRESHOLD
+    assert 0.45 < far.mean() < 0.55
+
+
+def test_sign_test_and_t_interval():
+    from scipy import stats as scipy_stats
+
+    from alignscan.science.stats import sign_test, t_interval
+    assert sign_test([0.1, 0.2, 0.3, 0.4, 0.5]) == pytest.approx(2 / 32)          # 5 of 5 positive
+    assert sign_test([0.1, -0.1, 0.0]) == 1.0 and sign_test([0.0, 0.0]) == 1.0
+    d = [0.02, 0.05, -0.01, 0.04, 0.03]
+    mean, low, high = t_interval(d)
+    expected = scipy_stats.t.interval(0.95, len(d) - 1, loc=np.mean(d), scale=scipy_stats.sem(d))
+    assert mean == pytest.approx(np.mean(d)) and (low, high) == pytest.approx(expected)
+    assert np.isnan(t_interval([0.1])[1])
+
+
+def test_across_seeds_tests_the_primary_alone_and_holm_corrects_the_rest():
+    from alignscan.science.design import PRIMARY
+    from alignscan.science.zero_shot import across_seeds
+    rng = np.random.default_rng(0)
+    per_seed = []
+    for seed, (a_in, b_in, a_out, b_out) in enumerate([(0.9, 0.7, 0.8, 0.8), (0.85, 0.75, 0.8, 0.79),
+                                                         (0.9, 0.8, 0.7, 0.72)]):
+        correct = {}
+        for conv in ("compact", "position_aware"):
+            for side, a, b in (("inside", a_in, b_in), ("outside", a_out, b_out)):
+                n = 100
+                correct[(f"span_{side}", conv, 8, "align")] = np.arange(n) < round(a * n)
+                correct[(f"span_{side}", conv, 8, "relabel")] = rng.permutation(np.arange(n) < round(b * n))
+        per_seed.append((seed, correct))
+    rows = across_seeds("heldout", per_seed)
+    primary = [r for r in rows if r["primary"]]
+    assert len(primary) == 1 and primary[0]["conv"] == PRIMARY["conv"] and "@inside" in primary[0]["contrast"]
+    assert primary[0]["differences"] == pytest.approx([0.2, 0.1, 0.1]) and "p_holm" not in primary[0]
+    assert primary[0]["p_sign"] == pytest.approx(0.25)                               # 3 of 3 positive
+    asym = next(r for r in rows if r["conv"] == "compact" and "@inside - @outside" in r["contrast"])
+    assert asym["differences"] == pytest.approx([0.2, 0.09, 0.12])
+    others = [r for r in rows if not r["primary"]]
+    assert len(others) == 5 and all(r["comparisons"] == 5 and r["p_holm"] >= r["p_sign"] for r in others)
+
+
+def test_zero_shot_across_seeds_on_the_held_out_task(tmp_path):
+    _run("zero-shot", "--tasks", "heldout", "--seeds", "0,1", tmp_path=tmp_path)
+    result = json.loads((tmp_path / "zero_shot.json").read_text())
+    assert result["seeds"] == [0, 1] and [m["seed"] for m in result["per_seed"]["heldout"]] == [0, 1]
+    for m in result["per_seed"]["heldout"]:
+        assert m["test_pairs_seen_in_training"] == 0.0
+        training = m["training"]
+        assert training["bar"] == 0.99 and training["epochs"] <= 2 and m["included"] == training["reached_bar"]
+        assert len(training["validation_accuracy"]) == training["epochs"]             # 1 epoch, then 1 extra
+        shuffled = m["dense_shuffled_positions"]
+        assert shuffled["permutations"] == len(shuffled["shuffled"]) == 3 and 0 <= shuffled["shuffled_mean"] <= 1
+        assert (tmp_path / m["per_image"]).exists() and m["per_image"].endswith(f"_seed{m['seed']}.npz")
+    assert {r["seed"] for r in result["rows"]} == {0, 1} and {p["seed"] for p in result["paired"]} == {0, 1}
+    for p in result["paired"]:
+        assert p["comparisons"] == sum(q["seed"] == p["seed"] for q in result["paired"])
+    assert "Training seeds" in (tmp_path / "zero_shot.md").read_text()
+    bad = subprocess.run([sys.executable, "-m", "alignscan.bench", "zero-shot", "--seeds", "0,x", "--quick", "--out",
+                          str(tmp_path / "bad")], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "--seeds" in bad.stderr
