@@ -153,9 +153,9 @@ def performance_checks(rows, exp_seconds, backend="numba-cpu", batch=8, dim=768)
                        lambda: interleaved_ratio(call(backend, "prev", 0.7, False), call(backend, "none", 0.7, False),
                                                  15)))
     if (backend, "hold", 0.7) in get and (backend, "prev", 0.7) in get:
-        # "hold" adds S_q per state at each token after a gap: bounded, not free.
+        # "hold" adds the held input (S_q, a second exp) at each token after a gap (issue 21: 1.3x).
         ratio = get[(backend, "hold", 0.7)]["fwd_s"] / get[(backend, "prev", 0.7)]["fwd_s"]
-        checks.append(("hold / aligned at keep 0.7", ratio, "<= 2", lambda v: v <= 2,
+        checks.append(("hold / aligned at keep 0.7", ratio, "<= 1.3", lambda v: v <= 1.3,
                        lambda: interleaved_ratio(call(backend, "hold", 0.7, False), call(backend, "prev", 0.7, False),
                                                  15)))
     for r in (0.7, 0.5):

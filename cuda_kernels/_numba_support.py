@@ -10,8 +10,8 @@ so it is loaded from there first. A layer chosen in $NUMBA_THREADING_LAYER, or o
 started, is left alone.
 
 The float32 exp is a Cephes-style polynomial (range reduction to [-ln2/2, ln2/2], degree-6
-minimax, scale by 2^n through the exponent bits): branch-free, so the inner loop over the
-N states compiles to SIMD code; relative error about 6e-8 (one float32 ulp). The float32
+minimax, scale by 2^n through the exponent bits): branch-free, so the kernels' inner loops over a
+block of channels compile to SIMD code; relative error about 6e-8 (one float32 ulp). The float32
 softplus is max(x, 0) + log1p(exp(-|x|)) with log1p(t) = 2·atanh(t / (2 + t)) as an odd
 series (t in (0, 1], error below 1e-8): also branch-free. float64 keeps ``math.exp`` and
 ``math.log1p``, which the float64 tolerance (1e-10) needs.

@@ -29,6 +29,7 @@ import numpy as np
 from numba import prange
 
 from ._numba_support import (
+    HOLD_DIRECT_STEPS,
     cached_njit,
     cast_like,
     compile_notice,
@@ -40,11 +41,10 @@ from ._numba_support import (
     softplus_grad,
 )
 
-__all__ = ["forward", "backward", "PAIRS", "CHANNEL_BLOCK", "CHUNK"]
+__all__ = ["forward", "backward", "CHANNEL_BLOCK", "CHUNK"]
 
-PAIRS = 16           # (batch, channel) pairs per forward task: amortises its buffers
-CHANNEL_BLOCK = 32   # channels the backward processes side by side (its SIMD dimension)
-CHUNK = 256          # tokens per backward chunk: states are kept only at chunk starts
+CHANNEL_BLOCK = 32   # channels a task processes side by side (the SIMD dimension)
+CHUNK = 256          # tokens per tile (forward) and chunk (backward: states are kept only at chunk starts)
 _FASTMATH = {"contract", "reassoc", "nsz", "arcp"}
 # Kernels use NumPy's float error model: Python's adds a zero check to every division, which
 # keeps softplus and sigmoid (and so the loops around them) from vectorising (~10x slower).
@@ -89,65 +89,6 @@ def _effective_delta_row(Delta, coef_self, coef_prev, has_map, E):
         E[i] = coef_self[i] * Delta[i] + coef_prev[i] * Delta[i - 1]
 
 
-@cached_njit(parallel=True, **_KERNEL)
-def _forward_kernel(u, delta, A, Bt, Ct, D, z, delta_bias, coef_self, coef_prev, hold, trailing,
-                    use_softplus, has_D, has_z, has_bias, has_map, has_hold, want_last, out, last_state):
-    """Tasks of PAIRS (batch, channel) pairs; a pair's tokens in order, vectorised over the N
-    states (B_i, C_i are contiguous (M, N) rows)."""
-    batch, dim, M = u.shape
-    N = A.shape[1]
-    per_group = dim // Bt.shape[1]
-    pairs = batch * dim
-    for task in prange((pairs + PAIRS - 1) // PAIRS):
-        h = np.empty(N, dtype=u.dtype)
-        Delta = np.empty(M, dtype=u.dtype)
-        E = np.empty(M, dtype=u.dtype)
-        X = np.empty((4 if has_hold else 1, N), dtype=u.dtype)   # "hold": Δ_{i-1}·A, scratch, S_q
-        zero = cast_like(0.0, h[0])
-        for pair in range(task * PAIRS, min(pairs, (task + 1) * PAIRS)):
-            b, d = pair // dim, pair % dim
-            g = d // per_group
-            h[:] = 0
-            _discretize_row(delta[b, d], delta_bias[d] if has_bias else zero, use_softplus, Delta)
-            _effective_delta_row(Delta, coef_self[b], coef_prev[b], has_map, E)
-            for i in range(M):
-                du = Delta[i] * u[b, d, i]
-                if has_hold and hold[b, i] > 0:   # "hold": the held input of token i-1 (reference.hold)
-                    du_prev = Delta[i - 1] * u[b, d, i - 1]
-                    for n in range(N):
-                        X[0, n] = Delta[i - 1] * A[d, n]
-                    hold_sums(hold[b, i], X[0], X[1], X[2], X[3], X[3], False)
-                    for n in range(N):
-                        weight = fast_exp(Delta[i] * A[d, n]) * X[3, n]
-                        h[n] = fast_exp(E[i] * A[d, n]) * h[n] + weight * du_prev * Bt[b, g, i - 1, n]
-                    y = zero
-                    for n in range(N):
-                        hn = h[n] + du * Bt[b, g, i, n]
-                        h[n] = hn
-                        y += Ct[b, g, i, n] * hn
-                else:
-                    y = zero
-                    for n in range(N):
-                        hn = fast_exp(E[i] * A[d, n]) * h[n] + du * Bt[b, g, i, n]
-                        h[n] = hn
-                        y += Ct[b, g, i, n] * hn
-                out[b, d, i] = y + D[d] * u[b, d, i] if has_D else y
-            if has_z:   # out = y·silu(z), a separate loop over tokens so it vectorises
-                for i in range(M):
-                    out[b, d, i] *= z[b, d, i] * sigmoid(z[b, d, i])
-            if want_last:   # the trailing steps after the last token (SPEC §1); held input under "hold"
-                for n in range(N):
-                    if M == 0:
-                        last_state[b, d, n] = zero
-                        continue
-                    steps = trailing[b] if has_map else zero
-                    x = Delta[M - 1] * A[d, n]
-                    value = fast_exp(steps * x) * h[n]
-                    if has_hold and steps > 0:
-                        value += cast_like(hold_sum(steps, x), zero) * Delta[M - 1] * u[b, d, M - 1] * Bt[b, g, M - 1, n]
-                    last_state[b, d, n] = value
-
-
 @cached_njit(inline="always")
 def _gather(b, d0, wc, t0, tn, u, delta, bias, use_softplus, coef_self, coef_prev, has_map, row, row_E,
             Dl, E, U, DU, Dprev, DUprev):
@@ -189,6 +130,141 @@ def _held_step(b, g, i, t, wc, q, AT, Dl, DU, Dprev, DUprev, Bt, Hout, weights, 
             weight = fast_exp(Dl[t, w] * AT[n, w]) * scratch[3, w]
             weights[n, w] = weight
             Hout[n, w] += weight * du_prev * bp
+
+
+@cached_njit(inline="always")
+def _held_token(q, wc, AT, dl, dl_prev, du, du_prev, b_row, b_prev, c_row, H, y):
+    """"hold" (reference.hold), a token after a gap of q <= HOLD_DIRECT_STEPS steps, in one
+    pass over the states: with a = exp(Δ_i·A) and r = exp(Δ_{i-1}·A),
+    h_i = a·(r^q·h_{i-1} + S_q·Δ_{i-1}·u_{i-1}·B_{i-1}) + Δ_i·u_i·B_i,  S_q = Σ_{k<q} r^k,
+    the powers of r by multiplication in a fixed number of masked steps, so that the channel
+    loop vectorises (two exps per element, where the unfused form takes three); y += C_i·h_i.
+    (Keeping exp(Δ_{i-1}·A) from the previous token instead, one exp, measured slower: the
+    store it adds to every token costs more than the exp it saves.)"""
+    one = cast_like(1.0, H[0, 0])
+    zero = cast_like(0.0, H[0, 0])
+    if q == 1:        # one pruned step, the commonest gap: r^q = r, S_q = 1
+        for n in range(AT.shape[0]):
+            bn, bp, cn = b_row[n], b_prev[n], c_row[n]
+            for w in range(wc):
+                a = fast_exp(dl[w] * AT[n, w])
+                r = fast_exp(dl_prev[w] * AT[n, w])
+                hn = a * (r * H[n, w] + du_prev[w] * bp) + du[w] * bn
+                H[n, w] = hn
+                y[w] += cn * hn
+        return
+    for n in range(AT.shape[0]):
+        bn, bp, cn = b_row[n], b_prev[n], c_row[n]
+        for w in range(wc):
+            a = fast_exp(dl[w] * AT[n, w])
+            r = fast_exp(dl_prev[w] * AT[n, w])
+            power = one
+            total = one
+            for k in range(1, HOLD_DIRECT_STEPS):
+                take = k < q
+                power = power * r if take else power
+                total += power if take else zero
+            hn = a * (power * r * H[n, w] + total * du_prev[w] * bp) + du[w] * bn
+            H[n, w] = hn
+            y[w] += cn * hn
+
+
+@cached_njit(parallel=True, **_KERNEL)
+def _forward_kernel(u, delta, A, Bt, Ct, D, z, delta_bias, coef_self, coef_prev, hold, trailing,
+                    use_softplus, has_D, has_z, has_bias, has_map, has_hold, want_last, out, last_state):
+    """Tasks of one block of W channels of one (batch, group), as the backward: the tokens in
+    order, a tile of K at a time, each token's N states advanced for all W channels side by
+    side (the SIMD dimension), y accumulated per channel (no reduction across lanes)."""
+    batch, dim, M = u.shape
+    N = A.shape[1]
+    groups = Bt.shape[1]
+    per_group = dim // groups
+    W = CHANNEL_BLOCK
+    K = max(1, min(CHUNK, M))
+    nblk = (per_group + W - 1) // W
+    for task in prange(batch * groups * nblk):
+        b = task // (groups * nblk)
+        g = (task // nblk) % groups
+        k = task % nblk
+        d0 = g * per_group + k * W
+        wc = min(W, (g + 1) * per_group - d0)
+        H = np.empty((N, W), dtype=u.dtype)             # the state h of the last token done
+        AT = np.empty((N, W), dtype=u.dtype)
+        Dl = np.empty((K, W), dtype=u.dtype)
+        E = np.empty((K, W), dtype=u.dtype)
+        U = np.empty((K, W), dtype=u.dtype)
+        DU = np.empty((K, W), dtype=u.dtype)
+        Y = np.empty((K, W), dtype=u.dtype)
+        Wh = np.empty((N if has_hold else 1, W), dtype=u.dtype)   # "hold": weights of a long gap's held input
+        XS = np.empty((5 if has_hold else 1, W), dtype=u.dtype)
+        row = np.empty(K + 1, dtype=u.dtype)
+        row_E = np.empty(K + 1, dtype=u.dtype)
+        Dprev = np.zeros(W, dtype=u.dtype)
+        DUprev = np.zeros(W, dtype=u.dtype)
+        bias = np.zeros(W, dtype=u.dtype)
+        zero = cast_like(0.0, AT[0, 0])
+        for w in range(wc):
+            bias[w] = delta_bias[d0 + w] if has_bias else zero
+            for n in range(N):
+                AT[n, w] = A[d0 + w, n]
+                H[n, w] = zero
+        tn = 0
+        for t0 in range(0, M, K):
+            tn = min(K, M - t0)
+            Bc, Cc = Bt[b, g, t0:t0 + tn], Ct[b, g, t0:t0 + tn]
+            hr = hold[b, t0:t0 + tn] if has_hold else hold[0, :1]
+            _gather(b, d0, wc, t0, tn, u, delta, bias, use_softplus, coef_self, coef_prev, has_map, row, row_E,
+                    Dl, E, U, DU, Dprev, DUprev)
+            for t in range(tn):
+                for w in range(wc):
+                    Y[t, w] = D[d0 + w] * U[t, w] if has_D else zero
+                q = hr[t] if has_hold else zero
+                if q > 0 and q <= HOLD_DIRECT_STEPS:    # "hold" after a short gap: one fused pass
+                    first = t == 0
+                    _held_token(q, wc, AT, Dl[t], Dprev if first else Dl[t - 1], DU[t], DUprev if first else DU[t - 1],
+                                Bc[t], Bt[b, g, t0 + t - 1], Cc[t], H, Y[t])
+                    continue
+                if q > 0:     # "hold" after a long gap: S_q in the float64 closed form (reference.hold)
+                    for n in range(N):
+                        bn = Bc[t, n]
+                        for w in range(wc):
+                            H[n, w] = fast_exp(E[t, w] * AT[n, w]) * H[n, w] + DU[t, w] * bn
+                    _held_step(b, g, t0 + t, t, wc, q, AT, Dl, DU, Dprev, DUprev, Bt, H, Wh, XS)
+                    for n in range(N):
+                        cn = Cc[t, n]
+                        for w in range(wc):
+                            Y[t, w] += cn * H[n, w]
+                    continue
+                for n in range(N):
+                    bn = Bc[t, n]
+                    cn = Cc[t, n]
+                    for w in range(wc):
+                        hn = fast_exp(E[t, w] * AT[n, w]) * H[n, w] + DU[t, w] * bn
+                        H[n, w] = hn
+                        Y[t, w] += cn * hn
+            for w in range(wc):   # out = y, or y·silu(z): per channel, so the gate vectorises
+                d = d0 + w
+                outr = out[b, d, t0:t0 + tn]
+                if has_z:
+                    zr = z[b, d, t0:t0 + tn]
+                    for t in range(tn):
+                        outr[t] = Y[t, w] * zr[t] * sigmoid(zr[t])
+                else:
+                    for t in range(tn):
+                        outr[t] = Y[t, w]
+        if want_last:   # the trailing steps after the last token (SPEC §1); held input under "hold"
+            steps = trailing[b] if has_map else zero
+            for w in range(wc):
+                d = d0 + w
+                for n in range(N):
+                    if M == 0:
+                        last_state[b, d, n] = zero
+                        continue
+                    x = Dl[tn - 1, w] * AT[n, w]
+                    value = fast_exp(steps * x) * H[n, w]
+                    if has_hold and steps > 0:
+                        value += cast_like(hold_sum(steps, x), zero) * DU[tn - 1, w] * Bt[b, g, M - 1, n]
+                    last_state[b, d, n] = value
 
 
 @cached_njit(parallel=True, **_KERNEL)

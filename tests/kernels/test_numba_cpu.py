@@ -1,5 +1,6 @@
 """numba-cpu beyond the conformance suite (tests/conformance): the benchmark shape in float32,
-huge gaps, empty input, determinism across thread counts, read-only caches."""
+huge gaps, sequences longer than a tile, empty input, determinism across thread counts,
+read-only caches."""
 import os
 import shutil
 import subprocess
@@ -57,6 +58,25 @@ def test_hold_gaps_on_both_sides_of_the_direct_sum(dtype):
     p = make_problem(np.random.default_rng(11), batch=2, dim=40, dstate=5, length=positions.size, dtype=dtype,
                      positions=positions, seqlen=int(positions[-1]) + 12, alignment="hold", delta_softplus=False)
     p.delta = (p.delta * 0.1).astype(dtype)      # slow decay: the held inputs still count after 30 steps
+    check_forward(p, fwd)
+    check_backward(p, bwd)
+
+
+@pytest.mark.parametrize("alignment", R.ALIGNMENTS)
+def test_sequences_longer_than_a_tile(alignment):
+    """More tokens than one tile (the forward's) and chunk (the backward's) of CHUNK tokens,
+    with a gap of 1-3 steps right before every tile's first token (where the kernels read the
+    previous tile's last token) and gaps of every length up to 12 elsewhere; 36 channels (a
+    full block and a partial one); float32 forward, last state and gradients."""
+    from alignscan.cuda_kernels.cpu import CHUNK
+    rng = np.random.default_rng(5)
+    length = 2 * CHUNK + 9
+    gaps = rng.integers(1, 13, length)
+    gaps[np.arange(length) % CHUNK == 0] = rng.integers(2, 5, 3)
+    positions = np.cumsum(gaps) - 1
+    p = make_problem(rng, batch=2, dim=36, dstate=3, length=length, dtype=np.float32, positions=positions,
+                     seqlen=int(positions[-1]) + 4, alignment=alignment)
+    p.return_last_state = True
     check_forward(p, fwd)
     check_backward(p, bwd)
 
