@@ -37,7 +37,8 @@ def token_counts(depth, tokens, pruning, protected=0):
         counts.append(n)
         stage = pruning.stage_after(i) if pruning is not None and pruning.mode != "mask" else None
         if stage is not None:
-            n = R.keep_count(n, pruning.ratio(stage), n_protected=protected, rule=pruning.count_rule)
+            kept = R.keep_count(n, pruning.ratio(stage), n_protected=protected, rule=pruning.count_rule)
+            n = kept + (pruning.pruned_tokens == "fuse" and kept < n)     # EViT's fused token
     return counts
 
 
@@ -90,6 +91,10 @@ def flops(name_or_model, pruning=None):
     given) pruning config."""
     if pruning is not None and not isinstance(pruning, PruningConfig):
         raise TypeError(f"pruning must be a PruningConfig or None, got {type(pruning).__name__}")
+    effective = pruning if pruning is not None else getattr(name_or_model, "pruning", None)
+    if effective is not None and effective.active and effective.pruned_tokens == "merge":
+        raise ValueError("pruned_tokens='merge' gives every image its own token count, so no recipe can count it: "
+                         "count one image's forward with models.flops.counted(model, image)")
     if not isinstance(name_or_model, str):
         return _model_flops(name_or_model, pruning)
     name = name_or_model

@@ -165,6 +165,10 @@ class PlainMamba(nn.Module):
         if self.pruning.metric == "official":
             raise ValueError("metric 'official' (the released ViM code's selector, SPEC §4) needs ViM's backward "
                              "branch: PlainMamba has none; use clip, raw, l1 or l2")
+        if self.pruning.pruned_tokens != "drop" or self.pruning.recenter_cls:
+            raise ValueError(f"pruned_tokens={self.pruning.pruned_tokens!r}, recenter_cls={self.pruning.recenter_cls} "
+                             "are ViM's (a fused or merged token has no cell on PlainMamba's grid, and PlainMamba "
+                             "has no class token): use pruned_tokens='drop', recenter_cls=False")
         self.img_size = img_size
         self.num_classes = num_classes
         self.backbone = Backbone(embed_dim, depth, stem_convs, dw_after_first, img_size, channels, drop_path_rate)

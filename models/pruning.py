@@ -14,7 +14,18 @@ Modes:
                the previous token's input, SPEC §1)
     "self"     compact tokens + position map, alignment "self" (ablation)
     "relabel"  compact tokens, gaps closed (alignment "none"): the ViT / EViT baseline
-    "mask"     tokens stay in place, pruned ones are zeroed: no compute saved
+    "mask"     tokens stay in place, pruned ones are zeroed: no compute saved. Not a clean
+               "information removed, positions kept" control: a zeroed token still gets a
+               conv output from its kept neighbours and a data-dependent Δ, and layers
+               with biases make it non-zero again
+
+What becomes of the pruned tokens (``pruned_tokens``, the compact modes only; SPEC §4,
+``reference.pruned_tokens``): "drop" (the paper), "fuse" (EViT's fused token: their
+importance-weighted average, one extra token at a slot after the path) or "merge" (each
+run of consecutive pruned tokens averaged into one token at the run's last position).
+``recenter_cls`` moves ViM's class token to the middle of the kept tokens after every
+stage, as the released ToP-ViM code does (with "relabel" only: the class token then has no
+place on the path).
 """
 from __future__ import annotations
 
@@ -24,12 +35,13 @@ import numpy as np
 import torch
 
 from alignscan import reference as R
-from alignscan.registry import CARDS, CONV_MODES, MODES
+from alignscan.registry import CARDS, CONV_MODES, MODES, PRUNED_TOKENS
 
-__all__ = ["MODES", "PruningConfig", "paper_preset", "select_kept", "token_scores", "top_tokens", "alignment_of",
+__all__ = ["MODES", "PRUNED_TOKENS", "COMPACT_MODES", "PruningConfig", "paper_preset", "select_kept", "token_scores", "top_tokens", "alignment_of",
            "PAPER_PRESETS", "plan_indices", "check_images", "KeepPlan"]
 
 _ALIGNMENT = {"dense": "none", "align": "prev", "hold": "hold", "self": "self", "relabel": "none", "mask": "none"}
+COMPACT_MODES = ("align", "hold", "self", "relabel")     # the modes that remove the pruned tokens
 
 
 def alignment_of(mode):
@@ -50,6 +62,10 @@ class PruningConfig:
         count_rule: "ceil" (SPEC §4) or "vim" (the released ViM code: ceil((n-1)·r), odd).
         conv: ViM's conv1d over the compact sequence ("compact", as the paper) or with pruned
             neighbours read as zero ("position_aware", an extension).
+        pruned_tokens: what becomes of the pruned tokens: "drop", "fuse" (EViT's fused
+            token) or "merge" (each run averaged in its place); ViM only, compact modes only.
+        recenter_cls: move the class token to the middle of the kept tokens after every
+            stage (the released code's bookkeeping); ViM, mode "relabel", compact conv.
     """
 
     mode: str = "dense"
@@ -58,6 +74,8 @@ class PruningConfig:
     metric: str = "clip"
     count_rule: str = "ceil"
     conv: str = "compact"
+    pruned_tokens: str = "drop"
+    recenter_cls: bool = False
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -68,6 +86,18 @@ class PruningConfig:
             raise ValueError(f"count_rule must be one of {R.importance.COUNT_RULES}, got {self.count_rule!r}")
         if self.conv not in CONV_MODES:
             raise ValueError(f"conv must be one of {CONV_MODES}, got {self.conv!r}")
+        if self.pruned_tokens not in PRUNED_TOKENS:
+            raise ValueError(f"pruned_tokens must be one of {PRUNED_TOKENS}, got {self.pruned_tokens!r}")
+        if self.pruned_tokens != "drop" and self.mode not in COMPACT_MODES:
+            raise ValueError(f"pruned_tokens={self.pruned_tokens!r} needs a mode that removes the pruned tokens "
+                             f"({', '.join(COMPACT_MODES)}), got mode {self.mode!r}")
+        if not isinstance(self.recenter_cls, bool):
+            raise TypeError(f"recenter_cls must be True or False, got {self.recenter_cls!r}")
+        if self.recenter_cls and (self.mode != "relabel" or self.conv != "compact" or self.pruned_tokens != "drop"):
+            raise ValueError("recenter_cls=True (the released code's class-token placement) needs mode 'relabel', "
+                             "conv 'compact' and pruned_tokens 'drop': a moved class token has no place on the scan "
+                             f"path for a position map, got mode {self.mode!r}, conv {self.conv!r}, "
+                             f"pruned_tokens {self.pruned_tokens!r}")
         if isinstance(self.schedule, (str, bytes)) or not hasattr(self.schedule, "__iter__"):
             raise TypeError(f"schedule must be a sequence of 1-based layer indices (e.g. (5, 10, 15)), "
                             f"got {type(self.schedule).__name__} {self.schedule!r}")
@@ -234,15 +264,19 @@ class KeepPlan:
 
 
 def plan_indices(current, planned):
-    """Indices (batch, K) into the current token axis of the tokens a checked keep plan keeps.
+    """Indices (batch, K) into the current token axis, ascending, of the tokens a checked keep
+    plan keeps.
 
     Args:
-        current: (batch, L) ascending positions of the current tokens (original indices).
+        current: (batch, L) positions of the current tokens (original indices): ascending,
+            except for a re-centred class token (``recenter_cls``).
         planned: (batch, K) ascending positions the plan keeps at this stage: a subset of
             ``current`` (a ``KeepPlan`` is nested, so it is).
     """
-    planned = planned.to(current.device)
-    return torch.searchsorted(current.contiguous(), planned.contiguous()).clamp(max=current.shape[1] - 1)
+    planned = planned.to(current.device).contiguous()
+    order = torch.sort(current, dim=1, stable=True).indices
+    found = torch.searchsorted(torch.gather(current, 1, order).contiguous(), planned).clamp(max=current.shape[1] - 1)
+    return torch.sort(torch.gather(order, 1, found), dim=1).values
 
 
 def check_images(images, size, channels):

@@ -19,9 +19,70 @@ import torch
 
 from alignscan.bridges import TorchPositionMap
 
-from .pruning import KeepPlan, plan_indices, select_kept
+from .pruning import KeepPlan, plan_indices, select_kept, token_scores
 
-__all__ = ["Stages", "Recorder"]
+__all__ = ["Stages", "Recorder", "fuse_pruned", "merge_runs", "recentre_order"]
+
+
+def _kept_mask(kept, n):
+    return torch.zeros(kept.shape[0], n, dtype=torch.bool, device=kept.device).scatter(1, kept, True)
+
+
+def fusion_weights(scores, kept):
+    """(batch, n) weights of the pruned tokens (0 for the kept ones): importance clipped at
+    zero, normalised per row, uniform where every clipped score is 0
+    (``reference.pruned_tokens.fusion_weights``)."""
+    pruned = ~_kept_mask(kept, scores.shape[1])
+    clipped = scores.clamp_min(0) * pruned
+    total = clipped.sum(dim=1, keepdim=True)
+    uniform = pruned.to(scores.dtype) / pruned.sum(dim=1, keepdim=True).clamp_min(1)
+    return torch.where(total > 0, clipped / torch.where(total > 0, total, torch.ones_like(total)), uniform)
+
+
+def fuse_pruned(streams, kept, scores):
+    """EViT's fused token (``reference.fuse_pruned``): each (b, n, D) stream becomes its kept
+    tokens followed by the pruned tokens' weighted average, (b, K + 1, D)."""
+    weights = fusion_weights(scores, kept)
+    out = []
+    for t in streams:
+        fused = torch.einsum("bn,bnd->bd", weights.to(t.dtype), t)[:, None]
+        out.append(torch.cat([torch.gather(t, 1, kept[..., None].expand(-1, -1, t.shape[-1])), fused], dim=1))
+    return tuple(out)
+
+
+def merge_runs(streams, kept, positions):
+    """Each run of consecutive pruned tokens averaged into one token in its place, at the
+    position of the run's last token (``reference.merge_runs``). Returns (streams (b, T, D),
+    positions (b, T), group (b, n): the output token each input token went to). Every row
+    must come out with the same T (one image at a time does); T is read on the host."""
+    b, n = positions.shape
+    is_kept = _kept_mask(kept, n)
+    after_kept = torch.cat([torch.ones_like(is_kept[:, :1]), is_kept[:, :-1]], dim=1)
+    group = torch.cumsum((is_kept | after_kept).long(), dim=1) - 1    # kept: its own; a run: one
+    sizes = group[:, -1] + 1
+    T = int(sizes.max())
+    if int(sizes.min()) != T:
+        raise ValueError("pruned_tokens='merge' left the images of this batch with different token counts; "
+                         "run them one image at a time (the models do so themselves)")
+    count = torch.zeros(b, T, dtype=torch.float64, device=positions.device).scatter_add(
+        1, group, torch.ones(b, n, dtype=torch.float64, device=positions.device))
+    out = []
+    for t in streams:
+        index = group[..., None].expand(-1, -1, t.shape[-1])
+        total = torch.zeros(b, T, t.shape[-1], dtype=torch.float64, device=t.device).scatter_add(1, index, t.double())
+        out.append((total / count[..., None]).to(t.dtype))
+    merged = torch.zeros(b, T, dtype=positions.dtype, device=positions.device).scatter_reduce(
+        1, group, positions, "amax", include_self=False)
+    return tuple(out), merged, group
+
+
+def recentre_order(n, cls_at):
+    """(b, n) orders that move the class token (at ``cls_at`` (b, 1)) to index n // 2 and keep
+    the other tokens' order (``reference.recentre_order``)."""
+    index = torch.arange(n, device=cls_at.device).expand(cls_at.shape[0], n)
+    others = index[index != cls_at].view(cls_at.shape[0], n - 1)
+    middle = n // 2
+    return torch.cat([others[:, :middle], cls_at, others[:, middle:]], dim=1)
 
 
 @dataclass
@@ -102,19 +163,51 @@ class Stages:
         stage = self.config.stage_after(index)
         if stage is None:
             return streams
+        cfg = self.config
         kept = self._kept(stage, y)
-        if self.config.mode == "mask":
+        if cfg.mode == "mask":
             self.live = kept
             alive = torch.zeros(self.positions.shape, dtype=torch.bool, device=kept.device).scatter(1, kept, True)
             self.kept_per_stage.append(kept)
             return tuple(t * alive[..., None].to(t.dtype) for t in streams)
-        streams = tuple(torch.gather(t, 1, kept[..., None].expand(-1, -1, t.shape[-1])) for t in streams)
-        # SPEC §3: positions compose; the map is made once per stage and handed to every scan.
-        # The model's own sorted indices: a map correct by construction, made on the device.
-        self.position_map = TorchPositionMap.trusted(kept, self.tokens) if self.position_map is None \
-            else self.position_map.compose(kept)
-        self.positions = self.position_map.positions
-        if self.protected_at is not None:
-            self.protected_at = (kept == self.protected_at).long().argmax(dim=1, keepdim=True)
+        if cfg.pruned_tokens == "drop":
+            streams = tuple(torch.gather(t, 1, kept[..., None].expand(-1, -1, t.shape[-1])) for t in streams)
+        if cfg.recenter_cls:
+            # The released code's bookkeeping: the class token to the middle of the kept tokens,
+            # scanned in that order with the gaps closed ("relabel").
+            cls_at = (kept == self.protected_at).long().argmax(dim=1, keepdim=True)
+            order = recentre_order(kept.shape[1], cls_at)
+            streams = tuple(torch.gather(t, 1, order[..., None].expand(-1, -1, t.shape[-1])) for t in streams)
+            self.positions = torch.gather(torch.gather(self.positions, 1, kept), 1, order)
+            self.protected_at = torch.full_like(cls_at, kept.shape[1] // 2)
+            b, K = self.positions.shape
+            self.position_map = TorchPositionMap.trusted(torch.arange(K, device=kept.device).expand(b, K), K)
+        elif cfg.pruned_tokens == "drop":
+            # SPEC §3: positions compose; the map is made once per stage and handed to every scan.
+            # The model's own sorted indices: a map correct by construction, made on the device.
+            self.position_map = TorchPositionMap.trusted(kept, self.tokens) if self.position_map is None \
+                else self.position_map.compose(kept)
+            self.positions = self.position_map.positions
+            if self.protected_at is not None:
+                self.protected_at = (kept == self.protected_at).long().argmax(dim=1, keepdim=True)
+        elif cfg.pruned_tokens == "fuse" and kept.shape[1] == self.positions.shape[1]:   # nothing pruned, nothing fused
+            streams = tuple(torch.gather(t, 1, kept[..., None].expand(-1, -1, t.shape[-1])) for t in streams)
+            self.positions = torch.gather(self.positions, 1, kept)
+            self.position_map = TorchPositionMap.trusted(self.positions, self.tokens + len(cfg.schedule))
+        elif cfg.pruned_tokens == "fuse":
+            # EViT: the kept tokens, then the pruned ones fused into one, at slot L + stage (after
+            # the whole path; the map's path is L + stages long).
+            streams = fuse_pruned(streams, kept, token_scores(y, cfg.metric))
+            b = kept.shape[0]
+            slot = torch.full((b, 1), self.tokens + stage, dtype=torch.int64, device=kept.device)
+            self.positions = torch.cat([torch.gather(self.positions, 1, kept), slot], dim=1)
+            self.position_map = TorchPositionMap.trusted(self.positions, self.tokens + len(cfg.schedule))
+            if self.protected_at is not None:
+                self.protected_at = (kept == self.protected_at).long().argmax(dim=1, keepdim=True)
+        else:   # "merge"
+            streams, self.positions, group = merge_runs(streams, kept, self.positions)
+            self.position_map = TorchPositionMap.trusted(self.positions, self.tokens)
+            if self.protected_at is not None:
+                self.protected_at = torch.gather(group, 1, self.protected_at)
         self.kept_per_stage.append(self.positions)
         return streams

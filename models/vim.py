@@ -189,7 +189,9 @@ class VisionMamba(nn.Module):
 
     def forward(self, images, return_kept=False, keep_plan=None, record=None):
         """logits (b, classes); with return_kept also the kept positions (b, K) after each
-        pruning stage (indices into the 197 tokens, the class token at index 98).
+        pruning stage (indices into the 197 tokens, the class token at index 98; with
+        pruned_tokens "fuse" the fused token's slot 197 + stage; with "merge" and more than
+        one image, per stage a list of each image's (K_i,) positions).
 
         keep_plan: optional list, one (b, K) tensor per stage of the original indices to keep
             (ascending, nested, the class token included): the tokens are then not chosen
@@ -199,6 +201,8 @@ class VisionMamba(nn.Module):
             scan's arguments, map and output (``scans``).
         """
         cfg = self.pruning
+        if cfg.active and cfg.pruned_tokens == "merge" and images.shape[0] > 1:
+            return self._one_image_at_a_time(images, return_kept, keep_plan, record)
         hidden = self.embed(images)
         b, L, _ = hidden.shape
         stages = Stages(cfg, b, L, hidden.device, keep_plan=keep_plan, protected=self.cls_index)
@@ -221,6 +225,24 @@ class VisionMamba(nn.Module):
         cls_at = stages.protected_at
         logits = self.head(torch.gather(final, 1, cls_at[..., None].expand(-1, -1, final.shape[-1]))[:, 0])
         return (logits, stages.kept_per_stage) if return_kept else logits
+
+
+    def _one_image_at_a_time(self, images, return_kept, keep_plan, record):
+        """pruned_tokens="merge": each image has its own number of runs, so its own token count
+        after a stage; the batch runs one image at a time (the same result as alone)."""
+        if record is not None:
+            raise ValueError("record= with pruned_tokens='merge' takes one image per call (each image has its own "
+                             f"token count), got a batch of {images.shape[0]}")
+        if keep_plan is not None:
+            self.pruning.check_plan(keep_plan)
+        outputs = [self.forward(images[r:r + 1], return_kept=True,
+                                keep_plan=None if keep_plan is None else [keep_plan[s][r:r + 1]
+                                                                          for s in range(len(keep_plan))])
+                   for r in range(images.shape[0])]
+        logits = torch.cat([o[0] for o in outputs])
+        if not return_kept:
+            return logits
+        return logits, [[o[1][s][0] for o in outputs] for s in range(len(outputs[0][1]))]
 
 
 def vim_tiny(pruning=None, num_classes=1000, **kwargs):

@@ -36,6 +36,7 @@ from .positions import (
                         snake_paths,
                         validate_positions,
 )
+from .pruned_tokens import PRUNED_TOKENS, fuse_pruned, merge_runs, recentre_order
 from .scan import SOFTPLUS_THRESHOLD, hidden_states, selective_scan, selective_scan_backward
 from .tolerances import TOLERANCES, assert_within_tolerance, max_deviation, tolerance, within_tolerance
 
@@ -46,6 +47,7 @@ __all__ = [
     "validate_scan_args", "validate_positions", "mask_to_positions", "positions_to_mask",
     "gaps", "flip_positions", "compose", "snake_paths", "path_positions",
     "token_importance", "select_tokens", "keep_count",
+    "PRUNED_TOKENS", "fuse_pruned", "merge_runs", "recentre_order",
     "expand_to_dense", "delta_rewrite",
     "tolerance", "max_deviation", "within_tolerance", "assert_within_tolerance",
 ]
