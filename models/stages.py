@@ -15,13 +15,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
+from alignscan import reference as R
 from alignscan.bridges import TorchPositionMap
 
 from .pruning import KeepPlan, plan_indices, select_kept, token_scores
 
-__all__ = ["Stages", "Recorder", "fuse_pruned", "merge_runs", "recentre_order"]
+__all__ = ["Stages", "Recorder", "fuse_pruned", "merge_runs", "merge_groups", "recentre_order"]
 
 
 def _kept_mask(kept, n):
@@ -74,6 +76,23 @@ def merge_runs(streams, kept, positions):
     merged = torch.zeros(b, T, dtype=positions.dtype, device=positions.device).scatter_reduce(
         1, group, positions, "amax", include_self=False)
     return tuple(out), merged, group
+
+
+def merge_groups(keep_plan, tokens):
+    """The rows of a checked ``KeepPlan`` grouped so that "merge" leaves every row of a group
+    with the same token count after each stage (lists of row indices, in order of their
+    first row): the counts follow from the plan alone (``reference.merge_runs`` on the
+    positions, on the host, where the plan was checked)."""
+    stages = [stage.detach().cpu().numpy() for stage in keep_plan.stages]
+    groups = {}
+    for r in range(stages[0].shape[0] if stages else 0):
+        current, counts = np.arange(tokens), []
+        for stage in stages:
+            kept = np.flatnonzero(np.isin(current, stage[r]))
+            _, current = R.merge_runs(np.zeros((len(current), 0)), kept, current)
+            counts.append(len(current))
+        groups.setdefault(tuple(counts), []).append(r)
+    return list(groups.values())
 
 
 def recentre_order(n, cls_at):

@@ -19,8 +19,8 @@ from alignscan import registry
 from alignscan.bridges import selective_scan_fn
 
 from .layers import drop_paths
-from .pruning import PruningConfig, check_images
-from .stages import Stages
+from .pruning import KeepPlan, PruningConfig, check_images
+from .stages import Stages, merge_groups
 
 __all__ = ["VisionMamba", "RMSNorm", "BiMambaMixer", "vim_tiny", "vim_small", "VIM_CONFIGS"]
 
@@ -202,7 +202,11 @@ class VisionMamba(nn.Module):
         """
         cfg = self.pruning
         if cfg.active and cfg.pruned_tokens == "merge" and images.shape[0] > 1:
-            return self._one_image_at_a_time(images, return_kept, keep_plan, record)
+            return self._merged_in_groups(images, return_kept, keep_plan, record)
+        return self._forward(images, return_kept, keep_plan, record)
+
+    def _forward(self, images, return_kept, keep_plan, record):
+        cfg = self.pruning
         hidden = self.embed(images)
         b, L, _ = hidden.shape
         stages = Stages(cfg, b, L, hidden.device, keep_plan=keep_plan, protected=self.cls_index)
@@ -227,22 +231,33 @@ class VisionMamba(nn.Module):
         return (logits, stages.kept_per_stage) if return_kept else logits
 
 
-    def _one_image_at_a_time(self, images, return_kept, keep_plan, record):
+    def _merged_in_groups(self, images, return_kept, keep_plan, record):
         """pruned_tokens="merge": each image has its own number of runs, so its own token count
-        after a stage; the batch runs one image at a time (the same result as alone)."""
+        after a stage. With a keep plan the counts are known beforehand and the images that
+        share them run together (``stages.merge_groups``); without one, one image at a time.
+        Each image gets the result it gets alone."""
         if record is not None:
             raise ValueError("record= with pruned_tokens='merge' takes one image per call (each image has its own "
                              f"token count), got a batch of {images.shape[0]}")
+        b = images.shape[0]
         if keep_plan is not None:
-            self.pruning.check_plan(keep_plan)
-        outputs = [self.forward(images[r:r + 1], return_kept=True,
-                                keep_plan=None if keep_plan is None else [keep_plan[s][r:r + 1]
-                                                                          for s in range(len(keep_plan))])
-                   for r in range(images.shape[0])]
-        logits = torch.cat([o[0] for o in outputs])
-        if not return_kept:
-            return logits
-        return logits, [[o[1][s][0] for o in outputs] for s in range(len(outputs[0][1]))]
+            if not isinstance(keep_plan, KeepPlan):
+                self.pruning.check_plan(keep_plan)
+                keep_plan = KeepPlan(keep_plan, self.num_tokens)
+            groups = merge_groups(keep_plan, self.num_tokens)
+        else:
+            groups = [[r] for r in range(b)]
+        logits, kept = [None] * b, [[None] * b for _ in self.pruning.schedule]
+        for rows in groups:
+            index = torch.as_tensor(rows, device=images.device)
+            plan = None if keep_plan is None else [stage[index.to(stage.device)] for stage in keep_plan.stages]
+            out, positions = self._forward(images[index], True, plan, None)
+            for j, r in enumerate(rows):
+                logits[r] = out[j]
+                for s, stage in enumerate(positions):
+                    kept[s][r] = stage[j]
+        logits = torch.stack(logits)
+        return (logits, kept) if return_kept else logits
 
 
 def vim_tiny(pruning=None, num_classes=1000, **kwargs):

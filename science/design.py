@@ -1,12 +1,31 @@
 """The design of the zero-shot experiment: its factors and their levels, in one place."""
 from alignscan.registry import CONV_MODES
 
-__all__ = ["KEEP_RATIOS", "MODES", "PAIRS", "CONVS", "FINETUNE_MODES", "FINETUNE_RATIOS", "SIGNIFICANCE",
+__all__ = ["KEEP_RATIOS", "MODES", "MODE_SETTINGS", "BOTH_CONVS", "PAIRS", "CONVS", "FINETUNE_MODES", "FINETUNE_RATIOS", "SIGNIFICANCE",
            "SPAN_REMOVED", "SPAN_SIDES", "PRIMARY", "SEEDS"]
 
 KEEP_RATIOS = (0.9, 0.7, 0.5, 0.3)
-MODES = ("align", "hold", "self", "relabel", "mask")
-PAIRS = (("align", "relabel"), ("hold", "relabel"), ("hold", "align"))
+# The rows of every table: the scan's alignments, the zeroed-in-place "mask", the baselines
+# that keep something of the pruned tokens (EViT's fused token, each run merged in place;
+# SPEC §4), each under align and relabel, and "released": the released ToP-ViM code's
+# selector (metric "official") and class-token re-centring, relabelled, with the count rule
+# of the other rows (so that every row keeps as many tokens). Under a keep plan the tokens
+# are the plan's, so "released" differs from "relabel" by the re-centring alone.
+MODE_SETTINGS = {
+    "align": dict(mode="align"), "hold": dict(mode="hold"), "self": dict(mode="self"),
+    "relabel": dict(mode="relabel"), "mask": dict(mode="mask"),
+    "align+fuse": dict(mode="align", pruned_tokens="fuse"), "relabel+fuse": dict(mode="relabel", pruned_tokens="fuse"),
+    "align+merge": dict(mode="align", pruned_tokens="merge"),
+    "relabel+merge": dict(mode="relabel", pruned_tokens="merge"),
+    "released": dict(mode="relabel", metric="official", recenter_cls=True),
+}
+MODES = tuple(MODE_SETTINGS)
+# The rows run with both convs; the baselines and "released" with the paper's compact conv
+# only (re-centring needs it; the others keep the run time of the full grid in bounds).
+BOTH_CONVS = ("align", "hold", "self", "relabel", "mask")
+# The paired comparisons of every cell (Holm-corrected together within a task and seed).
+PAIRS = (("align", "relabel"), ("hold", "relabel"), ("hold", "align"), ("mask", "align"), ("mask", "relabel"),
+         ("align+fuse", "relabel+fuse"), ("align+merge", "relabel+merge"), ("released", "relabel"))
 CONVS = CONV_MODES                 # ViM's conv1d: over the compacted tokens, or position-aware
 FINETUNE_MODES = ("align", "hold", "relabel")
 FINETUNE_RATIOS = (0.5, 0.3)

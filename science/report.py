@@ -77,7 +77,7 @@ def _span_markdown(span_rows, meta):
             if first is None:
                 continue
             cells = [f"{cell(get[('span_inside', conv, removed, m)])} / {cell(get[('span_outside', conv, removed, m)])}"
-                     for m in MODES]
+                     if ("span_inside", conv, removed, m) in get else "-" for m in MODES]
             lines.append(f"| {conv} | {removed} | {first['images']} | " + " | ".join(cells) + " |")
     return lines + [""]
 
@@ -140,7 +140,7 @@ def markdown(result):
         lines.append("")
     if result["fidelity"]:
         lines += ["### Fidelity: relative deviation of the remaining tokens' layer outputs from the dense model's at "
-                  "the same tokens", "", "| model | layer | tokens | align | hold | relabel |", "|---|---|---|---|---|---|"]
+                  "the same tokens; every mode on the same tokens (those the align model chooses)", "", "| model | layer | tokens | align | hold | relabel |", "|---|---|---|---|---|---|"]
         for label, modes in result["fidelity"].items():
             for a, h, rl in zip(modes["align"], modes["hold"], modes["relabel"]):
                 lines.append(f"| {label} | {a['layer']} | {a['tokens']} | {a['rel_dev']:.4f} | {h['rel_dev']:.4f} | "
@@ -164,7 +164,7 @@ def plot(result, task, path):
     selections = meta["selections"]
     fig, axes = plt.subplots(len(CONVS), len(selections), figsize=(max(4.6 * len(selections), 7.0), 3.8 * len(CONVS)),
                              squeeze=False, sharey=True, sharex=True)
-    styles = dict(zip(MODES, ("-o", "-s", ":^", "--v", "-.d")))
+    styles = dict(zip(MODES, itertools.cycle(("-o", "-s", ":^", "--v", "-.d", "-P", "--X", ":*", "-.h", "--p"))))
     for (i, conv), (j, selection) in itertools.product(enumerate(CONVS), enumerate(selections)):
         ax = axes[i, j]
         for mode in MODES:
@@ -174,6 +174,7 @@ def plot(result, task, path):
                 ax.plot(*zip(*pts), styles[mode], label=mode, ms=5)
         for p in _of_seed(result["paired"], meta):
             if p["task"] == task and p["selection"] == selection and p["conv"] == conv and p["b"] == "relabel" \
+                    and p["a"] in ("align", "hold") \
                     and p.get("p_holm", p["p_value"]) < SIGNIFICANCE:
                 ax.annotate("*" if p["a"] == "align" else "+", (p["keep"], 100 * (p["both"] + p["only_a"])
                                                                / (p["both"] + p["only_a"] + p["only_b"] + p["neither"])),

@@ -37,10 +37,12 @@ from alignscan.science.digits import (
 )
 
 from .design import (
+    BOTH_CONVS,
     CONVS,
     FINETUNE_MODES,
     FINETUNE_RATIOS,
     KEEP_RATIOS,
+    MODE_SETTINGS,
     MODES,
     PAIRS,
     PRIMARY,
@@ -72,9 +74,11 @@ QUICK_CONFIGS = {
 
 
 def _pruned_copy(dense, cfg, mode, ratio, metric, schedule, conv="compact"):
+    """The dense model's weights under a row of the design (``design.MODE_SETTINGS``; a
+    setting's own metric, "released"'s "official", wins over ``metric``)."""
     from alignscan.models.pruning import PruningConfig
-    model = build_model(cfg, pruning=PruningConfig(mode=mode, schedule=schedule, keep_ratio=ratio, metric=metric,
-                                                   conv=conv))
+    settings = {"metric": metric, **MODE_SETTINGS[mode]}
+    model = build_model(cfg, pruning=PruningConfig(schedule=schedule, keep_ratio=ratio, conv=conv, **settings))
     model.load_state_dict(dense.state_dict())
     return model.eval()
 
@@ -161,7 +165,8 @@ def run_task(task, cfg, schedule, selections, out_dir, cache_dir, quick, seed, l
     correct = {("dense",): dense_correct}
     predicted = {("dense",): dense_predicted}
     ratios = (0.7, 0.3) if quick else KEEP_RATIOS
-    jobs = [(s, c, r, m) for s in selections for c in CONVS for r in ratios for m in MODES]
+    jobs = [(s, c, r, m) for s in selections for c in CONVS for r in ratios for m in MODES
+            if c == "compact" or m in BOTH_CONVS]
     plans = {}
     for selection, conv, ratio, mode in progress_bar(jobs, desc=f"{task} zero-shot grid", leave=False):
         if (selection, ratio) not in plans:
@@ -217,7 +222,8 @@ def span_cells(task, model, cfg, schedule, x_test, y_test, marks, quick, correct
 
     from alignscan.science.distance_task import span_plans
     rows = []
-    jobs = [(k, c, m) for k in (SPAN_REMOVED[:1] if quick else SPAN_REMOVED) for c in CONVS for m in MODES]
+    jobs = [(k, c, m) for k in (SPAN_REMOVED[:1] if quick else SPAN_REMOVED) for c in CONVS for m in MODES
+            if c == "compact" or m in BOTH_CONVS]
     plans = {}
     for removed, conv, mode in progress_bar(jobs, desc="distance span cells", leave=False):
         if removed not in plans:
@@ -309,7 +315,7 @@ def digits_extras(model, cfg, schedule, test, quick, log):
     return rows, fidelity_table(model, cfg, schedule, x_test, quick=quick)
 
 
-def fidelity(dense, pruned, images):
+def fidelity(dense, pruned, images, keep_plan=None):
     """Per layer after the first pruning: ||pruned - dense at the same tokens|| / ||dense there||."""
     import torch
 
@@ -317,7 +323,7 @@ def fidelity(dense, pruned, images):
     record_dense, record_pruned = Recorder(), Recorder()
     with torch.no_grad():
         dense(images, record=record_dense)
-        pruned(images, record=record_pruned)
+        pruned(images, record=record_pruned, keep_plan=keep_plan)
     trace_dense, trace_pruned = record_dense.trace, record_pruned.trace
     rows = []
     total = trace_dense[0][1].shape[1]
@@ -330,9 +336,14 @@ def fidelity(dense, pruned, images):
     return rows
 
 
+FIDELITY_MODES = ("align", "hold", "relabel")
+
+
 def fidelity_table(digits_model, cfg, schedule, x_test, quick=False):
     """Fidelity of "align", "hold" and "relabel" on the trained digits ViM and on random-init
-    ViM-S and PlainMamba-L3 (paper presets)."""
+    ViM-S and PlainMamba-L3 (paper presets), every mode on the same tokens: those the
+    "align" model chooses itself (a shared keep plan), so that the table compares the
+    alignments alone, not what each would have selected."""
     import torch
 
     from alignscan import models
@@ -352,7 +363,10 @@ def fidelity_table(digits_model, cfg, schedule, x_test, quick=False):
             return m.eval()
         cases.append((f"{name} (random init)", make, dense, images))
     for label, make, dense, images in progress_bar(cases, desc="fidelity", leave=False):
-        out[label] = {mode: fidelity(dense, make(mode), images) for mode in ("align", "hold", "relabel")}
+        with torch.no_grad():
+            _, plan = make("align")(images, return_kept=True)
+        out[label] = {mode: fidelity(dense, make(mode), images, keep_plan=plan) for mode in FIDELITY_MODES}
+        out[label]["selection"] = "shared: the align model's own"
     return out
 
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from alignscan.science.design import MODES, PAIRS
 from alignscan.science.digits import DigitsConfig, load_digits_split, trained_model, weights_digest
 from alignscan.science.stats import bootstrap_interval
 from alignscan.science.zero_shot import fidelity
@@ -116,14 +117,13 @@ def test_zero_shot_quick_writes_paired_results_tables_and_figures(tmp_path):
     assert result["quick"] is True
     rows = result["rows"]
     assert {r["task"] for r in rows} == {"digits", "distance"}
-    assert {r["mode"] for r in rows} == {"dense", "align", "hold", "relabel", "self", "mask"}
+    assert {r["mode"] for r in rows} == {"dense", *MODES}
     assert any(r["finetuned"] for r in rows)
     paired = result["paired"]
     assert {p["selection"] for p in paired} >= {"dense", "random", "background", "own"}
     assert {p["conv"] for p in paired} == {"compact", "position_aware"}
-    modes = ("align", "hold", "self", "relabel", "mask")
-    assert {(p["a"], p["b"]) for p in paired} == {("align", "relabel"), ("hold", "relabel"), ("hold", "align")} | \
-        {(f"{m}@inside", f"{m}@outside") for m in modes}
+    assert ("mask", "align") in PAIRS and ("align+fuse", "relabel+fuse") in PAIRS and ("released", "relabel") in PAIRS
+    assert {(p["a"], p["b"]) for p in paired} == set(PAIRS) | {(f"{m}@inside", f"{m}@outside") for m in MODES}
     span_images = {(r["conv"], r["removed"]): r["images"] for r in rows if r["selection"].startswith("span_")}
     assert {r["selection"] for r in rows if "removed" in r} == {"span_inside", "span_outside"}
     assert 0 < result["tasks"]["distance"]["model"]["test_pairs_seen_in_training"] <= 1     # the shortcut, reported
@@ -148,6 +148,10 @@ def test_zero_shot_quick_writes_paired_results_tables_and_figures(tmp_path):
                 assert abs((saved[f"predicted/{key}"] == labels).mean() - r["top1"]) < 1e-12
     assert set(result["fidelity"]) == {"digits ViM (trained)", "vim_small (random init)",
                                        "plainmamba_l3 (random init)"}
+    for modes in result["fidelity"].values():          # every mode on the same tokens
+        assert modes["selection"].startswith("shared")
+        assert [r["tokens"] for r in modes["align"]] == [r["tokens"] for r in modes["hold"]] \
+            == [r["tokens"] for r in modes["relabel"]]
     for task in ("digits", "distance"):
         assert (tmp_path / f"zero_shot_{task}.png").stat().st_size > 1000
     table = (tmp_path / "zero_shot.md").read_text()
