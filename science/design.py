@@ -2,7 +2,7 @@
 from alignscan.registry import CONV_MODES
 
 __all__ = ["KEEP_RATIOS", "MODES", "MODE_SETTINGS", "BOTH_CONVS", "PAIRS", "CONVS", "FINETUNE_MODES", "FINETUNE_RATIOS", "SIGNIFICANCE",
-           "SPAN_REMOVED", "SPAN_SIDES", "PRIMARY", "SEEDS"]
+           "SPAN_REMOVED", "SPAN_SIDES", "PRIMARY", "SEED_CONTRASTS", "SEEDS"]
 
 KEEP_RATIOS = (0.9, 0.7, 0.5, 0.3)
 # The rows of every table: the scan's alignments, the zeroed-in-place "mask", the baselines
@@ -39,4 +39,8 @@ SPAN_SIDES = ("inside", "outside")
 # training seeds (sign test and t-interval of the per-seed difference). Every other
 # across-seed row is Holm-corrected within its task.
 PRIMARY = {"conv": "compact", "side": "inside", "removed": 8, "a": "align", "b": "relabel"}
+# The contrasts tested across seeds in every span cell: the primary pair, and the same
+# alignment contrast where the pruned tokens are not lost (fused, merged). All but the
+# primary row are Holm-corrected together.
+SEED_CONTRASTS = ((PRIMARY["a"], PRIMARY["b"]), ("align+fuse", "relabel+fuse"), ("align+merge", "relabel+merge"))
 SEEDS = (0, 1, 2, 3, 4)

@@ -46,13 +46,14 @@ from .design import (
     MODES,
     PAIRS,
     PRIMARY,
+    SEED_CONTRASTS,
     SPAN_REMOVED,
     SPAN_SIDES,
 )
 from .report import markdown, plot
 from .stats import BOOTSTRAP, bootstrap_interval, holm, mcnemar_exact, paired_counts, sign_test, t_interval
 
-__all__ = ["mcnemar_exact", "paired_counts", "run", "TASK_CONFIGS"]
+__all__ = ["mcnemar_exact", "paired_counts", "run", "reanalyse", "per_image_correct", "TASK_CONFIGS"]
 
 
 # The two tasks' models. Digits: pruned after layers 2, 4, 6 of 8; distance: after 2 and 4 of
@@ -371,11 +372,11 @@ def fidelity_table(digits_model, cfg, schedule, x_test, quick=False):
 
 
 def across_seeds(task, per_seed):
-    """The span contrasts across training seeds: for each conv, number removed and side, the
-    per-seed difference align - relabel in accuracy (and, per conv and number, the
-    asymmetry: that difference inside minus outside), with its mean, 95 % t-interval and an
-    exact sign test. The PRIMARY row (fixed in ``design``) is tested alone; the others are
-    Holm-corrected among themselves (``p_holm``)."""
+    """The span contrasts across training seeds: for each pair of ``design.SEED_CONTRASTS``,
+    conv, number removed and side, the per-seed difference a - b in accuracy (and, per conv
+    and number, the asymmetry: that difference inside minus outside), with its mean, 95 %
+    t-interval and an exact sign test. The PRIMARY row (fixed in ``design``) is tested alone;
+    the others are Holm-corrected among themselves (``p_holm``)."""
     out = []
     seeds = [s for s, _ in per_seed]
 
@@ -384,21 +385,22 @@ def across_seeds(task, per_seed):
         return float(np.mean(correct[key])) if key in correct else None
 
     levels = sorted({k[2] for _, c in per_seed for k in c if len(k) == 4 and str(k[0]).startswith("span_")})
-    for conv in CONVS:
-        for removed in levels:
-            diffs = {}
-            for side in SPAN_SIDES:
-                values = [accuracy(c, side, conv, removed, PRIMARY["a"]) for _, c in per_seed]
-                others = [accuracy(c, side, conv, removed, PRIMARY["b"]) for _, c in per_seed]
-                if any(v is None for v in values + others):
-                    continue
-                diffs[side] = [a - b for a, b in zip(values, others)]
-                out.append({"task": task, "conv": conv, "removed": removed, "contrast": f"{PRIMARY['a']} - "
-                            f"{PRIMARY['b']} @{side}", "differences": diffs[side]})
-            if len(diffs) == 2:
-                out.append({"task": task, "conv": conv, "removed": removed,
-                            "contrast": f"({PRIMARY['a']} - {PRIMARY['b']}) @inside - @outside",
-                            "differences": [a - b for a, b in zip(diffs["inside"], diffs["outside"])]})
+    for a, b in SEED_CONTRASTS:
+        for conv in CONVS:
+            for removed in levels:
+                diffs = {}
+                for side in SPAN_SIDES:
+                    values = [accuracy(c, side, conv, removed, a) for _, c in per_seed]
+                    others = [accuracy(c, side, conv, removed, b) for _, c in per_seed]
+                    if any(v is None for v in values + others):
+                        continue
+                    diffs[side] = [x - y for x, y in zip(values, others)]
+                    out.append({"task": task, "conv": conv, "removed": removed, "contrast": f"{a} - {b} @{side}",
+                                "differences": diffs[side]})
+                if len(diffs) == 2:
+                    out.append({"task": task, "conv": conv, "removed": removed,
+                                "contrast": f"({a} - {b}) @inside - @outside",
+                                "differences": [x - y for x, y in zip(diffs["inside"], diffs["outside"])]})
     for row in out:
         mean, low, high = t_interval(row["differences"])
         row.update(seeds=seeds, mean=mean, t95=(low, high), p_sign=sign_test(row["differences"]),
@@ -408,6 +410,43 @@ def across_seeds(task, per_seed):
     for row, adjusted in zip(secondary, holm([r["p_sign"] for r in secondary])):
         row["p_holm"], row["comparisons"] = adjusted, len(secondary)
     return out
+
+
+def per_image_correct(path):
+    """The correctness vectors of a per-image file (``save_per_image``), keyed as the run keys
+    them: ("dense",) and (selection, conv, keep ratio or number removed, mode)."""
+    saved = np.load(path)
+    labels = saved["labels"]
+    correct = {}
+    for name in saved.files:
+        if not name.startswith("predicted/"):
+            continue
+        cell = name[len("predicted/"):]
+        if cell == "dense":
+            correct[("dense",)] = saved[name] == labels
+            continue
+        selection, conv, level, mode = cell.split("|")
+        level = int(level) if selection.startswith("span_") else float(level)
+        truth = labels[saved[f"index/{cell}"]] if f"index/{cell}" in saved.files else labels
+        correct[(selection, conv, level, mode)] = saved[name] == truth
+    return correct
+
+
+def reanalyse(out_dir):
+    """Redo the across-seed contrasts of a finished run from its saved per-image files (the
+    seeds it included), and rewrite its JSON and Markdown: a change to the contrasts needs no
+    new run. Returns the result dict."""
+    import json
+    out_dir = Path(out_dir)
+    result = json.loads((out_dir / "zero_shot.json").read_text())
+    result["across_seeds"] = []
+    for task, summaries in result["per_seed"].items():
+        included = [(m["seed"], per_image_correct(out_dir / m["per_image"])) for m in summaries if m["included"]]
+        if len(included) > 1:
+            result["across_seeds"] += across_seeds(task, included)
+    write_json(out_dir / "zero_shot.json", result)
+    write_text(out_dir / "zero_shot.md", markdown(result))
+    return result
 
 
 def run(out_dir, quick=False, cache_dir=None, seed=0, log=print, tasks=("digits", "distance"), seeds=None):

@@ -216,3 +216,26 @@ def test_plainmamba_refuses_what_it_has_no_place_for_and_flops_count_the_fused_t
     assert fuse > drop
     with pytest.raises(ValueError, match="counted"):
         models.flops("vim_small", models.paper_preset("vim_small", pruned_tokens="merge"))
+
+
+def test_merge_groups_put_together_exactly_the_rows_with_equal_counts():
+    """From a keep plan alone: the rows that "merge" leaves with the same token count after
+    every stage, checked against the reference merge of each row."""
+    from alignscan.models.pruning import KeepPlan
+    from alignscan.models.stages import merge_groups
+    plan = KeepPlan([torch.tensor([[0, 1, 5, 8, 12, 16], [0, 1, 6, 8, 12, 16], [0, 1, 2, 8, 9, 10]]),
+                     torch.tensor([[1, 8, 16], [1, 8, 16], [1, 8, 9]])], 17)
+    groups = merge_groups(plan, 17)
+    assert sorted(r for g in groups for r in g) == [0, 1, 2]
+
+    def counts(r):
+        current, out = np.arange(17), []
+        for stage in plan.stages:
+            _, current = R.merge_runs(np.zeros((len(current), 1)), np.flatnonzero(np.isin(current, stage[r].numpy())),
+                                      current)
+            out.append(len(current))
+        return out
+    for g in groups:
+        assert len({tuple(counts(r)) for r in g}) == 1
+    assert len({tuple(counts(g[0])) for g in groups}) == len(groups)
+    assert groups == [[0, 1], [2]]

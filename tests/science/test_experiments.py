@@ -305,6 +305,25 @@ def test_zero_shot_across_seeds_on_the_held_out_task(tmp_path):
     for p in result["paired"]:
         assert p["comparisons"] == sum(q["seed"] == p["seed"] for q in result["paired"])
     assert "Training seeds" in (tmp_path / "zero_shot.md").read_text()
+    # The across-seed contrasts redone from the per-image files alone (both seeds counted as
+    # included) equal the differences of the rows the run computed.
+    from alignscan.science.zero_shot import reanalyse
+    for m in result["per_seed"]["heldout"]:
+        m["included"] = True
+    (tmp_path / "zero_shot.json").write_text(json.dumps(result))
+    again = reanalyse(tmp_path)
+    top1 = {(r["seed"], r["selection"], r["conv"], r["removed"], r["mode"]): r["top1"]
+            for r in result["rows"] if "removed" in r}
+    contrasts = [r for r in again["across_seeds"] if "@inside - @outside" not in r["contrast"]]
+    assert {r["contrast"].split(" @")[0] for r in contrasts} == {"align - relabel", "align+fuse - relabel+fuse",
+                                                                "align+merge - relabel+merge"}
+    for r in contrasts:
+        (a, b), side = r["contrast"].split(" @")[0].split(" - "), r["contrast"].split(" @")[1]
+        expected = [top1[(s, f"span_{side}", r["conv"], r["removed"], a)] - top1[(s, f"span_{side}", r["conv"],
+                                                                                  r["removed"], b)] for s in (0, 1)]
+        assert r["differences"] == pytest.approx(expected)
+    assert sum(r["primary"] for r in again["across_seeds"]) == 0          # quick: 4 removed only, not the primary's 8
+    assert "Across the 2 included seeds" in (tmp_path / "zero_shot.md").read_text()
     bad = subprocess.run([sys.executable, "-m", "alignscan.bench", "zero-shot", "--seeds", "0,x", "--quick", "--out",
                           str(tmp_path / "bad")], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "--seeds" in bad.stderr
