@@ -324,6 +324,8 @@ def test_zero_shot_across_seeds_on_the_held_out_task(tmp_path):
         assert r["differences"] == pytest.approx(expected)
     assert sum(r["primary"] for r in again["across_seeds"]) == 0          # quick: 4 removed only, not the primary's 8
     assert "Across the 2 included seeds" in (tmp_path / "zero_shot.md").read_text()
+    record = json.loads((tmp_path / "zero_shot_run.json").read_text())["zero_shot"]
+    assert record["reanalysed"] and len(record["across_seeds"]) == len(again["across_seeds"])
     bad = subprocess.run([sys.executable, "-m", "alignscan.bench", "zero-shot", "--seeds", "0,x", "--quick", "--out",
                           str(tmp_path / "bad")], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "--seeds" in bad.stderr
