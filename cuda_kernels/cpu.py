@@ -133,6 +133,17 @@ def _held_step(b, g, i, t, wc, q, AT, Dl, DU, Dprev, DUprev, Bt, Hout, weights, 
 
 
 @cached_njit(inline="always")
+def _block_of(task, groups, nblk, per_group):
+    """(batch b, group g, block k of the group, first channel d0, channels wc) of a task: a
+    block of CHANNEL_BLOCK channels of one (batch, group), the last block of a group partial."""
+    b = task // (groups * nblk)
+    g = (task // nblk) % groups
+    k = task % nblk
+    d0 = g * per_group + k * CHANNEL_BLOCK
+    return b, g, k, d0, min(CHANNEL_BLOCK, (g + 1) * per_group - d0)
+
+
+@cached_njit(inline="always")
 def _held_token(q, wc, AT, dl, dl_prev, du, du_prev, b_row, b_prev, c_row, H, y):
     """"hold" (reference.hold), a token after a gap of q <= HOLD_DIRECT_STEPS steps, in one
     pass over the states: with a = exp(Δ_i·A) and r = exp(Δ_{i-1}·A),
@@ -183,11 +194,7 @@ def _forward_kernel(u, delta, A, Bt, Ct, D, z, delta_bias, coef_self, coef_prev,
     K = max(1, min(CHUNK, M))
     nblk = (per_group + W - 1) // W
     for task in prange(batch * groups * nblk):
-        b = task // (groups * nblk)
-        g = (task // nblk) % groups
-        k = task % nblk
-        d0 = g * per_group + k * W
-        wc = min(W, (g + 1) * per_group - d0)
+        b, g, k, d0, wc = _block_of(task, groups, nblk, per_group)
         H = np.empty((N, W), dtype=u.dtype)             # the state h of the last token done
         AT = np.empty((N, W), dtype=u.dtype)
         Dl = np.empty((K, W), dtype=u.dtype)
@@ -280,11 +287,7 @@ def _backward_kernel(dout, u, delta, A, Bt, Ct, D, z, delta_bias, coef_self, coe
     nblk = (per_group + W - 1) // W
     nchunks = (M + K - 1) // K
     for task in prange(batch * groups * nblk):
-        b = task // (groups * nblk)
-        g = (task // nblk) % groups
-        k = task % nblk
-        d0 = g * per_group + k * W
-        wc = min(W, (g + 1) * per_group - d0)
+        b, g, k, d0, wc = _block_of(task, groups, nblk, per_group)
         # Task-local buffers, token-major: the innermost loops run over the block's channels.
         H = np.empty((K + 1, N, W), dtype=u.dtype)      # H[t + 1] = h of token t0 + t; H[0] the chunk's start
         Adec = np.empty((K, N, W), dtype=u.dtype)       # deltaA_i = exp(E_i·A)

@@ -26,6 +26,11 @@ from .pruning import KeepPlan, plan_indices, select_kept, token_scores
 __all__ = ["Stages", "Recorder", "fuse_pruned", "merge_runs", "merge_groups", "recentre_order"]
 
 
+def _gather_tokens(streams, index):
+    """Each (b, n, D) stream at the token indices ``index`` (b, K) -> (b, K, D)."""
+    return tuple(torch.gather(t, 1, index[..., None].expand(-1, -1, t.shape[-1])) for t in streams)
+
+
 def _kept_mask(kept, n):
     return torch.zeros(kept.shape[0], n, dtype=torch.bool, device=kept.device).scatter(1, kept, True)
 
@@ -45,11 +50,8 @@ def fuse_pruned(streams, kept, scores):
     """EViT's fused token (``reference.fuse_pruned``): each (b, n, D) stream becomes its kept
     tokens followed by the pruned tokens' weighted average, (b, K + 1, D)."""
     weights = fusion_weights(scores, kept)
-    out = []
-    for t in streams:
-        fused = torch.einsum("bn,bnd->bd", weights.to(t.dtype), t)[:, None]
-        out.append(torch.cat([torch.gather(t, 1, kept[..., None].expand(-1, -1, t.shape[-1])), fused], dim=1))
-    return tuple(out)
+    return tuple(torch.cat([k, torch.einsum("bn,bnd->bd", weights.to(t.dtype), t)[:, None]], dim=1)
+                 for t, k in zip(streams, _gather_tokens(streams, kept)))
 
 
 def merge_runs(streams, kept, positions):
@@ -189,44 +191,41 @@ class Stages:
             alive = torch.zeros(self.positions.shape, dtype=torch.bool, device=kept.device).scatter(1, kept, True)
             self.kept_per_stage.append(kept)
             return tuple(t * alive[..., None].to(t.dtype) for t in streams)
-        if cfg.pruned_tokens == "drop":
-            streams = tuple(torch.gather(t, 1, kept[..., None].expand(-1, -1, t.shape[-1])) for t in streams)
-        if cfg.recenter_cls:
-            # The released code's bookkeeping: the class token to the middle of the kept tokens,
-            # scanned in that order with the gaps closed ("relabel").
-            cls_at = (kept == self.protected_at).long().argmax(dim=1, keepdim=True)
-            order = recentre_order(kept.shape[1], cls_at)
-            streams = tuple(torch.gather(t, 1, order[..., None].expand(-1, -1, t.shape[-1])) for t in streams)
-            self.positions = torch.gather(torch.gather(self.positions, 1, kept), 1, order)
-            self.protected_at = torch.full_like(cls_at, kept.shape[1] // 2)
-            b, K = self.positions.shape
-            self.position_map = TorchPositionMap.trusted(torch.arange(K, device=kept.device).expand(b, K), K)
-        elif cfg.pruned_tokens == "drop":
-            # SPEC §3: positions compose; the map is made once per stage and handed to every scan.
-            # The model's own sorted indices: a map correct by construction, made on the device.
-            self.position_map = TorchPositionMap.trusted(kept, self.tokens) if self.position_map is None \
-                else self.position_map.compose(kept)
-            self.positions = self.position_map.positions
-            if self.protected_at is not None:
-                self.protected_at = (kept == self.protected_at).long().argmax(dim=1, keepdim=True)
-        elif cfg.pruned_tokens == "fuse" and kept.shape[1] == self.positions.shape[1]:   # nothing pruned, nothing fused
-            streams = tuple(torch.gather(t, 1, kept[..., None].expand(-1, -1, t.shape[-1])) for t in streams)
-            self.positions = torch.gather(self.positions, 1, kept)
-            self.position_map = TorchPositionMap.trusted(self.positions, self.tokens + len(cfg.schedule))
-        elif cfg.pruned_tokens == "fuse":
-            # EViT: the kept tokens, then the pruned ones fused into one, at slot L + stage (after
-            # the whole path; the map's path is L + stages long).
-            streams = fuse_pruned(streams, kept, token_scores(y, cfg.metric))
-            b = kept.shape[0]
-            slot = torch.full((b, 1), self.tokens + stage, dtype=torch.int64, device=kept.device)
-            self.positions = torch.cat([torch.gather(self.positions, 1, kept), slot], dim=1)
-            self.position_map = TorchPositionMap.trusted(self.positions, self.tokens + len(cfg.schedule))
-            if self.protected_at is not None:
-                self.protected_at = (kept == self.protected_at).long().argmax(dim=1, keepdim=True)
-        else:   # "merge"
+        # Where the protected token sits among the kept ones (fused tokens come after them).
+        cls_at = None if self.protected_at is None else (kept == self.protected_at).long().argmax(dim=1, keepdim=True)
+        if cfg.pruned_tokens == "merge":
             streams, self.positions, group = merge_runs(streams, kept, self.positions)
             self.position_map = TorchPositionMap.trusted(self.positions, self.tokens)
             if self.protected_at is not None:
                 self.protected_at = torch.gather(group, 1, self.protected_at)
+        elif cfg.pruned_tokens == "fuse":
+            # EViT: the kept tokens, then the pruned ones fused into one, at slot L + stage (after
+            # the whole path; the map's path is L + stages long); nothing pruned, nothing fused.
+            self.positions = torch.gather(self.positions, 1, kept)
+            if kept.shape[1] < streams[0].shape[1]:
+                streams = fuse_pruned(streams, kept, token_scores(y, cfg.metric))
+                slot = torch.full((kept.shape[0], 1), self.tokens + stage, dtype=torch.int64, device=kept.device)
+                self.positions = torch.cat([self.positions, slot], dim=1)
+            else:
+                streams = _gather_tokens(streams, kept)
+            self.position_map = TorchPositionMap.trusted(self.positions, self.tokens + len(cfg.schedule))
+            self.protected_at = cls_at
+        elif cfg.recenter_cls:
+            # The released code's bookkeeping: the class token to the middle of the kept tokens,
+            # scanned in that order with the gaps closed ("relabel").
+            order = recentre_order(kept.shape[1], cls_at)
+            streams = _gather_tokens(_gather_tokens(streams, kept), order)
+            self.positions = torch.gather(torch.gather(self.positions, 1, kept), 1, order)
+            self.protected_at = torch.full_like(cls_at, kept.shape[1] // 2)
+            b, K = self.positions.shape
+            self.position_map = TorchPositionMap.trusted(torch.arange(K, device=kept.device).expand(b, K), K)
+        else:
+            # SPEC §3: positions compose; the map is made once per stage and handed to every scan.
+            # The model's own sorted indices: a map correct by construction, made on the device.
+            streams = _gather_tokens(streams, kept)
+            self.position_map = TorchPositionMap.trusted(kept, self.tokens) if self.position_map is None \
+                else self.position_map.compose(kept)
+            self.positions = self.position_map.positions
+            self.protected_at = cls_at
         self.kept_per_stage.append(self.positions)
         return streams
