@@ -217,7 +217,7 @@ def run_models(args):
 def run_zero_shot(args):
     from alignscan.science import zero_shot
     result = zero_shot.run(args.out, quick=args.quick, cache_dir=args.cache, seed=args.seed, tasks=args.tasks,
-                           seeds=args.seeds)
+                           seeds=args.seeds, jobs=args.jobs)
     print()
     print((args.out / "zero_shot.md").read_text())
     print(f"Table: {(args.out / 'zero_shot.md').resolve()}")
@@ -319,6 +319,10 @@ def build_parser():
     z.add_argument("--seeds", default=None,
                    help="comma-separated training seeds, e.g. 0,1,2,3,4: every task is trained and run once per seed, "
                         "and the span contrasts are tested across the seeds that reach their bar (default: --seed)")
+    z.add_argument("--jobs", type=int, default=1,
+                   help="how many (task, seed) jobs run at once, each in its own process with --threads shared out "
+                        "(at least 1 each); 2 with --threads 2 keeps both cores busy where one process's small "
+                        "ops leave one idle (default 1: one after the other)")
     z.add_argument("--tasks", default="digits,distance",
                    help="comma-separated tasks: digits, distance, heldout (the distance task with test mark pairs "
                         "never seen in training, trained to a 95 %% bar; default digits,distance)")
@@ -370,6 +374,8 @@ def check_arguments(args):
             if not seeds or min(seeds) < 0:
                 raise UsageError(f"--seeds must be comma-separated non-negative integers, got {args.seeds!r}")
             args.seeds = seeds
+        if args.jobs < 1:
+            raise UsageError(f"--jobs must be >= 1, got {args.jobs}")
     if args.command == "visualize":
         if args.image is not None and not Path(args.image).is_file():
             raise UsageError(f"--image must be an existing image file (PNG or JPEG), got {args.image!r}")

@@ -53,7 +53,8 @@ from .design import (
 from .report import markdown, plot
 from .stats import BOOTSTRAP, bootstrap_interval, holm, mcnemar_exact, paired_counts, sign_test, t_interval
 
-__all__ = ["mcnemar_exact", "paired_counts", "run", "reanalyse", "per_image_correct", "TASK_CONFIGS"]
+__all__ = ["mcnemar_exact", "paired_counts", "run", "seed_job", "extras_job", "shown_seed", "reanalyse", "per_image_correct",
+           "TASK_CONFIGS"]
 
 
 # The two tasks' models. Digits: pruned after layers 2, 4, 6 of 8; distance: after 2 and 4 of
@@ -153,14 +154,11 @@ def run_task(task, cfg, schedule, selections, out_dir, cache_dir, quick, seed, l
     log(f"{task} ViM (dim {cfg.embed_dim}, depth {cfg.depth}, position embedding {cfg.position_embedding}): "
         f"{'loaded from cache' if info['source'] == 'cache' else 'trained'} {info['path']}"
         + (f" ({info['train_seconds']:.0f} s)" if info.get("train_seconds") else ""))
-    _, _, x_test, y_test = load_split(cfg)
+    x_test, y_test = _test_images(cfg, quick)
     marks = None
     if cfg.task == "distance":
         from alignscan.science.distance_task import distance_marks
-        marks = distance_marks("test", cfg.split_seed, cfg.held_out_pairs)
-    if quick:
-        x_test, y_test = x_test[:64], y_test[:64]
-        marks = None if marks is None else marks[:64]
+        marks = distance_marks("test", cfg.split_seed, cfg.held_out_pairs)[:len(y_test)]
     _, dense_correct, dense_predicted = evaluate(model, x_test, y_test, predictions=True)
     rows = [_row(task, "dense", 1.0, "-", "-", dense_correct)]
     correct = {("dense",): dense_correct}
@@ -456,56 +454,174 @@ def reanalyse(out_dir):
     return result
 
 
-def run(out_dir, quick=False, cache_dir=None, seed=0, log=print, tasks=("digits", "distance"), seeds=None):
+def _worker_start(threads):
+    """A worker process of ``run(jobs > 1)``: its share of the threads, and no progress bars
+    (several workers' bars would overwrite each other; the parent shows one over the jobs)."""
+    import os
+
+    import numba
+    import torch
+    os.environ["TQDM_DISABLE"] = "1"
+    numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
+    torch.set_num_threads(numba.get_num_threads())
+
+
+def _job_log(prefix):
+    def log(message):
+        print(f"[{prefix}] {message}", flush=True)
+    return log
+
+
+def _test_images(cfg, quick):
+    _, _, x_test, y_test = load_split(cfg)
+    return (x_test[:64], y_test[:64]) if quick else (x_test, y_test)
+
+
+def seed_job(task, seed, quick, out_dir, cache_dir, single=False, log=None):
+    """One training seed of one task, start to end: the model (trained to its bar or from the
+    cache), its grid, its paired tests (Holm within this task and seed) and its per-image
+    file in ``out_dir`` (named with the seed unless ``single``). Returns what ``run``
+    assembles (plain data: it crosses processes)."""
+    log = log or _job_log(f"{task} seed {seed}")
+    cfg, schedule, selections = (QUICK_CONFIGS if quick else TASK_CONFIGS)[task]
+    start = time.perf_counter()
+    _, _, info, test, rows, correct, per_image = run_task(task, cfg, schedule, selections, out_dir, cache_dir, quick,
+                                                          seed, log)
+    out_dir = Path(out_dir)
+    name = f"zero_shot_images_{task}.npz" if single else f"zero_shot_images_{task}_seed{seed}.npz"
+    per_image_path = save_per_image(out_dir / name, task, per_image, seed)
+    ratios = sorted({r["keep_ratio"] for r in rows if r["mode"] != "dense" and "removed" not in r}, reverse=True)
+    training = info.get("training") or {}
+    reached = training.get("reached_bar", True) if training.get("bar") else True
+    paired = paired_rows(task, correct, ratios, selections)
+    for row in rows + paired:
+        row["seed"] = seed
+    summary = {"seed": seed, "dense": rows[0]["top1"], "training": training, "included": reached,
+               "per_image": per_image_path.name, "job_seconds": time.perf_counter() - start,
+               **{k: info[k] for k in ("test_pairs_seen_in_training", "dense_shuffled_positions") if k in info}}
+    shown = {"model": info, "schedule": list(schedule), "test_images": int(len(test[1])),
+             "selections": list(selections), "per_image": per_image_path.name, "seed": seed}
+    return {"task": task, "seed": seed, "rows": rows, "paired": paired, "summary": summary, "shown": shown}
+
+
+def extras_job(seed, quick, cache_dir, log=None):
+    """The digits extras (``digits_extras``) on the model of one training seed, from the cache
+    its seed job filled (retrained, identically, where that cache could not be written)."""
+    log = log or _job_log(f"digits extras, seed {seed}")
+    cfg, schedule, _ = (QUICK_CONFIGS if quick else TASK_CONFIGS)["digits"]
+    cfg = replace(cfg, seed=seed)
+    model, _ = trained_model(cfg, cache_dir, log=log)
+    rows, fidelity = digits_extras(model, cfg, schedule, _test_images(cfg, quick), quick, log)
+    return {"rows": [dict(r, seed=seed) for r in rows], "fidelity": fidelity}
+
+
+def shown_seed(seeds, done):
+    """The seed whose model a task's tables and figure show: the first (in ``seeds``' order)
+    that reached its training bar, else the last; None while that is not yet known (``done``:
+    seed -> whether it reached its bar, for the seeds finished so far)."""
+    for s in seeds:
+        if s not in done:
+            return None
+        if done[s]:
+            return s
+    return seeds[-1]
+
+
+class _InProcess:
+    """``run(jobs=1)``: the jobs one after the other in this process, through the interface
+    of the process pool the parallel run uses."""
+
+    def submit(self, fn, *args):
+        from concurrent.futures import Future
+        future = Future()
+        future.set_result(fn(*args))
+        return future
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def run(out_dir, quick=False, cache_dir=None, seed=0, log=print, tasks=("digits", "distance"), seeds=None, jobs=1):
     """Every task's grid for every training seed, the paired comparisons (Holm within task
     and seed), the across-seed span contrasts, the digits extras; JSON, Markdown, figures.
     The tables and figures show the first seed that reached its training bar; every seed's
-    rows, paired tests and per-image file are in the JSON."""
+    rows, paired tests and per-image file are in the JSON.
+
+    jobs: how many (task, seed) jobs run at once, each in its own process with this
+    process's threads shared out (at least one each); 1: one after the other, here. The
+    results do not depend on the order the jobs finish in; they can differ in the last
+    bits with the threads a job gets (torch's reductions), as any change of thread count."""
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    import numba
+    start = time.perf_counter()
     out_dir = Path(out_dir)
     cache_dir = Path(cache_dir) if cache_dir is not None else out_dir / "cache"
-    configs = QUICK_CONFIGS if quick else TASK_CONFIGS
     seeds = tuple(seeds) if seeds is not None else (seed,)
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ValueError(f"jobs must be a positive integer, got {jobs!r}")
+    threads = max(1, numba.get_num_threads() // jobs)
     result = {"quick": quick, "seed": seeds[0], "seeds": list(seeds), "rows": [], "paired": [], "tasks": {},
               "fidelity": {}, "per_seed": {}, "across_seeds": [],
+              "jobs": {"processes": jobs, "threads_each": threads if jobs > 1 else numba.get_num_threads()},
               "spread": f"95% bootstrap intervals over the test images ({BOOTSTRAP} resamples); paired: exact McNemar "
                         f"test on the images two modes disagree on, Holm-adjusted within each task and training seed; "
                         f"across seeds: t-interval and sign test of the per-seed differences; training seeds "
                         f"{', '.join(map(str, seeds))}"}
     out_dir.mkdir(parents=True, exist_ok=True)
+    # Seed-major, the long distance jobs first within a seed; the digits extras go to the
+    # front of the queue as soon as the seed they use is known.
+    order = sorted(((t, s) for t in tasks for s in seeds),
+                   key=lambda ts: (seeds.index(ts[1]), ts[0] == "digits"))
+    queue = [("seed", t, s) for t, s in order]
+    finished, extras = {}, None
+    pool = (ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_start,
+                                initargs=(threads,)) if jobs > 1 else _InProcess())
+    with pool, progress_bar(total=len(queue) + ("digits" in tasks), desc="zero-shot jobs") as bar:
+        in_flight = {}
+        while queue or in_flight:
+            while queue and len(in_flight) < jobs:
+                job = queue.pop(0)
+                args = ((seed_job, job[1], job[2], quick, out_dir, cache_dir, len(seeds) == 1) if job[0] == "seed"
+                        else (extras_job, job[2], quick, cache_dir))
+                in_flight[pool.submit(*args)] = job
+            done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
+            for future in done:
+                job = in_flight.pop(future)
+                bar.update(1)
+                if job[0] == "extras":
+                    extras = future.result()
+                    continue
+                finished[job[1:]] = future.result()
+                summary = finished[job[1:]]["summary"]
+                log(f"{job[1]} seed {job[2]}: dense {100 * summary['dense']:.1f} %, "
+                    f"{'reached' if summary['included'] else 'missed'} its bar ({summary['job_seconds']:.0f} s)")
+            if "digits" in tasks and not any(j[0] == "extras" for j in list(queue) + list(in_flight.values())) \
+                    and extras is None:
+                chosen = shown_seed(seeds, {s: r["summary"]["included"] for (t, s), r in finished.items()
+                                            if t == "digits"})
+                if chosen is not None:
+                    queue.insert(0, ("extras", "digits", chosen))
     for task in tasks:
-        cfg, schedule, selections = configs[task]
-        included, summaries = [], []
-        for s in seeds:
-            model, seed_cfg, info, test, rows, correct, per_image = run_task(task, cfg, schedule, selections, out_dir,
-                                                                             cache_dir, quick, s, log)
-            name = f"zero_shot_images_{task}.npz" if len(seeds) == 1 else f"zero_shot_images_{task}_seed{s}.npz"
-            per_image_path = save_per_image(out_dir / name, task, per_image, s)
-            ratios = sorted({r["keep_ratio"] for r in rows if r["mode"] != "dense" and "removed" not in r},
-                            reverse=True)
-            training = info.get("training") or {}
-            reached = training.get("reached_bar", True) if training.get("bar") else True
-            for row in rows:
-                row["seed"] = s
-            paired = paired_rows(task, correct, ratios, selections)
-            for row in paired:
-                row["seed"] = s
-            result["rows"] += rows
-            result["paired"] += paired
-            summaries.append({"seed": s, "dense": rows[0]["top1"], "training": training, "included": reached,
-                              "per_image": per_image_path.name,
-                              **{k: info[k] for k in ("test_pairs_seen_in_training", "dense_shuffled_positions")
-                                 if k in info}})
-            if reached:
-                included.append((s, correct))
-            if task not in result["tasks"] and (reached or s == seeds[-1]):
-                result["tasks"][task] = {"model": info, "schedule": list(schedule), "test_images": int(len(test[1])),
-                                         "selections": list(selections), "per_image": per_image_path.name, "seed": s}
-                if task == "digits":
-                    extra_rows, result["fidelity"] = digits_extras(model, seed_cfg, schedule, test, quick, log)
-                    result["rows"] += [dict(r, seed=s) for r in extra_rows]
-        result["per_seed"][task] = summaries
+        outcomes = [finished[(task, s)] for s in seeds]
+        for outcome in outcomes:
+            result["rows"] += outcome["rows"]
+            result["paired"] += outcome["paired"]
+        result["per_seed"][task] = [o["summary"] for o in outcomes]
+        chosen = shown_seed(seeds, {o["seed"]: o["summary"]["included"] for o in outcomes})
+        result["tasks"][task] = finished[(task, chosen)]["shown"]
+        if task == "digits":
+            result["rows"] += extras["rows"]
+            result["fidelity"] = extras["fidelity"]
+        included = [(o["seed"], per_image_correct(out_dir / o["summary"]["per_image"]))
+                    for o in outcomes if o["summary"]["included"]]
         if len(included) > 1:
             result["across_seeds"] += across_seeds(task, included)
+    result["wall_seconds"] = time.perf_counter() - start
     write_json(out_dir / "zero_shot.json", result)
     write_text(out_dir / "zero_shot.md", markdown(result))
     result["figures"] = [str(plot(result, task, out_dir / f"zero_shot_{task}.png")) for task in tasks]
