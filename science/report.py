@@ -38,17 +38,25 @@ def _seeds_markdown(result, task):
                      f"{'yes' if m['included'] else 'no'} | {seen} | {shuffled} |")
     contrasts = [r for r in result.get("across_seeds", []) if r["task"] == task]
     if contrasts:
-        lines += ["", f"Across the {len(contrasts[0]['seeds'])} included seeds (accuracy points; mean, 95 % "
-                  f"t-interval, exact sign test; the primary row, fixed before the run, is tested alone, the "
-                  f"{contrasts[0].get('comparisons', len(contrasts) - 1) if len(contrasts) > 1 else 0} others are "
-                  f"Holm-corrected):", "",
-                  "| conv | removed | contrast | per seed | mean | 95 % t | p sign | p Holm |",
-                  "|---|---|---|---|---|---|---|---|"]
+        n = len(contrasts[0]["seeds"])
+        others = sum(not r["primary"] for r in contrasts)
+        floor = contrasts[0].get("sign_test_floor", min(1.0, 2.0 / 2 ** n))
+        lines += ["", f"Across the {n} included seeds (accuracy points; mean, 95 % t-interval, one-sample t-test, "
+                  f"exact sign test, which with {n} seeds cannot go below p = {floor:.3g}; the primary row, fixed "
+                  f"before the run, is tested alone, the {others} others are Holm-corrected together; a cell is "
+                  f"the number of background tokens removed in the span cells, else selection and keep ratio):",
+                  "", "| cell | conv | contrast | per seed | mean | 95 % t | p t | p sign | p Holm (t) | p Holm (sign) |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for r in contrasts:
             per = ", ".join(f"{100 * d:+.1f}" for d in r["differences"])
-            holm_p = "primary" if r["primary"] else f"{r['p_holm']:.3g}"
-            lines.append(f"| {r['conv']} | {r['removed']} | {r['contrast']} | {per} | {100 * r['mean']:+.1f} | "
-                         f"[{100 * r['t95'][0]:+.1f}, {100 * r['t95'][1]:+.1f}] | {r['p_sign']:.3g} | {holm_p} |")
+            cell = f"{r['removed']} removed" if r.get("selection", "span") == "span" else \
+                f"{r['selection']}, keep {r['keep_ratio']}"
+            p_t = r.get("p_t", float("nan"))
+            holm_t = "primary" if r["primary"] else f"{r.get('p_holm_t', float('nan')):.3g}"
+            holm_sign = "primary" if r["primary"] else f"{r['p_holm']:.3g}"
+            lines.append(f"| {cell} | {r['conv']} | {r['contrast']} | {per} | {100 * r['mean']:+.1f} | "
+                         f"[{100 * r['t95'][0]:+.1f}, {100 * r['t95'][1]:+.1f}] | {p_t:.3g} | {r['p_sign']:.3g} | "
+                         f"{holm_t} | {holm_sign} |")
     return lines + [""]
 
 

@@ -7,7 +7,8 @@ from fractions import Fraction
 
 import numpy as np
 
-__all__ = ["mcnemar_exact", "paired_counts", "bootstrap_interval", "holm", "sign_test", "t_interval", "BOOTSTRAP"]
+__all__ = ["mcnemar_exact", "paired_counts", "bootstrap_interval", "holm", "sign_test", "sign_test_floor", "t_interval", "t_test",
+           "BOOTSTRAP"]
 
 BOOTSTRAP = 1000
 
@@ -71,3 +72,24 @@ def t_interval(differences, level=0.95):
         return mean, float("nan"), float("nan")
     half = float(stats.t.ppf(0.5 + level / 2, d.size - 1) * d.std(ddof=1) / math.sqrt(d.size))
     return mean, mean - half, mean + half
+
+
+def sign_test_floor(n):
+    """The smallest p the two-sided sign test can give with n non-zero differences: 2 / 2^n
+    (0.0625 with 5 seeds: five seeds alone can never reject at 0.05 by the sign test)."""
+    return min(1.0, 2.0 / 2 ** n) if n > 0 else 1.0
+
+
+def t_test(differences):
+    """Two-sided one-sample Student t-test of per-seed differences against 0 (the test the
+    95 % t-interval inverts: p < 0.05 exactly when the interval excludes 0); 1.0 when every
+    difference is equal to zero, NaN with fewer than two differences or none varying."""
+    from scipy import stats
+    d = np.asarray(differences, dtype=float)
+    if d.size < 2:
+        return float("nan")
+    if not d.any():
+        return 1.0
+    if np.all(d == d[0]):
+        return 0.0 if d[0] != 0 else 1.0
+    return float(stats.ttest_1samp(d, 0.0).pvalue)

@@ -18,7 +18,9 @@ p-value. On digits also: the importance metrics, brief fine-tuning, and fidelity
 """
 from __future__ import annotations
 
+import contextlib
 import io
+import os
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -51,7 +53,17 @@ from .design import (
     SPAN_SIDES,
 )
 from .report import markdown, plot
-from .stats import BOOTSTRAP, bootstrap_interval, holm, mcnemar_exact, paired_counts, sign_test, t_interval
+from .stats import (
+    BOOTSTRAP,
+    bootstrap_interval,
+    holm,
+    mcnemar_exact,
+    paired_counts,
+    sign_test,
+    sign_test_floor,
+    t_interval,
+    t_test,
+)
 
 __all__ = ["mcnemar_exact", "paired_counts", "run", "seed_job", "extras_job", "shown_seed", "reanalyse", "per_image_correct",
            "TASK_CONFIGS"]
@@ -370,43 +382,61 @@ def fidelity_table(digits_model, cfg, schedule, x_test, quick=False):
 
 
 def across_seeds(task, per_seed):
-    """The span contrasts across training seeds: for each pair of ``design.SEED_CONTRASTS``,
-    conv, number removed and side, the per-seed difference a - b in accuracy (and, per conv
-    and number, the asymmetry: that difference inside minus outside), with its mean, 95 %
-    t-interval and an exact sign test. The PRIMARY row (fixed in ``design``) is tested alone;
-    the others are Holm-corrected among themselves (``p_holm``)."""
+    """The contrasts across training seeds: for each pair of ``design.SEED_CONTRASTS``, the
+    per-seed difference a - b in accuracy with its mean, 95 % t-interval, a one-sample
+    t-test (``p_t``) and an exact sign test (``p_sign``; with n seeds it cannot go below
+    2 / 2^n: 0.0625 with 5). In the span cells (selection "span": conv, number removed, side,
+    and per conv and number the asymmetry, that difference inside minus outside) and in every
+    cell of the keep-ratio grid (selection, conv, keep ratio) that every seed has. The PRIMARY
+    row (fixed in ``design``) is tested alone; all the others of the task are Holm-corrected
+    together (``p_holm`` from the sign tests, ``p_holm_t`` from the t-tests)."""
     out = []
     seeds = [s for s, _ in per_seed]
 
-    def accuracy(correct, side, conv, removed, mode):
-        key = (f"span_{side}", conv, removed, mode)
+    def accuracy(correct, key):
         return float(np.mean(correct[key])) if key in correct else None
 
+    def differences(key_of, a, b):
+        values = [accuracy(c, key_of(a)) for _, c in per_seed]
+        others = [accuracy(c, key_of(b)) for _, c in per_seed]
+        if any(v is None for v in values + others):
+            return None
+        return [x - y for x, y in zip(values, others)]
+
     levels = sorted({k[2] for _, c in per_seed for k in c if len(k) == 4 and str(k[0]).startswith("span_")})
+    grid = sorted({k[:3] for _, c in per_seed for k in c if len(k) == 4 and not str(k[0]).startswith("span_")},
+                  key=lambda k: (k[0], CONVS.index(k[1]) if k[1] in CONVS else 0, -k[2]))
     for a, b in SEED_CONTRASTS:
         for conv in CONVS:
             for removed in levels:
                 diffs = {}
                 for side in SPAN_SIDES:
-                    values = [accuracy(c, side, conv, removed, a) for _, c in per_seed]
-                    others = [accuracy(c, side, conv, removed, b) for _, c in per_seed]
-                    if any(v is None for v in values + others):
+                    d = differences(lambda m: (f"span_{side}", conv, removed, m), a, b)
+                    if d is None:
                         continue
-                    diffs[side] = [x - y for x, y in zip(values, others)]
-                    out.append({"task": task, "conv": conv, "removed": removed, "contrast": f"{a} - {b} @{side}",
-                                "differences": diffs[side]})
+                    diffs[side] = d
+                    out.append({"task": task, "selection": "span", "conv": conv, "removed": removed,
+                                "contrast": f"{a} - {b} @{side}", "differences": d})
                 if len(diffs) == 2:
-                    out.append({"task": task, "conv": conv, "removed": removed,
+                    out.append({"task": task, "selection": "span", "conv": conv, "removed": removed,
                                 "contrast": f"({a} - {b}) @inside - @outside",
                                 "differences": [x - y for x, y in zip(diffs["inside"], diffs["outside"])]})
+        for selection, conv, ratio in grid:
+            d = differences(lambda m: (selection, conv, ratio, m), a, b)
+            if d is not None:
+                out.append({"task": task, "selection": selection, "conv": conv, "keep_ratio": ratio,
+                            "contrast": f"{a} - {b}", "differences": d})
     for row in out:
         mean, low, high = t_interval(row["differences"])
         row.update(seeds=seeds, mean=mean, t95=(low, high), p_sign=sign_test(row["differences"]),
-                   primary=(row["conv"] == PRIMARY["conv"] and row["removed"] == PRIMARY["removed"]
+                   p_t=t_test(row["differences"]), sign_test_floor=sign_test_floor(len(seeds)),
+                   primary=(row["selection"] == "span" and row["conv"] == PRIMARY["conv"]
+                            and row["removed"] == PRIMARY["removed"]
                             and row["contrast"] == f"{PRIMARY['a']} - {PRIMARY['b']} @{PRIMARY['side']}"))
     secondary = [r for r in out if not r["primary"]]
-    for row, adjusted in zip(secondary, holm([r["p_sign"] for r in secondary])):
-        row["p_holm"], row["comparisons"] = adjusted, len(secondary)
+    by_t = holm([1.0 if np.isnan(r["p_t"]) else r["p_t"] for r in secondary])
+    for row, adjusted, adjusted_t in zip(secondary, holm([r["p_sign"] for r in secondary]), by_t):
+        row["p_holm"], row["p_holm_t"], row["comparisons"] = adjusted, adjusted_t, len(secondary)
     return out
 
 
@@ -455,13 +485,10 @@ def reanalyse(out_dir):
 
 
 def _worker_start(threads):
-    """A worker process of ``run(jobs > 1)``: its share of the threads, and no progress bars
-    (several workers' bars would overwrite each other; the parent shows one over the jobs)."""
-    import os
-
+    """A worker process of ``run(jobs > 1)``: its share of the threads (its progress bars are
+    off: ``_quiet_workers``)."""
     import numba
     import torch
-    os.environ["TQDM_DISABLE"] = "1"
     numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
     torch.set_num_threads(numba.get_num_threads())
 
@@ -527,6 +554,22 @@ def shown_seed(seeds, done):
     return seeds[-1]
 
 
+@contextlib.contextmanager
+def _quiet_workers():
+    """$TQDM_DISABLE for the processes started meanwhile (tqdm reads it when it is imported,
+    before a worker's initializer runs): several workers' bars would overwrite each other;
+    the parent shows one over the jobs and each job's log lines."""
+    before = os.environ.get("TQDM_DISABLE")
+    os.environ["TQDM_DISABLE"] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["TQDM_DISABLE"]
+        else:
+            os.environ["TQDM_DISABLE"] = before
+
+
 class _InProcess:
     """``run(jobs=1)``: the jobs one after the other in this process, through the interface
     of the process pool the parallel run uses."""
@@ -581,7 +624,8 @@ def run(out_dir, quick=False, cache_dir=None, seed=0, log=print, tasks=("digits"
     finished, extras = {}, None
     pool = (ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_start,
                                 initargs=(threads,)) if jobs > 1 else _InProcess())
-    with pool, progress_bar(total=len(queue) + ("digits" in tasks), desc="zero-shot jobs") as bar:
+    quiet = _quiet_workers() if jobs > 1 else contextlib.nullcontext()
+    with quiet, pool, progress_bar(total=len(queue) + ("digits" in tasks), desc="zero-shot jobs") as bar:
         in_flight = {}
         while queue or in_flight:
             while queue and len(in_flight) < jobs:

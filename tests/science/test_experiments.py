@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from scipy import stats as scipy_stats
 
 from alignscan.science.design import MODES, PAIRS
 from alignscan.science.digits import DigitsConfig, load_digits_split, trained_model, weights_digest
@@ -252,7 +253,6 @@ def test_held_out_pairs_never_occur_in_training_and_keep_the_task_balanced():
 
 
 def test_sign_test_and_t_interval():
-    from scipy import stats as scipy_stats
 
     from alignscan.science.stats import sign_test, t_interval
     assert sign_test([0.1, 0.2, 0.3, 0.4, 0.5]) == pytest.approx(2 / 32)          # 5 of 5 positive
@@ -277,6 +277,8 @@ def test_across_seeds_tests_the_primary_alone_and_holm_corrects_the_rest():
                 n = 100
                 correct[(f"span_{side}", conv, 8, "align")] = np.arange(n) < round(a * n)
                 correct[(f"span_{side}", conv, 8, "relabel")] = rng.permutation(np.arange(n) < round(b * n))
+        correct[("background", "compact", 0.5, "align")] = np.arange(50) < 40 - seed       # 0.8, 0.78, 0.76
+        correct[("background", "compact", 0.5, "relabel")] = np.arange(50) < 30             # 0.6
         per_seed.append((seed, correct))
     rows = across_seeds("heldout", per_seed)
     primary = [r for r in rows if r["primary"]]
@@ -285,13 +287,36 @@ def test_across_seeds_tests_the_primary_alone_and_holm_corrects_the_rest():
     assert primary[0]["p_sign"] == pytest.approx(0.25)                               # 3 of 3 positive
     asym = next(r for r in rows if r["conv"] == "compact" and "@inside - @outside" in r["contrast"])
     assert asym["differences"] == pytest.approx([0.2, 0.09, 0.12])
+    grid = [r for r in rows if r["selection"] == "background"]
+    assert len(grid) == 1 and grid[0]["keep_ratio"] == 0.5 and grid[0]["contrast"] == "align - relabel"
+    assert grid[0]["differences"] == pytest.approx([0.2, 0.18, 0.16])
+    assert grid[0]["p_t"] == pytest.approx(scipy_stats.ttest_1samp([0.2, 0.18, 0.16], 0).pvalue)
+    assert grid[0]["p_t"] < 0.05 < grid[0]["p_sign"]                 # 3 seeds: the sign test cannot reject
+    assert all(r["sign_test_floor"] == 0.25 for r in rows)
     others = [r for r in rows if not r["primary"]]
-    assert len(others) == 5 and all(r["comparisons"] == 5 and r["p_holm"] >= r["p_sign"] for r in others)
+    assert len(others) == 6 and all(r["comparisons"] == 6 for r in others)
+    assert all(r["p_holm"] >= r["p_sign"] and r["p_holm_t"] >= r["p_t"] for r in others)
+
+
+def test_the_sign_test_floor_and_the_t_test():
+    from alignscan.science.stats import sign_test, sign_test_floor, t_test
+    assert sign_test_floor(5) == 0.0625 == sign_test([0.1] * 5) and sign_test_floor(6) == 0.03125
+    assert t_test([0.0, 0.0, 0.0]) == 1.0 and np.isnan(t_test([0.3]))
+    assert t_test([0.01, 0.03, 0.02]) == pytest.approx(scipy_stats.ttest_1samp([0.01, 0.03, 0.02], 0).pvalue)
+
+
+def test_the_shown_seed_is_the_first_that_reached_its_bar():
+    from alignscan.science.zero_shot import shown_seed
+    assert shown_seed((0, 1, 2), {1: True}) is None                  # seed 0 not finished: not known yet
+    assert shown_seed((0, 1, 2), {0: False, 1: True}) == 1
+    assert shown_seed((0, 1, 2), {0: False, 1: False, 2: False}) == 2   # none reached it: the last
+    assert shown_seed((3,), {3: True}) == 3
 
 
 def test_zero_shot_across_seeds_on_the_held_out_task(tmp_path):
-    _run("zero-shot", "--tasks", "heldout", "--seeds", "0,1", tmp_path=tmp_path)
+    _run("zero-shot", "--tasks", "heldout", "--seeds", "0,1", "--jobs", "2", "--threads", "2", tmp_path=tmp_path)
     result = json.loads((tmp_path / "zero_shot.json").read_text())
+    assert result["jobs"] == {"processes": 2, "threads_each": 1} and result["wall_seconds"] > 0
     assert result["seeds"] == [0, 1] and [m["seed"] for m in result["per_seed"]["heldout"]] == [0, 1]
     for m in result["per_seed"]["heldout"]:
         assert m["test_pairs_seen_in_training"] == 0.0
@@ -314,7 +339,7 @@ def test_zero_shot_across_seeds_on_the_held_out_task(tmp_path):
     again = reanalyse(tmp_path)
     top1 = {(r["seed"], r["selection"], r["conv"], r["removed"], r["mode"]): r["top1"]
             for r in result["rows"] if "removed" in r}
-    contrasts = [r for r in again["across_seeds"] if "@inside - @outside" not in r["contrast"]]
+    contrasts = [r for r in again["across_seeds"] if r["selection"] == "span" and "@inside - @outside" not in r["contrast"]]
     assert {r["contrast"].split(" @")[0] for r in contrasts} == {"align - relabel", "align+fuse - relabel+fuse",
                                                                 "align+merge - relabel+merge"}
     for r in contrasts:
@@ -322,6 +347,14 @@ def test_zero_shot_across_seeds_on_the_held_out_task(tmp_path):
         expected = [top1[(s, f"span_{side}", r["conv"], r["removed"], a)] - top1[(s, f"span_{side}", r["conv"],
                                                                                   r["removed"], b)] for s in (0, 1)]
         assert r["differences"] == pytest.approx(expected)
+    grid_top1 = {(r["seed"], r["conv"], r["keep_ratio"], r["mode"]): r["top1"] for r in result["rows"]
+                 if r["selection"] == "background"}
+    grid = [r for r in again["across_seeds"] if r["selection"] == "background"]
+    assert {r["keep_ratio"] for r in grid} == {0.7, 0.3}
+    for r in grid:
+        a, b = r["contrast"].split(" - ")
+        assert r["differences"] == pytest.approx([grid_top1[(s, r["conv"], r["keep_ratio"], a)]
+                                                  - grid_top1[(s, r["conv"], r["keep_ratio"], b)] for s in (0, 1)])
     assert sum(r["primary"] for r in again["across_seeds"]) == 0          # quick: 4 removed only, not the primary's 8
     assert "Across the 2 included seeds" in (tmp_path / "zero_shot.md").read_text()
     record = json.loads((tmp_path / "zero_shot_run.json").read_text())["zero_shot"]
@@ -329,3 +362,22 @@ def test_zero_shot_across_seeds_on_the_held_out_task(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "alignscan.bench", "zero-shot", "--seeds", "0,x", "--quick", "--out",
                           str(tmp_path / "bad")], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "--seeds" in bad.stderr
+    # One job after the other in this process, from the models the two workers cached, one
+    # thread as each worker had: the same rows and paired tests.
+    import numba
+
+    from alignscan.science import zero_shot
+    threads = numba.get_num_threads(), torch.get_num_threads()
+    numba.set_num_threads(1)
+    torch.set_num_threads(1)
+    try:
+        alone = zero_shot.run(tmp_path / "one", quick=True, cache_dir=tmp_path / "cache", tasks=("heldout",),
+                              seeds=(0, 1), jobs=1)
+    finally:
+        numba.set_num_threads(threads[0])
+        torch.set_num_threads(threads[1])
+    assert alone["jobs"] == {"processes": 1, "threads_each": 1}
+    alone = json.loads(json.dumps(alone, default=str))                     # as written: tuples become lists
+    assert alone["rows"] == result["rows"] and alone["paired"] == result["paired"]
+    with pytest.raises(ValueError, match="jobs"):
+        zero_shot.run(tmp_path / "two", quick=True, jobs=0)
