@@ -51,7 +51,7 @@ def _seeds_markdown(result, task):
             per = ", ".join(f"{100 * d:+.1f}" for d in r["differences"])
             cell = f"{r['removed']} removed" if r.get("selection", "span") == "span" else \
                 f"{r['selection']}, keep {r['keep_ratio']}"
-            p_t = r.get("p_t", float("nan"))
+            p_t = r.get("p_t", float("nan"))        # NaN: no t-test (equal differences on every seed)
             holm_t = "primary" if r["primary"] else f"{r.get('p_holm_t', float('nan')):.3g}"
             holm_sign = "primary" if r["primary"] else f"{r['p_holm']:.3g}"
             lines.append(f"| {cell} | {r['conv']} | {r['contrast']} | {per} | {100 * r['mean']:+.1f} | "

@@ -83,13 +83,15 @@ def sign_test_floor(n):
 def t_test(differences):
     """Two-sided one-sample Student t-test of per-seed differences against 0 (the test the
     95 % t-interval inverts: p < 0.05 exactly when the interval excludes 0); 1.0 when every
-    difference is equal to zero, NaN with fewer than two differences or none varying."""
+    difference is zero; NaN (no test) with fewer than two differences or with equal non-zero
+    ones: a zero spread says nothing about the spread between seeds (with few seeds and
+    accuracies in steps of 1/images, equal differences happen), and is no evidence."""
     from scipy import stats
     d = np.asarray(differences, dtype=float)
     if d.size < 2:
         return float("nan")
     if not d.any():
         return 1.0
-    if np.all(d == d[0]):
-        return 0.0 if d[0] != 0 else 1.0
+    if np.allclose(d, d[0], rtol=0, atol=1e-12):
+        return float("nan")
     return float(stats.ttest_1samp(d, 0.0).pvalue)

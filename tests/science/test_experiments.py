@@ -302,6 +302,7 @@ def test_the_sign_test_floor_and_the_t_test():
     from alignscan.science.stats import sign_test, sign_test_floor, t_test
     assert sign_test_floor(5) == 0.0625 == sign_test([0.1] * 5) and sign_test_floor(6) == 0.03125
     assert t_test([0.0, 0.0, 0.0]) == 1.0 and np.isnan(t_test([0.3]))
+    assert np.isnan(t_test([-0.022, -0.022]))          # no spread between seeds: no test, not p = 0
     assert t_test([0.01, 0.03, 0.02]) == pytest.approx(scipy_stats.ttest_1samp([0.01, 0.03, 0.02], 0).pvalue)
 
 
