@@ -90,14 +90,19 @@ def _threading_layer():
         return None
 
 
-def _set_threads(args):
+def set_threads(threads):
+    """numba's threads (clipped to 1..NUMBA_NUM_THREADS) and torch's, the same number."""
     import numba
-    numba.set_num_threads(max(1, min(args.threads, numba.config.NUMBA_NUM_THREADS)))
+    numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
     try:
         import torch
         torch.set_num_threads(numba.get_num_threads())
     except ImportError:
         pass
+
+
+def _set_threads(args):
+    set_threads(args.threads)
 
 
 def backend_and_device(requested):

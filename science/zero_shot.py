@@ -487,10 +487,8 @@ def reanalyse(out_dir):
 def _worker_start(threads):
     """A worker process of ``run(jobs > 1)``: its share of the threads (its progress bars are
     off: ``_quiet_workers``)."""
-    import numba
-    import torch
-    numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
-    torch.set_num_threads(numba.get_num_threads())
+    from alignscan.bench.cli import set_threads
+    set_threads(threads)
 
 
 def _job_log(prefix):
@@ -613,7 +611,7 @@ def run(out_dir, quick=False, cache_dir=None, seed=0, log=print, tasks=("digits"
               "jobs": {"processes": jobs, "threads_each": threads if jobs > 1 else numba.get_num_threads()},
               "spread": f"95% bootstrap intervals over the test images ({BOOTSTRAP} resamples); paired: exact McNemar "
                         f"test on the images two modes disagree on, Holm-adjusted within each task and training seed; "
-                        f"across seeds: t-interval and sign test of the per-seed differences; training seeds "
+                        f"across seeds: t-interval, t-test and sign test of the per-seed differences; training seeds "
                         f"{', '.join(map(str, seeds))}"}
     out_dir.mkdir(parents=True, exist_ok=True)
     # Seed-major, the long distance jobs first within a seed; the digits extras go to the
