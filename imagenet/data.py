@@ -11,7 +11,9 @@ for 224) with bicubic interpolation, centre crop, ImageNet mean and std (Vim's D
 What is still written here, and why: ``image_folder`` keeps the first ``--limit`` images of
 each class and turns torchvision's FileNotFoundError into a one-line DataError naming
 ``--data``; ``Images`` returns an unreadable image's message instead of raising, so that
-the commands can stop with its path or skip and count it (``--skip-unreadable``).
+the commands can stop with its path or skip and count it (``--skip-unreadable``);
+``train_transform`` gives timm's RandAugment posterize the 0-bit case that Pillow 13 refuses
+(``_posterize``).
 """
 from __future__ import annotations
 
@@ -60,13 +62,34 @@ def eval_transform(size):
 
 def train_transform(size, recipe):
     """timm's training transform with the recipe's augmentation (``recipe``: a dict with
-    aa, color_jitter, reprob, remode, recount, train_interpolation)."""
+    aa, color_jitter, reprob, remode, recount, train_interpolation), its RandAugment posterize
+    ops made to accept 0 bits (``_posterize``)."""
     vision.timm()
     from timm.data import create_transform
-    return create_transform(size, is_training=True, auto_augment=recipe["aa"] or None,
-                                      color_jitter=recipe["color_jitter"], interpolation=recipe["train_interpolation"],
-                                      re_prob=recipe["reprob"], re_mode=recipe["remode"], re_count=recipe["recount"],
-                                      mean=MEAN, std=STD)
+    from timm.data.auto_augment import RandAugment
+    transform = create_transform(size, is_training=True, auto_augment=recipe["aa"] or None,
+                                 color_jitter=recipe["color_jitter"], interpolation=recipe["train_interpolation"],
+                                 re_prob=recipe["reprob"], re_mode=recipe["remode"], re_count=recipe["recount"],
+                                 mean=MEAN, std=STD)
+    for step in transform.transforms:
+        if isinstance(step, RandAugment):
+            for op in step.ops:
+                if "Posterize" in op.name:
+                    op.aug_fn = _posterize
+    return transform
+
+
+def _posterize(image, bits, **_):
+    """Posterize keeping ``bits`` (0 to 8) most significant bits of every channel. timm's
+    RandAugment asks for 0 bits (a black image, as Pillow gave before 13) when the sampled
+    magnitude reaches 10: Vim's "rand-m9-mstd0.5-inc1" does so for about 1 draw in 600,
+    which Pillow 13's ImageOps.posterize refuses with a ValueError."""
+    from PIL import ImageOps
+    if bits >= 8:
+        return image
+    if bits <= 0:
+        return image.point(lambda _: 0)
+    return ImageOps.posterize(image, bits)
 
 
 class Images:
@@ -83,9 +106,10 @@ class Images:
         index = self.indices[k]
         path, label = self.folder.samples[index]
         try:
-            return index, self.transform(self.folder.loader(path)), label
-        except Exception as exc:
+            image = self.folder.loader(path)
+        except Exception as exc:            # only reading: an error in the transform is a bug, raised
             return index, f"{path}: {type(exc).__name__}: {exc}", label
+        return index, self.transform(image), label
 
 
 def collate(items):

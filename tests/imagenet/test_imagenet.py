@@ -312,3 +312,41 @@ def test_the_recipe_state_resumes_the_ema_the_scheduler_and_the_optimizer():
     assert float(fresh.optimizer.state_dict()["state"][0]["step"]) == 3
     assert recipe.Recipe(cfg, net(), 3, epochs=4).load_state_dict(
         {"optimizer": state["optimizer"]}) == ["scheduler", "model_ema"]
+
+
+def test_the_vim_recipes_randaugment_posterizes_to_0_bits_without_an_error(data):
+    """timm's RandAugment asks for 0 bits when its sampled magnitude reaches 10 (Vim's
+    m9-mstd0.5: about one image in 600); Pillow 13 refuses 0 bits. Forced there, the op gives
+    the black image that older Pillow gave, and the whole transform still runs."""
+    import argparse
+
+    from PIL import Image
+
+    from alignscan import registry
+    from alignscan.imagenet import recipe
+    RandAugment = vision.timm().data.auto_augment.RandAugment
+    cfg = recipe.resolve(registry.family("vim_tiny"), argparse.Namespace())
+    transform = imagenet_data.train_transform(64, cfg)
+    augment = next(t for t in transform.transforms if isinstance(t, RandAugment))
+    posterize = [op for op in augment.ops if "Posterize" in op.name]
+    assert posterize, [op.name for op in augment.ops]
+    image = Image.open(imagenet_data.image_folder(data[0]).samples[-1][0]).convert("RGB")   # pixels 120-180
+    for op in posterize:
+        op.prob, op.magnitude, op.magnitude_std = 1.0, 10, 0
+        assert op.level_fn(10, op.hparams) == (0,)               # the case Pillow 13 refuses
+        assert np.asarray(op(image)).max() == 0
+        op.magnitude = 5
+        kept = np.asarray(op(image))
+        bits = op.level_fn(5, op.hparams)[0]
+        assert kept.max() > 0 and np.all(kept % (2 ** (8 - bits)) == 0)
+    augment.ops, augment.num_layers = posterize, 2
+    assert transform(image).shape == (3, 64, 64)
+
+
+def test_an_error_in_the_transform_is_raised_not_reported_as_an_unreadable_image(data):
+    folder = imagenet_data.image_folder(data[0])
+
+    def broken(image):
+        raise ZeroDivisionError("a bug in the transform")
+    with pytest.raises(ZeroDivisionError, match="a bug in the transform"):
+        imagenet_data.Images(folder, range(len(folder)), broken)[0]
