@@ -10,6 +10,7 @@ width, N = 16 state size, R = ceil(D / 16) dt rank.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +23,7 @@ from .layers import drop_paths
 from .pruning import KeepPlan, PruningConfig, check_images
 from .stages import Stages, merge_groups
 
-__all__ = ["VisionMamba", "RMSNorm", "BiMambaMixer", "vim_tiny", "vim_small", "VIM_CONFIGS"]
+__all__ = ["VisionMamba", "Prefix", "RMSNorm", "BiMambaMixer", "vim_tiny", "vim_small", "VIM_CONFIGS"]
 
 VIM_CONFIGS = {name: registry.card(name).config for name in registry.names("vim")}   # the one table: alignscan.registry
 
@@ -151,6 +152,27 @@ class PatchEmbed(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2)                                   # (b, HW, D)
 
 
+@dataclass(frozen=True)
+class Prefix:
+    """What a ViM's first ``layers`` layers give a batch of images before any pruning stage,
+    the same for every pruning mode and keep ratio whose first stage comes after them
+    (``VisionMamba.prefix``): the block outputs ``hidden`` and ``residual`` (b, L, D) and the
+    last layer's merged SSM output ``y`` and backward-branch output ``y_b`` (b, E, L), on
+    which that stage scores the tokens. Rows index like the images (``prefix[rows]``)."""
+
+    layers: int
+    hidden: torch.Tensor
+    residual: torch.Tensor
+    y: torch.Tensor
+    y_b: torch.Tensor
+
+    def __len__(self):
+        return self.hidden.shape[0]
+
+    def __getitem__(self, rows):
+        return Prefix(self.layers, self.hidden[rows], self.residual[rows], self.y[rows], self.y_b[rows])
+
+
 class VisionMamba(nn.Module):
     """ViM with the class token in the middle and token pruning (``pruning=``)."""
 
@@ -187,7 +209,7 @@ class VisionMamba(nn.Module):
         x = torch.cat([x[:, :c], self.cls_token.expand(b, -1, -1), x[:, c:]], dim=1)
         return x + self.pos_embed
 
-    def forward(self, images, return_kept=False, keep_plan=None, record=None):
+    def forward(self, images, return_kept=False, keep_plan=None, record=None, prefix=None):
         """logits (b, classes); with return_kept also the kept positions (b, K) after each
         pruning stage (indices into the 197 tokens, the class token at index 98; with
         pruned_tokens "fuse" the fused token's slot 197 + stage; with "merge" and more than
@@ -199,30 +221,61 @@ class VisionMamba(nn.Module):
         record: a ``Recorder`` that receives, per layer, the positions with the residual
             stream (``trace``) and with the merged SSM output (``mixer_outputs``), and every
             scan's arguments, map and output (``scans``).
+        prefix: the images' ``Prefix`` (``self.prefix(images, layers)`` of a model with these
+            weights): its layers are not run again, the rest is. Many modes, ratios and plans
+            on the same images share it; the first stage must not come before its end.
         """
         cfg = self.pruning
+        if prefix is not None:
+            self._check_prefix(prefix, images, record)
         if cfg.active and cfg.pruned_tokens == "merge" and images.shape[0] > 1:
-            return self._merged_in_groups(images, return_kept, keep_plan, record)
-        return self._forward(images, return_kept, keep_plan, record)
+            return self._merged_in_groups(images, return_kept, keep_plan, record, prefix)
+        return self._forward(images, return_kept, keep_plan, record, prefix)
 
-    def _forward(self, images, return_kept, keep_plan, record):
+    def _check_prefix(self, prefix, images, record):
+        if not isinstance(prefix, Prefix):
+            raise TypeError(f"prefix must be a Prefix (VisionMamba.prefix), got {type(prefix).__name__}")
+        first = self.pruning.schedule[0] if self.pruning.active else len(self.layers)
+        if not 1 <= prefix.layers <= first:
+            raise ValueError(f"prefix must end at or before the first pruning stage (after layer {first}), "
+                             f"got one of {prefix.layers} layers")
+        if len(prefix) != images.shape[0] or prefix.hidden.shape[1:] != (self.num_tokens, self.embed_dim):
+            raise ValueError(f"prefix must be of these {images.shape[0]} images ({self.num_tokens} tokens of width "
+                             f"{self.embed_dim}), got {len(prefix)} rows of {tuple(prefix.hidden.shape[1:])}")
+        if record is not None:
+            raise ValueError("record= cannot be given with prefix= (the prefix's layers are not run)")
+
+    def prefix(self, images, layers):
+        """The ``Prefix`` of ``images``: their first ``layers`` layers, unpruned."""
+        if isinstance(layers, bool) or not isinstance(layers, int) or not 1 <= layers <= len(self.layers):
+            raise ValueError(f"layers must be an int in [1, {len(self.layers)}], got {layers!r}")
+        hidden, residual = self.embed(images), None
+        for layer in self.layers[:layers]:
+            hidden, residual, y, y_b = layer(hidden, residual, backend=self.backend)
+        return Prefix(layers, hidden, residual, y, y_b)
+
+    def _forward(self, images, return_kept, keep_plan, record, prefix=None):
         cfg = self.pruning
-        hidden = self.embed(images)
+        hidden, residual, start = (self.embed(images), None, 0) if prefix is None else \
+            (prefix.hidden, prefix.residual, prefix.layers)
         b, L, _ = hidden.shape
         stages = Stages(cfg, b, L, hidden.device, keep_plan=keep_plan, protected=self.cls_index)
         flipped_map = None                                                                 # made once per stage
-        residual = None
-        for i, layer in enumerate(self.layers):
-            hidden, residual, y, y_b = layer(hidden, residual, position_map=stages.position_map, flipped_map=flipped_map,
-                                        alignment=stages.alignment,
-                                        position_aware=stages.pruned and cfg.conv == "position_aware",
-                                        backend=self.backend, record=None if record is None else record.scans)
+        # The released code's selector scores the backward branch alone, unflipped (SPEC §4).
+        scored = lambda y, y_b: y_b if cfg.metric == "official" else y
+        if prefix is not None:              # the stage (if any) after the prefix's last layer
+            hidden, residual = stages.after_layer(start - 1, scored(prefix.y, prefix.y_b), hidden, residual)
+            if stages.pruned:
+                flipped_map = stages.position_map.flip()
+        for i in range(start, len(self.layers)):
+            hidden, residual, y, y_b = self.layers[i](
+                hidden, residual, position_map=stages.position_map, flipped_map=flipped_map,
+                alignment=stages.alignment, position_aware=stages.pruned and cfg.conv == "position_aware",
+                backend=self.backend, record=None if record is None else record.scans)
             if record is not None:
                 record.layer(stages.positions, residual + hidden.float(), y)
             was = stages.position_map
-            # The released code's selector scores the backward branch alone, unflipped (SPEC §4).
-            scored = y_b if cfg.metric == "official" else y
-            hidden, residual = stages.after_layer(i, scored, hidden, residual)
+            hidden, residual = stages.after_layer(i, scored(y, y_b), hidden, residual)
             if stages.position_map is not was:
                 flipped_map = stages.position_map.flip()         # the backward branch's map (SPEC §3)
         final = self.norm_f((residual + hidden.float()).to(self.norm_f.weight.dtype))
@@ -231,7 +284,7 @@ class VisionMamba(nn.Module):
         return (logits, stages.kept_per_stage) if return_kept else logits
 
 
-    def _merged_in_groups(self, images, return_kept, keep_plan, record):
+    def _merged_in_groups(self, images, return_kept, keep_plan, record, prefix=None):
         """pruned_tokens="merge": each image has its own number of runs, so its own token count
         after a stage. With a keep plan the counts are known beforehand and the images that
         share them run together (``stages.merge_groups``); without one, one image at a time.
@@ -251,7 +304,7 @@ class VisionMamba(nn.Module):
         for rows in groups:
             index = torch.as_tensor(rows, device=images.device)
             plan = None if keep_plan is None else [stage[index.to(stage.device)] for stage in keep_plan.stages]
-            out, positions = self._forward(images[index], True, plan, None)
+            out, positions = self._forward(images[index], True, plan, None, None if prefix is None else prefix[index])
             for j, r in enumerate(rows):
                 logits[r] = out[j]
                 for s, stage in enumerate(positions):

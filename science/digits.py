@@ -19,7 +19,7 @@ import numpy as np
 
 from alignscan.outputs import progress_bar, save_torch
 
-__all__ = ["DigitsConfig", "TASKS", "load_digits_split", "load_split", "build_model", "train", "evaluate",
+__all__ = ["DigitsConfig", "TASKS", "load_digits_split", "load_split", "build_model", "train", "evaluate", "prefixes",
            "trained_model", "weights_digest"]
 
 
@@ -41,6 +41,8 @@ class DigitsConfig:
     batch_size: int = 64
     lr: float = 2e-3
     weight_decay: float = 0.05
+    label_smoothing: float = 0.0   # of the training loss's targets
+    drop_path: float = 0.0         # stochastic depth's largest rate (VisionMamba's drop_path_rate)
     seed: int = 0                  # initialisation, shuffling and augmentation
     split_seed: int = 0            # the train/test split (fixed across training seeds)
     train_subset: int = 0          # 0: the whole training split (tests use a few images)
@@ -82,7 +84,8 @@ def load_split(cfg):
 def build_model(cfg, pruning=None, backend=None):
     from alignscan.models.vim import VisionMamba
     model = VisionMamba(embed_dim=cfg.embed_dim, depth=cfg.depth, img_size=cfg.img_size, patch_size=cfg.patch_size,
-                        num_classes=10 if cfg.task == "digits" else 2, channels=1, pruning=pruning, backend=backend)
+                        num_classes=10 if cfg.task == "digits" else 2, channels=1, pruning=pruning, backend=backend,
+                        drop_path_rate=cfg.drop_path)
     if not cfg.position_embedding:      # no absolute positions: what the model knows of order comes from the scan
         model.pos_embed.data.zero_()
         model.pos_embed.requires_grad_(False)
@@ -116,7 +119,7 @@ def train(model, x, y, cfg, epochs=None, desc="train"):
             for start in range(0, len(x), cfg.batch_size):
                 idx = order[start:start + cfg.batch_size]
                 batch = _augment(x[idx], gen) if cfg.task == "digits" else x[idx]   # shifts would move the marks
-                loss = torch.nn.functional.cross_entropy(model(batch), y[idx])
+                loss = torch.nn.functional.cross_entropy(model(batch), y[idx], label_smoothing=cfg.label_smoothing)
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
@@ -129,10 +132,11 @@ def train(model, x, y, cfg, epochs=None, desc="train"):
     return losses
 
 
-def evaluate(model, x, y, batch_size=256, keep_plan=None, predictions=False):
+def evaluate(model, x, y, batch_size=256, keep_plan=None, predictions=False, prefix=None):
     """(top-1 accuracy, per-image correctness as a bool array[, per-image predicted class]).
     keep_plan: one (n, K) tensor per pruning stage for the n images (the tokens to keep,
-    instead of choosing them)."""
+    instead of choosing them). prefix: the images' ``models.vim.Prefix`` (``prefixes``), so
+    that the layers before the first pruning stage are not run again for every mode."""
     import torch
     model.eval()
     predicted = []
@@ -140,11 +144,24 @@ def evaluate(model, x, y, batch_size=256, keep_plan=None, predictions=False):
         for start in range(0, len(x), batch_size):
             part = slice(start, start + batch_size)
             plan = None if keep_plan is None else [stage[part] for stage in keep_plan]
-            predicted.append(model(x[part], keep_plan=plan).argmax(1).numpy())
+            start = None if prefix is None else prefix[part]
+            predicted.append(model(x[part], keep_plan=plan, prefix=start).argmax(1).numpy())
     predicted = np.concatenate(predicted) if predicted else np.zeros(0, np.int64)
     correct = predicted == np.asarray(y)
     accuracy = float(correct.mean()) if correct.size else 0.0
     return (accuracy, correct, predicted) if predictions else (accuracy, correct)
+
+
+def prefixes(model, x, layers, batch_size=256):
+    """The dense ``model``'s ``Prefix`` of images ``x`` (its first ``layers`` layers), in the
+    batches ``evaluate`` uses."""
+    import torch
+
+    from alignscan.models.vim import Prefix
+    model.eval()
+    with torch.no_grad():
+        parts = [model.prefix(x[start:start + batch_size], layers) for start in range(0, len(x), batch_size)]
+    return Prefix(layers, *(torch.cat([getattr(p, f) for p in parts]) for f in ("hidden", "residual", "y", "y_b")))
 
 
 def weights_digest(state_dict):
