@@ -144,8 +144,8 @@ def evaluate(model, x, y, batch_size=256, keep_plan=None, predictions=False, pre
         for start in range(0, len(x), batch_size):
             part = slice(start, start + batch_size)
             plan = None if keep_plan is None else [stage[part] for stage in keep_plan]
-            start = None if prefix is None else prefix[part]
-            predicted.append(model(x[part], keep_plan=plan, prefix=start).argmax(1).numpy())
+            done = None if prefix is None else prefix[part]
+            predicted.append(model(x[part], keep_plan=plan, prefix=done).argmax(1).numpy())
     predicted = np.concatenate(predicted) if predicted else np.zeros(0, np.int64)
     correct = predicted == np.asarray(y)
     accuracy = float(correct.mean()) if correct.size else 0.0
