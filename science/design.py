@@ -2,7 +2,8 @@
 from alignscan.registry import CONV_MODES
 
 __all__ = ["KEEP_RATIOS", "MODES", "MODE_SETTINGS", "BOTH_CONVS", "PAIRS", "CONVS", "FINETUNE_MODES", "FINETUNE_RATIOS", "SIGNIFICANCE",
-           "SPAN_REMOVED", "SPAN_SIDES", "PRIMARY", "SEED_CONTRASTS", "SEEDS"]
+           "SPAN_REMOVED", "SPAN_SIDES", "PRIMARY", "SEED_CONTRASTS", "SEEDS",
+           "DIRECTION_CONTRAST"]
 
 KEEP_RATIOS = (0.9, 0.7, 0.5, 0.3)
 # The rows of every table: the scan's alignments, the zeroed-in-place "mask", the baselines
@@ -44,3 +45,8 @@ PRIMARY = {"conv": "compact", "side": "inside", "removed": 8, "a": "align", "b":
 # primary row are Holm-corrected together.
 SEED_CONTRASTS = ((PRIMARY["a"], PRIMARY["b"]), ("align+fuse", "relabel+fuse"), ("align+merge", "relabel+merge"))
 SEEDS = (0, 1, 2, 3, 4)
+# The error-direction contrast of the span cells (exploratory, added after the run of
+# 2026-12-02): closing the gaps inside the span shortens the scan distance between the
+# marks, so the mechanism predicts that relabel's errors there are mostly far pairs read as
+# near, more than align's, and not outside the span.
+DIRECTION_CONTRAST = ("relabel", "align")

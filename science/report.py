@@ -7,7 +7,7 @@ import textwrap
 
 from alignscan.outputs import save_figure
 
-from .design import CONVS, MODES, SIGNIFICANCE
+from .design import CONVS, DIRECTION_CONTRAST, MODES, SIGNIFICANCE
 
 __all__ = ["markdown", "plot"]
 
@@ -31,7 +31,7 @@ def _seeds_markdown(result, task):
         t = m.get("training") or {}
         seen = m.get("test_pairs_seen_in_training")
         shuffled = m.get("dense_shuffled_positions")
-        bar = f"{100 * t['bar']:.0f} %" if t.get("bar") else "-"
+        bar = f"{100 * t['bar']:.4g} %" if t.get("bar") else "-"
         seen = "-" if seen is None else f"{100 * seen:.1f} %"
         shuffled = "-" if shuffled is None else f"{100 * shuffled['shuffled_mean']:.1f}"
         lines.append(f"| {m['seed']} | {100 * m['dense']:.1f} | {t.get('epochs', '-')} | {bar} | "
@@ -57,6 +57,28 @@ def _seeds_markdown(result, task):
             lines.append(f"| {cell} | {r['conv']} | {r['contrast']} | {per} | {100 * r['mean']:+.1f} | "
                          f"[{100 * r['t95'][0]:+.1f}, {100 * r['t95'][1]:+.1f}] | {p_t:.3g} | {r['p_sign']:.3g} | "
                          f"{holm_t} | {holm_sign} |")
+    return lines + [""] + _directions_markdown(result, task)
+
+
+def _directions_markdown(result, task):
+    """The span cells' error directions across seeds (``zero_shot.error_directions``)."""
+    rows = [r for r in result.get("error_directions", []) if r["task"] == task]
+    if not rows:
+        return []
+    lines = [f"Error directions across seeds (exploratory, added after the run of 2026-12-02; {len(rows)} rows Holm-corrected "
+             "together): per seed, the share (%) of errors that read a far pair as near, and the difference of "
+             "those shares", "",
+             "| removed | conv | side | " + " | ".join(f"{m} per seed" for m in DIRECTION_CONTRAST)
+             + " | difference | mean | 95 % t | p t | p Holm (t) |", "|---|---|---|---|---|---|---|---|---|---|"]
+
+    def shares(values):
+        return ", ".join("-" if v is None else f"{100 * v:.0f}" for v in values)
+    for r in rows:
+        per = ", ".join(f"{100 * d:+.0f}" for d in r["differences"])
+        a, b = (shares(r["share"][m]) if "share" in r else "" for m in DIRECTION_CONTRAST)
+        lines.append(f"| {r['removed']} | {r['conv']} | {r['side']} | {a} | {b} | {per} | "
+                     f"{100 * r['mean']:+.1f} | [{100 * r['t95'][0]:+.1f}, {100 * r['t95'][1]:+.1f}] | "
+                     f"{r['p_t']:.3g} | {r['p_holm_t']:.3g} |")
     return lines + [""]
 
 

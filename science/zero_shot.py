@@ -42,6 +42,7 @@ from alignscan.science.digits import (
 from .design import (
     BOTH_CONVS,
     CONVS,
+    DIRECTION_CONTRAST,
     FINETUNE_MODES,
     FINETUNE_RATIOS,
     KEEP_RATIOS,
@@ -67,6 +68,7 @@ from .stats import (
 )
 
 __all__ = ["mcnemar_exact", "paired_counts", "run", "seed_job", "extras_job", "shown_seed", "reanalyse", "per_image_correct",
+           "per_image_predictions", "error_directions",
            "TASK_CONFIGS"]
 
 
@@ -451,24 +453,90 @@ def across_seeds(task, per_seed):
     return out
 
 
-def per_image_correct(path):
-    """The correctness vectors of a per-image file (``save_per_image``), keyed as the run keys
-    them: ("dense",) and (selection, conv, keep ratio or number removed, mode)."""
+def per_image_predictions(path):
+    """The (labels, predictions) of every cell of a per-image file (``save_per_image``), keyed
+    as the run keys them: ("dense",) and (selection, conv, keep ratio or number removed,
+    mode); a cell on a subset of the test images has that subset's labels."""
     saved = np.load(path)
     labels = saved["labels"]
-    correct = {}
+    cells = {}
     for name in saved.files:
         if not name.startswith("predicted/"):
             continue
         cell = name[len("predicted/"):]
         if cell == "dense":
-            correct[("dense",)] = saved[name] == labels
+            cells[("dense",)] = (labels, saved[name])
             continue
         selection, conv, level, mode = cell.split("|")
         level = int(level) if selection.startswith("span_") else float(level)
         truth = labels[saved[f"index/{cell}"]] if f"index/{cell}" in saved.files else labels
-        correct[(selection, conv, level, mode)] = saved[name] == truth
-    return correct
+        cells[(selection, conv, level, mode)] = (truth, saved[name])
+    return cells
+
+
+def correctness(cells):
+    """Per cell, which images are right, from ``per_image_predictions``' (labels, predictions)."""
+    return {key: predicted == truth for key, (truth, predicted) in cells.items()}
+
+
+def per_image_correct(path):
+    """The correctness vectors of a per-image file, keyed as ``per_image_predictions``."""
+    return correctness(per_image_predictions(path))
+
+
+def error_directions(task, per_seed):
+    """Across seeds, in every span cell (conv, number removed, side): each seed's share of
+    errors that read a far pair as near (``far_to_near_share``) under relabel and align, the
+    per-seed difference relabel - align with its mean, 95 % t-interval and t-test, and per conv
+    and number removed the asymmetry (that difference inside minus outside). Exploratory (not
+    fixed before a run): all rows are Holm-corrected together (``p_holm_t``). ``per_seed``:
+    (seed, ``per_image_predictions``) of the included seeds; a seed with no error in a cell has
+    no share there and is left out of that row (``seeds`` says which count)."""
+    a, b = DIRECTION_CONTRAST
+    levels = sorted({k[2] for _, cells in per_seed for k in cells if len(k) == 4 and str(k[0]).startswith("span_")})
+    out = []
+    for conv in CONVS:
+        for removed in levels:
+            by_side = {}
+            for side in SPAN_SIDES:
+                shares = {}
+                for seed, cells in per_seed:
+                    pair = [cells.get((f"span_{side}", conv, removed, m)) for m in (a, b)]
+                    if None in pair:
+                        continue
+                    shares[seed] = [far_to_near_share(*p) for p in pair]
+                if not shares:
+                    continue
+                by_side[side] = shares
+                both = {s: v for s, v in shares.items() if None not in v}
+                out.append({"task": task, "conv": conv, "removed": removed, "side": side,
+                            "contrast": f"far-to-near share {a} - {b} @{side}",
+                            "share": {m: [v[i] for v in shares.values()] for i, m in enumerate((a, b))},
+                            "share_seeds": list(shares), "seeds": list(both),
+                            "differences": [v[0] - v[1] for v in both.values()]})
+            if len(by_side) == 2:
+                common = [s for s in by_side["inside"] if s in by_side["outside"]
+                          and None not in by_side["inside"][s] + by_side["outside"][s]]
+                diff = {side: {s: by_side[side][s][0] - by_side[side][s][1] for s in common} for side in SPAN_SIDES}
+                out.append({"task": task, "conv": conv, "removed": removed, "side": "inside - outside",
+                            "contrast": f"(far-to-near share {a} - {b}) @inside - @outside", "seeds": common,
+                            "differences": [diff["inside"][s] - diff["outside"][s] for s in common]})
+    for row in out:
+        mean, low, high = t_interval(row["differences"]) if row["differences"] else (float("nan"),) * 3
+        row.update(mean=mean, t95=(low, high), p_t=t_test(row["differences"]) if row["differences"] else float("nan"))
+    for row, adjusted in zip(out, holm([1.0 if np.isnan(r["p_t"]) else r["p_t"] for r in out])):
+        row["p_holm_t"], row["comparisons"] = adjusted, len(out)
+    return out
+
+
+def _add_across_seeds(result, task, files):
+    """The across-seed rows of a task from its included seeds' per-image files (seed, path):
+    the accuracy contrasts (``across_seeds``) and the span cells' error directions."""
+    if len(files) < 2:
+        return
+    predictions = [(seed, per_image_predictions(path)) for seed, path in files]
+    result["across_seeds"] += across_seeds(task, [(seed, correctness(cells)) for seed, cells in predictions])
+    result.setdefault("error_directions", []).extend(error_directions(task, predictions))
 
 
 def reanalyse(out_dir):
@@ -478,11 +546,9 @@ def reanalyse(out_dir):
     import json
     out_dir = Path(out_dir)
     result = json.loads((out_dir / "zero_shot.json").read_text())
-    result["across_seeds"] = []
+    result["across_seeds"], result["error_directions"] = [], []
     for task, summaries in result["per_seed"].items():
-        included = [(m["seed"], per_image_correct(out_dir / m["per_image"])) for m in summaries if m["included"]]
-        if len(included) > 1:
-            result["across_seeds"] += across_seeds(task, included)
+        _add_across_seeds(result, task, [(m["seed"], out_dir / m["per_image"]) for m in summaries if m["included"]])
     write_json(out_dir / "zero_shot.json", result)
     write_text(out_dir / "zero_shot.md", markdown(result))
     record = out_dir / "zero_shot_run.json"          # the command line's run record holds a copy
@@ -490,6 +556,7 @@ def reanalyse(out_dir):
         run_record = json.loads(record.read_text())
         if "across_seeds" in run_record.get("zero_shot", {}):
             run_record["zero_shot"]["across_seeds"] = result["across_seeds"]
+            run_record["zero_shot"]["error_directions"] = result["error_directions"]
             run_record["zero_shot"]["reanalysed"] = True
             write_json(record, run_record)
     return result
@@ -618,7 +685,7 @@ def run(out_dir, quick=False, cache_dir=None, seed=0, log=print, tasks=("digits"
         raise ValueError(f"jobs must be a positive integer, got {jobs!r}")
     threads = max(1, numba.get_num_threads() // jobs)
     result = {"quick": quick, "seed": seeds[0], "seeds": list(seeds), "rows": [], "paired": [], "tasks": {},
-              "fidelity": {}, "per_seed": {}, "across_seeds": [],
+              "fidelity": {}, "per_seed": {}, "across_seeds": [], "error_directions": [],
               "jobs": {"processes": jobs, "threads_each": threads if jobs > 1 else numba.get_num_threads()},
               "spread": f"95% bootstrap intervals over the test images ({BOOTSTRAP} resamples); paired: exact McNemar "
                         f"test on the images two modes disagree on, Holm-adjusted within each task and training seed; "
@@ -671,10 +738,8 @@ def run(out_dir, quick=False, cache_dir=None, seed=0, log=print, tasks=("digits"
         if task == "digits":
             result["rows"] += extras["rows"]
             result["fidelity"] = extras["fidelity"]
-        included = [(o["seed"], per_image_correct(out_dir / o["summary"]["per_image"]))
-                    for o in outcomes if o["summary"]["included"]]
-        if len(included) > 1:
-            result["across_seeds"] += across_seeds(task, included)
+        _add_across_seeds(result, task, [(o["seed"], out_dir / o["summary"]["per_image"])
+                                         for o in outcomes if o["summary"]["included"]])
     result["wall_seconds"] = time.perf_counter() - start
     write_json(out_dir / "zero_shot.json", result)
     write_text(out_dir / "zero_shot.md", markdown(result))

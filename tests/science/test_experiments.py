@@ -298,6 +298,41 @@ def test_across_seeds_tests_the_primary_alone_and_holm_corrects_the_rest():
     assert all(r["p_holm"] >= r["p_sign"] and r["p_holm_t"] >= r["p_t"] for r in others)
 
 
+def test_error_directions_give_each_seeds_far_to_near_shares_and_their_differences():
+    from alignscan.science.zero_shot import error_directions, far_to_near_share
+    labels = np.array([1] * 10 + [0] * 10)             # 1: far, 0: near
+
+    def reading(far_as_near, near_as_far):             # predictions with that many errors of each kind
+        predicted = labels.copy()
+        predicted[:far_as_near] = 0
+        predicted[10:10 + near_as_far] = 1
+        return labels, predicted
+    errors = {  # seed: {(side, mode): (far read as near, near read as far)}
+        0: {("inside", "relabel"): (4, 1), ("inside", "align"): (1, 1), ("outside", "relabel"): (1, 1),
+            ("outside", "align"): (1, 1)},
+        1: {("inside", "relabel"): (3, 1), ("inside", "align"): (1, 3), ("outside", "relabel"): (2, 2),
+            ("outside", "align"): (1, 3)},
+        2: {("inside", "relabel"): (6, 0), ("inside", "align"): (0, 0), ("outside", "relabel"): (1, 3),
+            ("outside", "align"): (2, 2)},
+    }
+    per_seed = [(seed, {(f"span_{side}", "compact", 8, mode): reading(*e) for (side, mode), e in cells.items()})
+                for seed, cells in errors.items()]
+    rows = error_directions("heldout", per_seed)
+    assert [r["side"] for r in rows] == ["inside", "outside", "inside - outside"]
+    inside, outside, asym = rows
+    assert inside["share"]["relabel"] == pytest.approx([0.8, 0.75, 1.0])
+    assert inside["share"]["align"][:2] == pytest.approx([0.5, 0.25]) and inside["share"]["align"][2] is None
+    assert inside["seeds"] == [0, 1] and inside["differences"] == pytest.approx([0.3, 0.5])   # seed 2: no align error
+    assert outside["seeds"] == [0, 1, 2] and outside["differences"] == pytest.approx([0.0, 0.25, -0.25])
+    assert asym["seeds"] == [0, 1] and asym["differences"] == pytest.approx([0.3, 0.25])
+    assert far_to_near_share(*reading(4, 1)) == pytest.approx(0.8)
+    for r in rows:
+        assert r["mean"] == pytest.approx(np.mean(r["differences"])) and r["comparisons"] == 3
+        assert r["p_t"] == pytest.approx(scipy_stats.ttest_1samp(r["differences"], 0).pvalue)
+        assert r["p_holm_t"] >= r["p_t"]
+    assert error_directions("digits", [(0, {("own", "compact", 0.5, "align"): reading(1, 1)})]) == []
+
+
 def test_the_sign_test_floor_and_the_t_test():
     from alignscan.science.stats import sign_test, sign_test_floor, t_test
     assert sign_test_floor(5) == 0.0625 == sign_test([0.1] * 5) and sign_test_floor(6) == 0.03125
@@ -357,6 +392,16 @@ def test_zero_shot_across_seeds_on_the_held_out_task(tmp_path):
         assert r["differences"] == pytest.approx([grid_top1[(s, r["conv"], r["keep_ratio"], a)]
                                                   - grid_top1[(s, r["conv"], r["keep_ratio"], b)] for s in (0, 1)])
     assert sum(r["primary"] for r in again["across_seeds"]) == 0          # quick: 4 removed only, not the primary's 8
+    # The error directions from the per-image files are the run's own far-to-near shares.
+    shares = {(r["seed"], r["selection"], r["conv"], r["removed"], r["mode"]): r["far_to_near"]
+              for r in result["rows"] if "removed" in r}
+    directions = [r for r in again["error_directions"] if r["side"] in ("inside", "outside")]
+    assert directions and {r["task"] for r in again["error_directions"]} == {"heldout"}
+    for r in directions:
+        for mode, values in r["share"].items():
+            assert values == pytest.approx([shares[(s, f"span_{r['side']}", r["conv"], r["removed"], mode)]
+                                            for s in r["share_seeds"]], nan_ok=True)
+    assert "Error directions across seeds" in (tmp_path / "zero_shot.md").read_text()
     assert "Across the 2 included seeds" in (tmp_path / "zero_shot.md").read_text()
     record = json.loads((tmp_path / "zero_shot_run.json").read_text())["zero_shot"]
     assert record["reanalysed"] and len(record["across_seeds"]) == len(again["across_seeds"])
