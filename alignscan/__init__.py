@@ -6,10 +6,17 @@ One import name for the whole project. Its packages, one floor each, imports poi
     alignscan.cuda_kernels   the fast kernels behind one front door and one registry (no torch)
     alignscan.bridges        torch meets the kernels: the op, its autograd twin, TorchPositionMap
     alignscan.models         ViM and PlainMamba with token pruning, checkpoints, FLOPs
-    alignscan.bench          kernel and model measurement, the main job (python -m alignscan.bench)
+    alignscan.bench          kernel and model measurement (the main job: alignscan bench)
     alignscan.science        the zero-shot experiments that put the alignment on trial
     alignscan.imagenet       evaluate and fine-tune on ImageNet-style folders (torchrun)
+    alignscan.cli            the command line: alignscan <command>, python -m alignscan <command>
+
+bench, science and imagenet are siblings: none imports another. Beside the floors, small
+modules any of them may use:
+
     alignscan.registry       one torch-free row of facts per model name
+    alignscan.stats          exact paired tests, intervals, Holm's correction
+    alignscan.runtime        threads and the machine facts every run record carries
     alignscan.outputs        atomic files and progress bars, for every program above
     alignscan.vision         torchvision and timm, imported so that they work beside a CPU torch
     alignscan.testing        scan problems for tests and benchmarks
@@ -42,7 +49,7 @@ _PUBLIC = {
     "load_checkpoint": "alignscan.models", "flops": "alignscan.models",
 }
 _PACKAGES = ("reference", "cuda_kernels", "bridges", "models", "bench", "science", "imagenet", "registry",
-             "outputs", "testing", "vision")
+             "stats", "runtime", "outputs", "testing", "vision", "cli")
 
 __all__ = sorted(_PUBLIC) + list(_PACKAGES)
 

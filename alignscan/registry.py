@@ -16,12 +16,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
+# What becomes of the pruned tokens (SPEC §4): defined with its reference, offered from here.
+from alignscan.reference.pruned_tokens import PRUNED_TOKENS
+
 __all__ = ["ModelCard", "CARDS", "NAMES", "FAMILIES", "MODES", "PRUNED_TOKENS", "CONV_MODES", "card", "family", "names"]
 
 # Pruning modes (alignscan.models.pruning says what each does) and ViM's conv1d under pruning.
 MODES = ("dense", "align", "hold", "self", "relabel", "mask")
-# What becomes of the pruned tokens (SPEC §4; alignscan.reference.pruned_tokens).
-PRUNED_TOKENS = ("drop", "fuse", "merge")
 CONV_MODES = ("compact", "position_aware")
 FAMILIES = ("vim", "plainmamba")
 

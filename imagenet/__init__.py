@@ -1,11 +1,11 @@
 """Real data at scale: evaluate released checkpoints on an ImageNet-style folder, and
 fine-tune pruned models, on one process or many (torchrun: NCCL on GPUs, Gloo on CPUs).
 
-    python -m alignscan.bench evaluate --model vim_small --checkpoint vim_s.pth --data imagenet/val
-    torchrun --nproc_per_node 8 -m alignscan.bench evaluate --model vim_small --checkpoint vim_s.pth --data imagenet/val
-    python -m alignscan.bench finetune --model vim_small --checkpoint vim_s.pth --data imagenet/train --mode align
+    alignscan evaluate --model vim_small --checkpoint vim_s.pth --data imagenet/val
+    torchrun --nproc_per_node 8 -m alignscan evaluate --model vim_small --checkpoint vim_s.pth --data imagenet/val
+    alignscan finetune --model vim_small --checkpoint vim_s.pth --data imagenet/train --mode align
     torchrun --nnodes 2 --nproc_per_node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \\
-        -m alignscan.bench finetune --model vim_small --checkpoint vim_s.pth --data imagenet/train --mode align
+        -m alignscan finetune --model vim_small --checkpoint vim_s.pth --data imagenet/train --mode align
 
 Modules: ``data`` (the folder, the transforms, the datasets), ``world`` (this process's place
 under torchrun), ``options`` (the command-line options, their checks, the model they name),

@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 
 from alignscan.outputs import progress_bar, save_figure, write_json, write_text
-from alignscan.science.stats import paired_counts
+from alignscan.stats import paired_counts
 
 from .data import Images, collate, eval_transform, image_folder
 from .options import DataError, build, load_weights
@@ -16,16 +16,18 @@ from .world import World
 __all__ = ["evaluate_command", "evaluate_markdown"]
 
 
-def evaluate_command(args):
-    """The `evaluate` subcommand; returns the summary it wrote to evaluate.json."""
+def evaluate_command(args, backend=None):
+    """The `evaluate` subcommand (``args``: its parsed options; ``backend``: the scan backend
+    the models are built with, None for the registry's default); returns the summary it
+    wrote to evaluate.json."""
     world = World()
     try:
-        return _evaluate(args, world)
+        return _evaluate(args, backend, world)
     finally:
         world.close()
 
 
-def _evaluate(args, world):
+def _evaluate(args, backend, world):
     import torch
     folder = image_folder(args.data, args.limit)
     modes = args.modes.split(",")
@@ -36,7 +38,7 @@ def _evaluate(args, world):
                                          num_workers=args.workers, collate_fn=collate)
     nets = {}
     for mode in modes:
-        net = build(args.model, len(folder.classes), mode, keep, args.conv, args.metric, args.backend_device[0],
+        net = build(args.model, len(folder.classes), mode, keep, args.conv, args.metric, backend,
                     args.img_size)
         nets[mode] = load_weights(net, args.checkpoint, len(folder.classes)).eval().to(world.device)
     # Per image and mode: 1 if top-1 right, 2 if only top-5 right ... encoded as two tables.

@@ -19,16 +19,18 @@ from .world import World
 __all__ = ["finetune_command"]
 
 
-def finetune_command(args):
-    """The `finetune` subcommand; returns its summary (steps, checkpoint, log, settings)."""
+def finetune_command(args, backend=None):
+    """The `finetune` subcommand (``args``: its parsed options; ``backend``: the scan backend
+    the model is built with, None for the registry's default); returns its summary (steps,
+    checkpoint, log, settings)."""
     world = World()
     try:
-        return _finetune(args, world)[0]
+        return _finetune(args, backend, world)[0]
     finally:
         world.close()
 
 
-def _finetune(args, world):
+def _finetune(args, backend, world):
     import torch
 
     from alignscan.models.checkpoints import checkpoint_state_dict, write_checkpoint
@@ -38,7 +40,7 @@ def _finetune(args, world):
     torch.manual_seed(args.seed + world.rank)
     folder = image_folder(args.data, args.limit)
     model = build(args.model, len(folder.classes), args.mode, args.keep, args.conv, args.metric,
-                  args.backend_device[0], args.img_size, drop_path=cfg["drop_path"])
+                  backend, args.img_size, drop_path=cfg["drop_path"])
     if args.checkpoint is not None and args.resume is None:
         load_weights(model, args.checkpoint, len(folder.classes))
     elif args.resume is None and world.main:
@@ -153,7 +155,7 @@ def _finetune(args, world):
         bar.close()
         if world.main:
             extra = {"epoch": epoch + 1, "step": step, **parts.state_dict(), "recipe": cfg,
-                     "args": {k: str(v) for k, v in vars(args).items() if k != "backend_device"},
+                     "args": {k: str(v) for k, v in vars(args).items()},
                      "meta": {"epoch": epoch + 1, "step": step, "alignscan": "finetune"}}
             last_checkpoint = args.out / f"checkpoint_{args.model}_{args.mode}.pth"
             write_checkpoint(last_checkpoint, args.model, model.state_dict(), extra)

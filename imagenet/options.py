@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from alignscan.bench.choices import CONV_MODES, METRICS, MODEL_NAMES
+from alignscan.reference.importance import METRICS
+from alignscan.registry import CONV_MODES
+from alignscan.registry import NAMES as MODEL_NAMES
 
 __all__ = ["add_evaluate_arguments", "add_finetune_arguments", "check_arguments", "build", "load_weights",
            "DataError"]

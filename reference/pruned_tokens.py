@@ -19,7 +19,8 @@ import numpy as np
 
 __all__ = ["PRUNED_TOKENS", "fusion_weights", "fuse_pruned", "merge_runs", "recentre_order"]
 
-from alignscan.registry import PRUNED_TOKENS
+# The three rules above, by name; the models and the command line offer these (via alignscan.registry).
+PRUNED_TOKENS = ("drop", "fuse", "merge")
 
 
 def _pruned(n, kept):

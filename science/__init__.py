@@ -2,8 +2,8 @@
 with no fine-tuning in every mode, with the factors that could explain a difference isolated
 and paired tests on the same images.
 
-    python -m alignscan.bench zero-shot [--quick]      # science.zero_shot
-    python -m alignscan.bench visualize                # science.visualize
+    alignscan zero-shot [--quick]      # science.zero_shot
+    alignscan visualize                # science.visualize
 
 Modules: ``digits`` (the data and the training of the small ViMs), ``distance_task`` (a task
 where the distance along the scan decides the label), ``design`` (the factors and levels),

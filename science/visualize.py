@@ -3,7 +3,7 @@ the class token's hidden attention (``reference.hidden_attention``, averaged ove
 both scan directions) for dense, "align", "hold" and "relabel" side by side on one colour
 scale (the paper's Fig. 3).
 
-    python -m alignscan.bench visualize [--image PATH] [--model NAME] [--checkpoint PATH] [--quick]
+    alignscan visualize [--image PATH] [--model NAME] [--checkpoint PATH] [--quick]
 
 Default: digits test images with the trained digits ViM (science.digits, cached). With
 --model, a ViM from ``models`` (random weights unless --checkpoint), its paper preset.

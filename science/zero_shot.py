@@ -1,7 +1,7 @@
 """The alignment on trial: zero-shot pruning of small ViMs trained here, with the factors
 that could explain a difference between modes isolated, and paired tests on the same images.
 
-    python -m alignscan.bench zero-shot [--quick] [--out DIR] [--cache DIR] [--seed S]
+    alignscan zero-shot [--quick] [--out DIR] [--cache DIR] [--seed S]
 
 Tasks: digits (``science.digits``) and scan distance (``science.distance_task``: a task where the
 distance along the scan decides the label).
@@ -38,6 +38,17 @@ from alignscan.science.digits import (
     train,
     trained_model,
 )
+from alignscan.stats import (
+    BOOTSTRAP,
+    bootstrap_interval,
+    holm,
+    mcnemar_exact,
+    paired_counts,
+    sign_test,
+    sign_test_floor,
+    t_interval,
+    t_test,
+)
 
 from .design import (
     BOTH_CONVS,
@@ -55,17 +66,6 @@ from .design import (
     SPAN_SIDES,
 )
 from .report import markdown, plot
-from .stats import (
-    BOOTSTRAP,
-    bootstrap_interval,
-    holm,
-    mcnemar_exact,
-    paired_counts,
-    sign_test,
-    sign_test_floor,
-    t_interval,
-    t_test,
-)
 
 __all__ = ["mcnemar_exact", "paired_counts", "run", "seed_job", "extras_job", "shown_seed", "reanalyse", "per_image_correct",
            "per_image_predictions", "error_directions",
@@ -565,7 +565,7 @@ def reanalyse(out_dir):
 def _worker_start(threads):
     """A worker process of ``run(jobs > 1)``: its share of the threads (its progress bars are
     off: ``_quiet_workers``)."""
-    from alignscan.bench.cli import set_threads
+    from alignscan.runtime import set_threads
     set_threads(threads)
 
 

@@ -21,7 +21,7 @@ _PROBE = textwrap.dedent("""
     import json, sys, torch
     import alignscan
     from alignscan import models
-    from alignscan.bench import cli
+    from alignscan import cli
     model = models.create("vim_tiny", pruning=models.PruningConfig("align", (1,), 0.5), img_size=32, depth=2,
                           num_classes=3).eval()
     with torch.no_grad():

@@ -15,7 +15,7 @@ def test_readme_examples_run():
 
 def test_readme_names_the_two_commands():
     text = README.read_text()
-    assert ('pip install torch==2.13.0 torchvision==0.28.0 && pip install -e ".[all,ptx]" && python -m alignscan.bench'
+    assert ('pip install torch==2.13.0 torchvision==0.28.0 && pip install -e ".[all,ptx]" && python -m alignscan bench'
             in text)
     ci = (README.parent / ".ci" / "run").read_text()
     assert "pip install --quiet torch==2.13.0 torchvision==0.28.0" in ci

@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def test_quick_main_job_writes_results_and_plot(tmp_path):
-    run = subprocess.run([sys.executable, "-m", "alignscan.bench", "--quick", "--out", str(tmp_path)], cwd=REPO,
+    run = subprocess.run([sys.executable, "-m", "alignscan", "bench", "--quick", "--out", str(tmp_path)], cwd=REPO,
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
@@ -39,14 +39,14 @@ def test_kernel_table_deviation_is_the_library_deviation():
 
 def test_every_subcommand_has_help():
     for args in (["--help"], ["kernels", "--help"]):
-        run = subprocess.run([sys.executable, "-m", "alignscan.bench", *args], cwd=REPO, capture_output=True, text=True,
+        run = subprocess.run([sys.executable, "-m", "alignscan", *args], cwd=REPO, capture_output=True, text=True,
                              timeout=120)
         assert run.returncode == 0 and "usage" in run.stdout
 
 
 def test_flops_subcommand_prints_the_library_numbers(tmp_path):
     from alignscan import models
-    run = subprocess.run([sys.executable, "-m", "alignscan.bench", "flops", "--out", str(tmp_path)], cwd=REPO,
+    run = subprocess.run([sys.executable, "-m", "alignscan", "flops", "--out", str(tmp_path)], cwd=REPO,
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     rows = json.loads((tmp_path / "flops.json").read_text())["flops"]
@@ -58,7 +58,7 @@ def test_flops_subcommand_prints_the_library_numbers(tmp_path):
 
 def test_flops_counted_runs_every_model_under_the_counter(tmp_path):
     from alignscan import models
-    run = subprocess.run([sys.executable, "-m", "alignscan.bench", "flops", "--quick", "--counted", "--out",
+    run = subprocess.run([sys.executable, "-m", "alignscan", "flops", "--quick", "--counted", "--out",
                           str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     rows = json.loads((tmp_path / "flops.json").read_text())["counted"]
@@ -72,7 +72,7 @@ def test_flops_counted_runs_every_model_under_the_counter(tmp_path):
 
 
 def test_models_subcommand_quick(tmp_path):
-    run = subprocess.run([sys.executable, "-m", "alignscan.bench", "models", "--quick", "--out", str(tmp_path)], cwd=REPO,
+    run = subprocess.run([sys.executable, "-m", "alignscan", "models", "--quick", "--out", str(tmp_path)], cwd=REPO,
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     rows = json.loads((tmp_path / "models.json").read_text())["throughput"]
@@ -83,13 +83,13 @@ def test_models_subcommand_quick(tmp_path):
 
 def test_every_subcommand_help():
     for sub in ("flops", "models"):
-        run = subprocess.run([sys.executable, "-m", "alignscan.bench", sub, "--help"], cwd=REPO, capture_output=True,
+        run = subprocess.run([sys.executable, "-m", "alignscan", sub, "--help"], cwd=REPO, capture_output=True,
                              text=True, timeout=120)
         assert run.returncode == 0 and "usage" in run.stdout
 
 
 def _bench(*args, env=None, timeout=300):
-    return subprocess.run([sys.executable, "-m", "alignscan.bench", *args], cwd=REPO, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "alignscan", *args], cwd=REPO, capture_output=True, text=True,
                           timeout=timeout, env=env)
 
 
@@ -107,7 +107,7 @@ def test_options_before_the_subcommand_are_honoured(tmp_path):
 def test_a_bad_out_folder_is_a_usage_error_before_any_work():
     import time
     t0 = time.monotonic()
-    run = _bench("--out", "/proc/x", "--quick")
+    run = _bench("bench", "--out", "/proc/x", "--quick")
     assert run.returncode == 2 and "--out" in run.stderr and "Traceback" not in run.stderr
     assert time.monotonic() - t0 < 5
 
@@ -122,9 +122,9 @@ def test_bad_threads_and_a_bad_backend_variable_are_usage_errors(tmp_path):
 
 
 def test_an_error_inside_a_run_is_not_hidden_as_a_usage_error(tmp_path, monkeypatch):
-    from alignscan.bench import cli
+    from alignscan import cli
 
-    def broken(args):
+    def broken(args, backend):
         raise ValueError("a bug inside the run")
     monkeypatch.setattr(cli, "run_flops", broken)
     with pytest.raises(ValueError, match="a bug inside the run"):
@@ -142,8 +142,8 @@ def _fake_timing_check(values):
                                                         ((1.18, 1.20), True, 1, False)])
 def test_a_missed_timing_goal_is_timed_again_and_fails_only_with_strict(tmp_path, monkeypatch, capsys, values,
                                                                          strict, code, passed):
-    from alignscan.bench import cli
-    monkeypatch.setattr(cli, "run_flops", lambda args: {"performance_checks": [_fake_timing_check(values)]})
+    from alignscan import cli
+    monkeypatch.setattr(cli, "run_flops", lambda args, backend: {"performance_checks": [_fake_timing_check(values)]})
     argv = ["flops", "--out", str(tmp_path)] + (["--strict"] if strict else [])
     assert cli.main(argv) == code
     out = capsys.readouterr().out
@@ -152,3 +152,22 @@ def test_a_missed_timing_goal_is_timed_again_and_fails_only_with_strict(tmp_path
     assert check["passed"] is passed and check["first_value"] == 1.18 and check["kind"] == "timing"
     if not passed:
         assert "only with --strict" in out
+
+
+def test_no_command_prints_the_help_and_runs_nothing(tmp_path):
+    run = subprocess.run([sys.executable, "-m", "alignscan"], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0 and "usage: alignscan" in run.stdout and "bench" in run.stdout
+    assert not list(tmp_path.iterdir())          # no bench_out: nothing ran
+
+
+def test_the_console_script_is_the_same_command_line():
+    from importlib import metadata
+    (script,) = [e for e in metadata.entry_points(group="console_scripts") if e.name == "alignscan"]
+    assert script.value == "alignscan.cli:main"
+    import shutil
+    path = shutil.which("alignscan")
+    if path is None:
+        pytest.skip("the alignscan script is not on PATH (not installed with pip)")
+    run = subprocess.run([path, "--help"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and "usage: alignscan" in run.stdout

@@ -8,7 +8,7 @@ with sequence length (197 to 65,536 tokens, every other token kept).
     pytest tests/benchmarks --benchmark-only -k scaling      # threads and lengths
 Skipped by the test command (tests/benchmarks/conftest.py) unless --benchmark-only is given:
 it takes minutes, mostly the reference.
-Peak memory per length is in ``python -m alignscan.bench kernels`` (each length in a fresh process).
+Peak memory per length is in ``alignscan kernels`` (each length in a fresh process).
 """
 import numba
 import numpy as np

@@ -52,7 +52,7 @@ def data(tmp_path_factory):
 def _bench(*args, torchrun=False, timeout=600):
     prefix = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533"] \
         if torchrun else [sys.executable]
-    run = subprocess.run([*prefix, "-m", "alignscan.bench", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    run = subprocess.run([*prefix, "-m", "alignscan", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-4000:]
     return run
 
@@ -154,7 +154,7 @@ def _finetune_args(folder, checkpoint, out, **over):
     args = parser.parse_args(["--model", "vim_tiny", "--data", str(folder), "--mode", "align", "--keep", "0.5",
                               "--epochs", "1", "--max-steps", "2", "--batch", "4", "--workers", "0", "--img-size", "64",
                               "--lr", "1e-4"])
-    args.checkpoint, args.out, args.backend_device, args.quick = checkpoint, out, ("numba-cpu", "cpu"), False
+    args.checkpoint, args.out, args.quick = checkpoint, out, False
     for k, v in over.items():
         setattr(args, k, v)
     return args
@@ -162,7 +162,8 @@ def _finetune_args(folder, checkpoint, out, **over):
 
 def test_finetune_runs_resumes_and_its_checkpoint_evaluates_as_the_model_in_memory(data, tmp_path):
     folder, checkpoint = data
-    summary, model = finetune._finetune(_finetune_args(folder, checkpoint, tmp_path / "a", max_steps=1), world.World())
+    summary, model = finetune._finetune(_finetune_args(folder, checkpoint, tmp_path / "a", max_steps=1), "numba-cpu",
+                                       world.World())
     assert summary["steps"] == 1
     saved = Path(summary["checkpoint"])
     loaded = models.load_checkpoint(models.create("vim_tiny", pruning=models.paper_preset("vim_tiny", keep_ratio=0.5),
@@ -174,11 +175,11 @@ def test_finetune_runs_resumes_and_its_checkpoint_evaluates_as_the_model_in_memo
         torch.testing.assert_close(loaded.eval()(x), model(x), rtol=0, atol=0)
     # resume: continues from the saved step to the next
     resumed, _ = finetune._finetune(_finetune_args(folder, None, tmp_path / "a", resume=saved, max_steps=2),
-                                    world.World())
+                                    "numba-cpu", world.World())
     assert resumed["steps"] == 2
     log = _steps(tmp_path / "a" / "finetune_log.jsonl")
     assert [r["step"] for r in log] == [1, 2] and all(np.isfinite(r["loss"]) for r in log)
-    # the checkpoint is in the official layout: `bench evaluate` reads it, with the same answer
+    # the checkpoint is in the official layout: `alignscan evaluate` reads it, with the same answer
     _bench("evaluate", "--model", "vim_tiny", "--checkpoint", str(saved), "--data", str(folder), "--img-size", "64",
            "--modes", "align", "--keep", "0.5", "--workers", "0", "--out", str(tmp_path / "eval"))
     evaluated = json.loads((tmp_path / "eval" / "evaluate.json").read_text())["results"][0]
@@ -216,7 +217,7 @@ def test_clear_errors_for_a_wrong_checkpoint_an_empty_folder_and_unreadable_imag
     folder, _ = data
     other = tmp_path / "pm.pth"
     save_official(other, "plainmamba_l1", 3, 64)
-    run = subprocess.run([sys.executable, "-m", "alignscan.bench", "evaluate", "--model", "vim_tiny", "--checkpoint", str(other),
+    run = subprocess.run([sys.executable, "-m", "alignscan", "evaluate", "--model", "vim_tiny", "--checkpoint", str(other),
                           "--data", str(folder), "--img-size", "64", "--workers", "0", "--out", str(tmp_path / "o")],
                          cwd=REPO, capture_output=True, text=True, timeout=300)
     assert run.returncode != 0 and "another architecture" in run.stderr
@@ -233,7 +234,7 @@ def test_clear_errors_for_a_wrong_checkpoint_an_empty_folder_and_unreadable_imag
     save_official(ckpt, "vim_tiny", 2, 64)
     base = ["evaluate", "--model", "vim_tiny", "--checkpoint", str(ckpt), "--data", str(broken), "--img-size", "64",
             "--modes", "dense", "--workers", "0"]
-    run = subprocess.run([sys.executable, "-m", "alignscan.bench", *base, "--out", str(tmp_path / "b1")], cwd=REPO,
+    run = subprocess.run([sys.executable, "-m", "alignscan", *base, "--out", str(tmp_path / "b1")], cwd=REPO,
                          capture_output=True, text=True, timeout=300)
     assert run.returncode != 0 and "unreadable image" in run.stderr and "img_0.png" in run.stderr
     _bench(*base, "--skip-unreadable", "--out", str(tmp_path / "b2"))

@@ -23,7 +23,7 @@ def files(tmp_path_factory):
 
 
 def _run(*args):
-    return subprocess.run([sys.executable, "-m", "alignscan.bench", *map(str, args)], cwd=REPO, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "alignscan", *map(str, args)], cwd=REPO, capture_output=True,
                           text=True, timeout=600)
 
 

@@ -13,7 +13,7 @@ from scipy import stats as scipy_stats
 
 from alignscan.science.design import MODES, PAIRS
 from alignscan.science.digits import DigitsConfig, load_digits_split, trained_model, weights_digest
-from alignscan.science.stats import bootstrap_interval
+from alignscan.stats import bootstrap_interval
 from alignscan.science.zero_shot import fidelity
 
 REPO = Path(__file__).resolve().parents[2]
@@ -96,7 +96,7 @@ def test_fidelity_is_zero_at_keep_one_and_positive_when_pruned():
 
 
 def _run(*args, tmp_path):
-    run = subprocess.run([sys.executable, "-m", "alignscan.bench", *args, "--quick", "--out", str(tmp_path)], cwd=REPO,
+    run = subprocess.run([sys.executable, "-m", "alignscan", *args, "--quick", "--out", str(tmp_path)], cwd=REPO,
                          capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     return run
@@ -107,7 +107,7 @@ def test_zero_shot_runs_the_tasks_named_and_rejects_others(tmp_path):
     result = json.loads((tmp_path / "zero_shot.json").read_text())
     assert list(result["tasks"]) == ["distance"] and {p["task"] for p in result["paired"]} == {"distance"}
     assert not (tmp_path / "zero_shot_digits.png").exists()
-    bad = subprocess.run([sys.executable, "-m", "alignscan.bench", "zero-shot", "--tasks", "digits,cifar", "--quick", "--out",
+    bad = subprocess.run([sys.executable, "-m", "alignscan", "zero-shot", "--tasks", "digits,cifar", "--quick", "--out",
                           str(tmp_path / "bad")], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "--tasks" in bad.stderr and "Traceback" not in bad.stderr
 
@@ -184,14 +184,14 @@ def test_span_plans_remove_the_same_number_of_background_tokens_inside_or_outsid
 
 
 def test_holm_adjusts_in_step_down_order():
-    from alignscan.science.stats import holm
+    from alignscan.stats import holm
     assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
     assert holm([0.5, 0.001]) == pytest.approx([0.5, 0.002])
     assert holm([]) == []
 
 
 def test_mcnemar_exact_matches_the_binomial_tail():
-    from alignscan.science.stats import mcnemar_exact, paired_counts
+    from alignscan.stats import mcnemar_exact, paired_counts
     assert mcnemar_exact(0, 0) == 1.0
     assert mcnemar_exact(5, 5) == 1.0
     assert mcnemar_exact(0, 6) == 2 / 2 ** 6                     # P(X = 0) + P(X = 6) for n = 6
@@ -234,7 +234,7 @@ def test_visualize_with_a_vim_model_and_an_image(tmp_path):
 
 
 def test_missing_image_is_a_clear_error(tmp_path):
-    run = subprocess.run([sys.executable, "-m", "alignscan.bench", "visualize", "--image", str(tmp_path / "nope.png"),
+    run = subprocess.run([sys.executable, "-m", "alignscan", "visualize", "--image", str(tmp_path / "nope.png"),
                           "--out", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and "image must be an existing image file" in run.stderr
     assert "Traceback" not in run.stderr
@@ -254,7 +254,7 @@ def test_held_out_pairs_never_occur_in_training_and_keep_the_task_balanced():
 
 def test_sign_test_and_t_interval():
 
-    from alignscan.science.stats import sign_test, t_interval
+    from alignscan.stats import sign_test, t_interval
     assert sign_test([0.1, 0.2, 0.3, 0.4, 0.5]) == pytest.approx(2 / 32)          # 5 of 5 positive
     assert sign_test([0.1, -0.1, 0.0]) == 1.0 and sign_test([0.0, 0.0]) == 1.0
     d = [0.02, 0.05, -0.01, 0.04, 0.03]
@@ -334,7 +334,7 @@ def test_error_directions_give_each_seeds_far_to_near_shares_and_their_differenc
 
 
 def test_the_sign_test_floor_and_the_t_test():
-    from alignscan.science.stats import sign_test, sign_test_floor, t_test
+    from alignscan.stats import sign_test, sign_test_floor, t_test
     assert sign_test_floor(5) == 0.0625 == sign_test([0.1] * 5) and sign_test_floor(6) == 0.03125
     assert t_test([0.0, 0.0, 0.0]) == 1.0 and np.isnan(t_test([0.3]))
     assert np.isnan(t_test([-0.022, -0.022]))          # no spread between seeds: no test, not p = 0
@@ -405,7 +405,7 @@ def test_zero_shot_across_seeds_on_the_held_out_task(tmp_path):
     assert "Across the 2 included seeds" in (tmp_path / "zero_shot.md").read_text()
     record = json.loads((tmp_path / "zero_shot_run.json").read_text())["zero_shot"]
     assert record["reanalysed"] and len(record["across_seeds"]) == len(again["across_seeds"])
-    bad = subprocess.run([sys.executable, "-m", "alignscan.bench", "zero-shot", "--seeds", "0,x", "--quick", "--out",
+    bad = subprocess.run([sys.executable, "-m", "alignscan", "zero-shot", "--seeds", "0,x", "--quick", "--out",
                           str(tmp_path / "bad")], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "--seeds" in bad.stderr
     # One job after the other in this process, from the models the two workers cached, one

@@ -1,108 +1,45 @@
-"""``python -m alignscan.bench``: the main job and its subcommands (see --help).
+"""The command line: ``alignscan <command>`` or ``python -m alignscan <command>``.
+
+One front door for the library's programs, which are siblings that never import each other:
+measurement (``alignscan.bench``: ``bench``, the main job, and ``kernels``, ``flops``,
+``models``), the experiments (``alignscan.science``: ``zero-shot``, ``visualize``) and
+ImageNet (``alignscan.imagenet``: ``evaluate``, ``finetune``, torchrun-ready). This module
+parses and checks the arguments, sets the threads, dispatches with explicit arguments, turns
+the checks a command returns into verdicts and writes the run's record (its arguments, the
+machine, peak memory and results) to --out. With no command it prints this help.
 
 Exit status: 2 for a usage error (argparse's, or one of the explicit argument checks run
-before any work: --out, --threads, --batch, --backend / $ALIGNSCAN_BACKEND, --image, ...);
-1 when a correctness verdict fails (a kernel off the reference, a FLOPs count off the
-paper), or, with --strict, a timing verdict; 0 otherwise. A timing verdict that misses is
-timed again (interleaved) before it is reported as missed. Any other error is a bug and
-shows its traceback.
+before any work: --out, --threads, --batch, --backend / $ALIGNSCAN_BACKEND, --image, ...) and
+for a problem with the user's data, checkpoint or output folder (one line); 1 when a
+correctness verdict fails (a kernel off the reference, a FLOPs count off the paper), or,
+with --strict, a timing verdict; 0 otherwise. A timing verdict that misses is timed again
+(interleaved) before it is reported as missed. Any other error is a bug and shows its
+traceback.
 """
 from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import tempfile
 from pathlib import Path
 
-from alignscan.bench.checks import plain_checks, settle_timing, verdicts
 from alignscan.outputs import write_json
+from alignscan.runtime import machine, peak_memory, set_threads
 
+__all__ = ["main", "build_parser", "check_arguments", "COMMANDS", "UsageError"]
+
+PROG = "alignscan"
 DEFAULT_OUT = Path("bench_out")
-COMMANDS = ("kernels", "flops", "models", "zero-shot", "visualize", "evaluate", "finetune")
-SMOKE = "SMOKE TEST (--quick): tiny sizes, the numbers show that it runs, not how it performs"
+COMMANDS = ("bench", "kernels", "flops", "models", "zero-shot", "visualize", "evaluate", "finetune")
+# The record each command writes in --out; evaluate/finetune write their own results file,
+# so theirs is named *_run.json.
+RECORDS = {"bench": "results.json", "zero-shot": "zero_shot_run.json", "evaluate": "evaluate_run.json",
+           "finetune": "finetune_run.json"}
 
 
 class UsageError(Exception):
     """A bad argument found by the explicit checks: reported like argparse's errors (exit 2)."""
-
-
-def _versions():
-    import numba
-    import numpy
-    out = {"python": platform.python_version(), "numpy": numpy.__version__, "numba": numba.__version__}
-    try:
-        import torch
-        out["torch"] = torch.__version__
-    except ImportError:
-        out["torch"] = None
-    return out
-
-
-def _machine():
-    import numba
-    return {"machine": platform.machine(), "processor": _cpu_model() or platform.processor() or platform.machine(),
-            "instruction_set": instruction_set(), "cpus": os.cpu_count(), "numba_threads": numba.get_num_threads(),
-            "threading_layer": _threading_layer(), "versions": _versions()}
-
-
-def instruction_set():
-    """The widest x86 vector extension the CPU has ("AVX-512", "AVX2", "AVX", "SSE"), or the
-    machine's architecture elsewhere: timing ratios change with it."""
-    try:
-        with open("/proc/cpuinfo") as info:
-            flags = next((line.split(":", 1)[1].split() for line in info if line.startswith("flags")), [])
-    except OSError:
-        flags = []
-    for flag, name in (("avx512f", "AVX-512"), ("avx2", "AVX2"), ("avx", "AVX"), ("sse2", "SSE")):
-        if flag in flags:
-            return name
-    return platform.machine()
-
-
-def _peak_memory():
-    """Peak resident memory of this process and of its finished children (the scaling
-    measurements run in their own processes), in GB (Linux reports ru_maxrss in KiB)."""
-    import resource
-    scale = 1e9 if sys.platform == "darwin" else 1e6
-    return {"peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale,
-            "children_peak_rss_gb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / scale}
-
-
-def _cpu_model():
-    """The CPU's model name (Linux: /proc/cpuinfo), else None."""
-    try:
-        with open("/proc/cpuinfo") as info:
-            for line in info:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return None
-
-
-def _threading_layer():
-    import numba
-    try:
-        return numba.threading_layer()
-    except ValueError:
-        return None
-
-
-def set_threads(threads):
-    """numba's threads (clipped to 1..NUMBA_NUM_THREADS) and torch's, the same number."""
-    import numba
-    numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
-    try:
-        import torch
-        torch.set_num_threads(numba.get_num_threads())
-    except ImportError:
-        pass
-
-
-def _set_threads(args):
-    set_threads(args.threads)
 
 
 def backend_and_device(requested):
@@ -122,104 +59,30 @@ def backend_and_device(requested):
         raise UsageError(str(exc)) from None
 
 
-# --- the subcommands ---------------------------------------------------------------------
+# --- the commands: each takes the parsed options and returns its results ----------------------
 
-def run_kernels(args):
-    """The kernel table for every backend that can run here, the performance checks, a plot."""
-    import numba
-    import numpy as np
-
-    from alignscan import cuda_kernels as K
-    from alignscan.bench.kernels import (
-        exp_floor_seconds,
-        format_table,
-        kernel_table,
-        performance_checks,
-        plot_times,
-    )
-    status = K.available_backends()
-    untimed = [name for name in status if not K.backends.get(name).timed]
-    backends = ["reference"] + [name for name, reason in status.items() if reason is None and name not in untimed]
-    quick = args.quick
-    shape = dict(batch=1, dim=96) if quick else dict(batch=8, dim=768)
-    rows = kernel_table(backends=backends, keep_ratios=(1.0, 0.7) if quick else (1.0, 0.7, 0.5),
-                        dtype=np.float32, repeats=2 if quick else 5, **shape)
-    if quick:
-        print(SMOKE)
-    print(f"Kernel table (one ViM-S scan layer: {rows[0]['shape']}, float32 inputs, median wall time "
-          f"[min, max] over the repeats, {numba.get_num_threads()} numba thread(s)):")
-    print(format_table(rows))
-    for name, reason in status.items():
-        if reason is not None:
-            print(f"  (not run: {name}: {reason})")
-        elif name in untimed:
-            print(f"  (not timed: {name}: {K.backends.get(name).purpose})")
-    # At --quick sizes a call takes microseconds and overhead decides the ratios: no checks.
-    floors = {} if quick else exp_floor_seconds(**shape)
-    checks = [] if quick else performance_checks(rows, floors, **shape)
-    if floors:
-        print("One exp per state element: " + ", ".join(f"{k}.exp {1e3 * v:.1f} ms" for k, v in floors.items()))
-    results = {"kernels": rows, "performance_checks": checks, "exp_floor_s": floors,
-               "backends": {k: v or "available" for k, v in status.items()}}
-    if not quick:
-        from alignscan.bench.bridges_bench import bridge_checks, bridge_rows
-        print("\nThe torch op (bridges.selective_scan_fn, numba-cpu) against its autograd twin and the bare kernel...")
-        bridge = bridge_rows()
-        for name, seconds in bridge["seconds"].items():
-            print(f"  {name:<16} {1e3 * seconds:10.2f} ms")
-        results["bridge"] = bridge
-        results["performance_checks"] = checks + bridge_checks(bridge)
-    plot = plot_times(rows, args.out / "kernels_time_vs_keep.png", quick=quick)
-    print(f"Plot: {plot.resolve()}")
-    if not quick:
-        from alignscan.bench.scaling import format_scaling, plot_scaling, scaling_table
-        print("\nScaling of numba-cpu: threads (1 to all cores) at batch 1 and 8; tokens 197 to 262,144, each in a "
-              "fresh process for its peak memory...")
-        scaling = scaling_table()
-        print(format_scaling(scaling))
-        results["scaling"] = {k: v for k, v in scaling.items() if k != "checks"}
-        results["performance_checks"] += scaling["checks"]
-        print(f"Plot: {plot_scaling(scaling, args.out / 'kernels_scaling.png').resolve()}")
-    return results
+def run_bench(args, backend):
+    from alignscan.bench import commands
+    return commands.main_job(args.out, quick=args.quick)
 
 
-def run_flops(args):
-    from alignscan.bench.models_bench import flops_checks, flops_rows, format_flops
-    rows = flops_rows()
-    print("\nFLOPs (GMACs as the paper counts them; pruned = paper preset) beside the paper's Table 1:")
-    print(format_flops(rows))
-    result = {"flops": rows, "performance_checks": flops_checks(rows)}
-    if getattr(args, "counted", False):
-        from alignscan.bench.models_bench import counted_rows, format_counted
-        img = 64 if args.quick else 224
-        result["counted"] = counted_rows(img)
-        print(f"\nWhat torch's FlopCounterMode counts over one forward ({img}x{img}, batch 1; the scan op by its "
-              f"registered formula, mamba_ssm's convention, not MACs):")
-        print(format_counted(result["counted"]))
-    return result
+def run_kernels(args, backend):
+    from alignscan.bench import commands
+    return commands.kernels(args.out, quick=args.quick)
 
 
-def run_models(args):
-    import numba
-
-    from alignscan.bench.models_bench import format_throughput, throughput, throughput_checks
-    backend, device = args.backend_device
-    img, batch, repeats = (64, 2, 1) if args.quick else (224, args.batch, 5)
-    rows = throughput(batch=batch, img=img, repeats=repeats, backend=backend, device=device)
-    if args.quick:
-        print(SMOKE)
-    print(f"\nThroughput ({device}, backend {backend}, float32, {img}x{img}, batch {batch}, "
-          f"{numba.get_num_threads()} thread(s), median of {repeats} interleaved rounds):")
-    print(format_throughput(rows))
-
-    def remeasure(name, modes):
-        again = throughput(names=(name,), modes=modes, batch=batch, img=img, repeats=repeats + 2, backend=backend,
-                           device=device, progress=False)
-        return {r["mode"]: r["images_per_s"] for r in again}
-    return {"throughput": rows, "performance_checks": [] if args.quick else throughput_checks(rows, remeasure)}
+def run_flops(args, backend):
+    from alignscan.bench import commands
+    return commands.flops(quick=args.quick, counted=args.counted)
 
 
-def run_zero_shot(args):
+def run_models(args, backend):
+    from alignscan.bench import commands
+    name, device = backend
+    return commands.models(name, device, quick=args.quick, batch=args.batch)
+
+
+def run_zero_shot(args, backend):
     from alignscan.science import zero_shot
     result = zero_shot.run(args.out, quick=args.quick, cache_dir=args.cache, seed=args.seed, tasks=args.tasks,
                            seeds=args.seeds, jobs=args.jobs)
@@ -232,7 +95,7 @@ def run_zero_shot(args):
             "details": str((args.out / "zero_shot.json").resolve())}
 
 
-def run_visualize(args):
+def run_visualize(args, backend):
     from alignscan.science import visualize
     result = visualize.run(args.out, image_path=args.image, model_name=args.model, checkpoint=args.checkpoint,
                            quick=args.quick, cache_dir=args.cache)
@@ -242,35 +105,20 @@ def run_visualize(args):
     return {"visualize": result}
 
 
-def run_evaluate(args):
+def run_evaluate(args, backend):
     from alignscan import imagenet
-    return {"evaluate": imagenet.evaluate_command(args)}
+    return {"evaluate": imagenet.evaluate_command(args, backend=backend[0])}
 
 
-def run_finetune(args):
+def run_finetune(args, backend):
     from alignscan import imagenet
-    return {"finetune": imagenet.finetune_command(args)}
+    return {"finetune": imagenet.finetune_command(args, backend=backend[0])}
 
 
-def _serialisable(results):
-    if "performance_checks" not in results:
-        return results
-    return {**results, "performance_checks": plain_checks(results["performance_checks"])}
-
-
-def _run(args):
-    """The results of the chosen subcommand (or of the main job: kernels, then FLOPs)."""
-    runners = {"flops": run_flops, "models": run_models, "zero-shot": run_zero_shot, "visualize": run_visualize,
-               "evaluate": run_evaluate, "finetune": run_finetune}
-    if args.command in runners:
-        return runners[args.command](args)
-    results = run_kernels(args)
-    if args.command == "kernels":
-        return results
-    flops = run_flops(args)
-    results["flops"] = flops["flops"]
-    results["performance_checks"] = results["performance_checks"] + flops["performance_checks"]
-    return results
+def runner(command):
+    """The function that runs ``command``: ``run_<command>`` of this module, looked up when
+    called (so that a test can replace one)."""
+    return globals()["run_" + command.replace("-", "_")]
 
 
 # --- arguments -------------------------------------------------------------------------------
@@ -289,10 +137,10 @@ def _add_common(parser, suppress):
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(prog="python -m alignscan.bench", description=(
-        "alignscan benchmarks. With no subcommand, the main job: the kernel table for every backend that runs "
-        "here, the FLOPs table, a verdict per check, results JSON and plots in --out. Options may come before or "
-        "after the subcommand."))
+    parser = argparse.ArgumentParser(prog=PROG, description=(
+        "alignscan: token pruning in vision state space models. `alignscan bench` is the main job: the kernel "
+        "table for every backend that runs here, the FLOPs table, a verdict per check, results JSON and plots "
+        "in --out. Options may come before or after the command."))
     _add_common(parser, suppress=False)
     sub = parser.add_subparsers(dest="command", metavar="{" + ",".join(COMMANDS) + "}")
 
@@ -300,6 +148,10 @@ def build_parser():
         p = sub.add_parser(name, **kwargs)
         _add_common(p, suppress=True)
         return p
+    add("bench", help="the main job: the kernel table, the FLOPs table, a verdict per check",
+        description="The kernel table (every backend that runs here), the numba-cpu performance checks, the torch op "
+                    "against its autograd twin, thread and token scaling, then the FLOPs of the five models beside "
+                    "the paper's Table 1; a verdict per check, results.json and plots in --out.")
     add("kernels", help="backend x alignment x keep ratio: time, speed-up over keep 1.0, deviation from the reference",
         description="The kernel table, the numba-cpu performance checks at the ViM-S layer shape, the torch op against "
                     "its autograd twin and the bare kernel, and how numba-cpu scales with threads and tokens.")
@@ -353,15 +205,17 @@ def _check_out(out):
 
 
 def check_arguments(args):
-    """Every explicit argument check, before any work (UsageError on the first bad one)."""
+    """Every explicit argument check, before any work (UsageError on the first bad one).
+    Returns the (backend, device) the command runs with, or None where no model is built."""
     if args.threads < 1:
         raise UsageError(f"--threads must be >= 1, got {args.threads}")
     _check_out(args.out)
     if getattr(args, "batch", 1) < 1:
         raise UsageError(f"--batch must be >= 1, got {args.batch}")
     from alignscan.cuda_kernels import backends
+    backend = None
     if args.command in ("models", "evaluate", "finetune") or getattr(args, "backend", None) is not None:
-        args.backend_device = backend_and_device(getattr(args, "backend", None))
+        backend = backend_and_device(getattr(args, "backend", None))
     elif os.environ.get(backends.ENV_BACKEND):       # validated the same way everywhere, naming the variable
         backend_and_device(None)
     if args.command == "zero-shot":
@@ -396,21 +250,33 @@ def check_arguments(args):
             imagenet.check_arguments(args)
         except ValueError as exc:
             raise UsageError(str(exc)) from None
+    return backend
+
+
+def _serialisable(results):
+    if "performance_checks" not in results:
+        return results
+    from alignscan.bench.checks import plain_checks
+    return {**results, "performance_checks": plain_checks(results["performance_checks"])}
 
 
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
     try:
-        check_arguments(args)
+        backend = check_arguments(args)
     except UsageError as exc:
         parser.error(str(exc))
-    _set_threads(args)
+    set_threads(args.threads)
     from alignscan.imagenet.options import DataError
     try:
-        results = _run(args)
+        results = runner(args.command)(args, backend)
     except DataError as exc:          # the user's data, checkpoint or folder: one line, exit 2 (1 is for bugs)
         parser.exit(2, f"{parser.prog}: error: {exc}\n")
+    from alignscan.bench.checks import settle_timing, verdicts
     settle_timing(results.get("performance_checks", []))
     lines = verdicts(results)
     if lines:
@@ -423,13 +289,12 @@ def main(argv=None):
               "--strict." + (" --strict is on." if args.strict else ""))
     if os.environ.get("RANK", "0") != "0":              # under torchrun, rank 0 alone writes the record
         return 0 if correctness_ok else 1
-    # the record of this run; evaluate/finetune write their own results file, so theirs is named *_run.json
-    name = {"zero-shot": "zero_shot_run.json", "visualize": "visualize.json", "evaluate": "evaluate_run.json",
-            "finetune": "finetune_run.json"}.get(args.command, f"{args.command}.json")
-    path = args.out / (name if args.command else "results.json")
-    arguments = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "backend_device"}
+    path = args.out / RECORDS.get(args.command, f"{args.command}.json")
+    arguments = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    from alignscan.bench.commands import SMOKE
     write_json(path, {"arguments": arguments, "quick": args.quick, "smoke_test": SMOKE if args.quick else None,
-                      "machine": _machine(), "memory": _peak_memory(), **_serialisable(results)})
+                      "backend": None if backend is None else backend[0], "machine": machine(),
+                      "memory": peak_memory(), **_serialisable(results)})
     print(f"\nResults written to {path.resolve()}")
     return 0 if correctness_ok and (timing_ok or not args.strict) else 1
 
