@@ -65,7 +65,7 @@ def _directions_markdown(result, task):
     rows = [r for r in result.get("error_directions", []) if r["task"] == task]
     if not rows:
         return []
-    lines = [f"Error directions across seeds (exploratory, added after the run of 2026-12-02; {len(rows)} rows Holm-corrected "
+    lines = [f"Error directions across seeds (exploratory: chosen after seeing pooled results; {len(rows)} rows Holm-corrected "
              "together): per seed, the share (%) of errors that read a far pair as near, and the difference of "
              "those shares", "",
              "| removed | conv | side | " + " | ".join(f"{m} per seed" for m in DIRECTION_CONTRAST)
