@@ -203,16 +203,22 @@ class PlainMamba(nn.Module):
         return (logits, stages.kept_per_stage) if return_kept else logits
 
 
-def _make(name):
-    def build(pruning=None, num_classes=1000, **kwargs):
-        model = PlainMamba(**{**PLAINMAMBA_CONFIGS[name], **kwargs}, num_classes=num_classes, pruning=pruning)
-        model.arch_name = name
-        return model
-    build.__name__ = name
-    build.__doc__ = f"PlainMamba-{name[-2:].upper()} as the official code builds it (SPEC §5)."
-    return build
+def plainmamba_l1(pruning=None, num_classes=1000, **kwargs):
+    """PlainMamba-L1 as the official code builds it (SPEC §5): ``models.create("plainmamba_l1", ...)``;
+    kwargs as ``PlainMamba`` (backend=, img_size=, ...)."""
+    from . import create  # the package's one builder (it imports this module: not at the top)
+    return create("plainmamba_l1", pruning=pruning, num_classes=num_classes, **kwargs)
 
 
-plainmamba_l1 = _make("plainmamba_l1")
-plainmamba_l2 = _make("plainmamba_l2")
-plainmamba_l3 = _make("plainmamba_l3")
+def plainmamba_l2(pruning=None, num_classes=1000, **kwargs):
+    """PlainMamba-L2 as the official code builds it (SPEC §5): ``models.create("plainmamba_l2", ...)``;
+    kwargs as ``PlainMamba`` (backend=, img_size=, ...)."""
+    from . import create  # the package's one builder (it imports this module: not at the top)
+    return create("plainmamba_l2", pruning=pruning, num_classes=num_classes, **kwargs)
+
+
+def plainmamba_l3(pruning=None, num_classes=1000, **kwargs):
+    """PlainMamba-L3 as the official code builds it (SPEC §5): ``models.create("plainmamba_l3", ...)``;
+    kwargs as ``PlainMamba`` (backend=, img_size=, ...)."""
+    from . import create  # the package's one builder (it imports this module: not at the top)
+    return create("plainmamba_l3", pruning=pruning, num_classes=num_classes, **kwargs)

@@ -314,16 +314,14 @@ class VisionMamba(nn.Module):
 
 
 def vim_tiny(pruning=None, num_classes=1000, **kwargs):
-    """ViM-T (dim 192, depth 24) as the official code builds it (SPEC §5); kwargs as
-    ``VisionMamba`` (backend=, img_size=, ...)."""
-    model = VisionMamba(**{**VIM_CONFIGS["vim_tiny"], **kwargs}, num_classes=num_classes, pruning=pruning)
-    model.arch_name = "vim_tiny"
-    return model
+    """ViM-T (dim 192, depth 24) as the official code builds it (SPEC §5): ``models.create("vim_tiny", ...)``;
+    kwargs as ``VisionMamba`` (backend=, img_size=, ...)."""
+    from . import create  # the package's one builder (it imports this module: not at the top)
+    return create("vim_tiny", pruning=pruning, num_classes=num_classes, **kwargs)
 
 
 def vim_small(pruning=None, num_classes=1000, **kwargs):
-    """ViM-S (dim 384, depth 24) as the official code builds it (SPEC §5); kwargs as
-    ``VisionMamba`` (backend=, img_size=, ...)."""
-    model = VisionMamba(**{**VIM_CONFIGS["vim_small"], **kwargs}, num_classes=num_classes, pruning=pruning)
-    model.arch_name = "vim_small"
-    return model
+    """ViM-S (dim 384, depth 24) as the official code builds it (SPEC §5): ``models.create("vim_small", ...)``;
+    kwargs as ``VisionMamba`` (backend=, img_size=, ...)."""
+    from . import create  # the package's one builder (it imports this module: not at the top)
+    return create("vim_small", pruning=pruning, num_classes=num_classes, **kwargs)
