@@ -15,12 +15,12 @@ from .checkpoints import load_checkpoint
 from .flops import PAPER_GFLOPS, flops
 from .plainmamba import PlainMamba, plainmamba_l1, plainmamba_l2, plainmamba_l3
 from .pruning import MODES, PruningConfig, paper_preset
-from .stages import Recorder, Stages
+from .stages import Recorder, Stages, StageScan
 from .vim import VisionMamba, vim_small, vim_tiny
 
 __all__ = ["create", "NAMES", "vim_tiny", "vim_small", "plainmamba_l1", "plainmamba_l2", "plainmamba_l3",
            "VisionMamba", "PlainMamba", "PruningConfig", "paper_preset", "MODES", "flops", "PAPER_GFLOPS",
-           "load_checkpoint", "Recorder", "Stages"]
+           "load_checkpoint", "Recorder", "Stages", "StageScan"]
 
 NAMES = registry.NAMES
 # The class of each family of registry cards: the one place a name becomes a model.
