@@ -5,8 +5,9 @@
     from alignscan.bridges import dense_kernel_adapter       # any dense scan -> a position-map scan
     from alignscan.bridges import TorchPositionMap           # a position map on the device, made once per stage
 
-``bridges.dlpack`` owns every tensor <-> array conversion (zero-copy through DLPack); the
-backend "torch" joins the one registry (``cuda_kernels.backends``) here.
+``bridges.dlpack`` owns every tensor <-> array conversion (zero-copy through DLPack). The
+backend "torch" (``selective_scan_ref``, the op's autograd twin) is an entry of the one
+registry, ``cuda_kernels.backends``, declared there like every other backend.
 """
 from alignscan.cuda_kernels import backends as _backends
 

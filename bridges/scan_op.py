@@ -31,10 +31,6 @@ __all__ = ["scan_flops", "selective_scan_fn", "resolve_backend", "ENV_BACKEND"]
 
 ENV_BACKEND = backends.ENV_BACKEND
 
-backends.register(backends.Backend(
-    "torch", "any", "plain torch ops differentiated by autograd: the twin every kernel is tested beside, "
-    "and the fallback on a GPU without cupy or numba-cuda", None, lambda: None, lambda t: t))
-
 
 @torch.compiler.assume_constant_result
 def _resolve(device_type, requested):

@@ -7,8 +7,9 @@ run here (probed once, cached), how it views an array, and which one a call gets
                                its errors), else the first default entry for the device
     available_backends()       {name: None if it can run here, else why not}
 
-Entries are registered in order of preference. ``bridges`` adds "torch" (its autograd twin)
-as an entry like the others; nothing here imports torch.
+Entries are registered in order of preference, every backend declared in this one table,
+"torch" (the op's autograd twin in ``bridges``) included: its probe imports torch when it is
+asked, so the entry exists without ``bridges`` and nothing here imports torch at import time.
 """
 from __future__ import annotations
 
@@ -218,3 +219,25 @@ def _emu_reason():
 register(Backend("cuda-emu", "cpu", "scan.cu, the kernel of 'cupy', run unmodified on the CPU (CUDA's execution model "
                  "emulated: threads, barriers, shared memory): tests and debugs the GPU kernel without a GPU; slow",
                  "alignscan.cuda_kernels.cuda_emu", _emu_reason, _numpy_view, default=False, timed=False))
+
+
+def _torch_reason():
+    """None when torch imports, else why not. Imported here, when probed, and never when this
+    module is: cuda_kernels stays importable (and fast to import) without torch."""
+    try:
+        import torch  # noqa: F401
+    except Exception as exc:
+        return f"torch cannot be imported ({type(exc).__name__}: {str(exc)[:120]}); install the 'torch' extra"
+    return None
+
+
+def _torch_view(t):
+    return t
+
+
+# Last: on a GPU it is the fallback after cupy and numba-cuda. It takes tensors on any device
+# and has no kernel module: bridges.selective_scan_fn runs it as plain torch ops
+# (bridges.selective_scan_ref), differentiated by autograd.
+register(Backend("torch", "any", "plain torch ops differentiated by autograd (bridges.selective_scan_ref): the "
+                 "op's twin that every kernel is tested beside, and the fallback on a GPU without cupy or "
+                 "numba-cuda", None, _torch_reason, _torch_view))

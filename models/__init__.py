@@ -15,22 +15,30 @@ from .checkpoints import load_checkpoint
 from .flops import PAPER_GFLOPS, flops
 from .plainmamba import PlainMamba, plainmamba_l1, plainmamba_l2, plainmamba_l3
 from .pruning import MODES, PruningConfig, paper_preset
-from .stages import Recorder, Stages
+from .stages import Recorder, Stages, StageScan
 from .vim import VisionMamba, vim_small, vim_tiny
 
 __all__ = ["create", "NAMES", "vim_tiny", "vim_small", "plainmamba_l1", "plainmamba_l2", "plainmamba_l3",
            "VisionMamba", "PlainMamba", "PruningConfig", "paper_preset", "MODES", "flops", "PAPER_GFLOPS",
-           "load_checkpoint", "Recorder", "Stages"]
+           "load_checkpoint", "Recorder", "Stages", "StageScan"]
 
-_BUILDERS = {"vim_tiny": vim_tiny, "vim_small": vim_small, "plainmamba_l1": plainmamba_l1,
-             "plainmamba_l2": plainmamba_l2, "plainmamba_l3": plainmamba_l3}
 NAMES = registry.NAMES
-assert set(_BUILDERS) == set(NAMES), "every registry row has a builder"
+# The class of each family of registry cards: the one place a name becomes a model.
+_CLASSES = {"vim": VisionMamba, "plainmamba": PlainMamba}
+assert set(_CLASSES) == set(registry.FAMILIES), "every registry family has a class"
 
 
 def create(name, **kwargs):
-    """Build a model by name (``NAMES``); kwargs go to its builder (pruning=, num_classes=, ...)."""
-    registry.card(name)          # ValueError naming ``name`` and the known names
-    model = _BUILDERS[name](**kwargs)
+    """The model called ``name`` (``NAMES``): its family's class (``VisionMamba`` or
+    ``PlainMamba``) built with the registry card's ``config`` (width, depth, stem) and then
+    ``kwargs`` (pruning=, num_classes=, img_size=, backend=, drop_path_rate=, ...; a kwarg
+    overrides the card), ``arch_name`` set to ``name``. ``vim_tiny(...)`` and the other
+    per-model functions, and timm's entry points, are this call.
+
+    Raises:
+        ValueError: an unknown ``name`` (naming the argument and the known names).
+    """
+    card = registry.card(name)
+    model = _CLASSES[card.family](**{**card.config, **kwargs})
     model.arch_name = name
     return model

@@ -30,25 +30,6 @@ __all__ = ["PlainMamba", "PlainMamba2D", "plainmamba_l1", "plainmamba_l2", "plai
 PLAINMAMBA_CONFIGS = {name: registry.card(name).config for name in registry.names("plainmamba")}   # alignscan.registry
 
 
-class PathPlan:
-    """Per snake path, for the current kept tokens: the compact order along the path
-    (``index``), its inverse, the path's position map (None when nothing is pruned) and the
-    direction label of each path position. Made once per pruning stage."""
-
-    def __init__(self, kept_map, orders, labels):
-        """orders, labels: (4, HW) the snake paths and their direction labels (SPEC §3), tensors
-        on the device (the backbone's buffers), so that making a plan reads nothing on the host."""
-        self.seqlen = orders.shape[1]
-        self.paths = []
-        for order, label in zip(orders, labels):
-            if kept_map is None:    # dense: the path visits every token, in its own order
-                index = order[None]
-                self.paths.append((index, torch.argsort(index, dim=1), None, label[None]))
-                continue
-            index, path_map = kept_map.path(order)
-            self.paths.append((index, torch.argsort(index, dim=1), path_map, label[path_map.positions]))
-
-
 class PlainMamba2D(nn.Module):
     def __init__(self, d_model, d_state=16, expand=2, d_conv=7):
         super().__init__()
@@ -66,9 +47,12 @@ class PlainMamba2D(nn.Module):
         self.out_proj = nn.Linear(E, d_model)
         nn.init.trunc_normal_(self.direction_Bs, std=0.02)
 
-    def forward(self, x, kept, plan, grid, alignment="none", backend=None):
-        """x (b, K, D) kept tokens in raster order; kept (b, K) their raster indices; plan
-        the stage's ``PathPlan``. Returns (out (b, K, D), y (b, E, K) merged gated SSM output)."""
+    def forward(self, x, scan, grid, backend=None):
+        """x (b, K, D) kept tokens in raster order; scan the stage's ``StageScan`` (made with
+        ``scan_paths``): its ``positions`` (b, K) the tokens' raster indices, its ``paths``
+        each snake path's plan, its ``alignment`` that of every path's scan. Returns
+        (out (b, K, D), y (b, E, K) merged gated SSM output)."""
+        kept = scan.positions
         b, K, _ = x.shape
         H, W = grid
         E = self.d_inner
@@ -83,13 +67,13 @@ class PlainMamba2D(nn.Module):
         Bm, Cm = Bm.transpose(1, 2), Cm.transpose(1, 2).contiguous()                     # (b, N, K), raster order
         A = -torch.exp(self.A_log.float())
         y = 0
-        for index, inverse, path_map, labels in plan.paths:
+        for index, inverse, path_map, labels in scan.paths:
             index, inverse = index.expand(b, -1), inverse.expand(b, -1)
             u = torch.gather(xc, 2, index[:, None, :].expand(-1, E, -1))                # u in path order
             B_k = (Bm + self.direction_Bs[labels].transpose(-1, -2)).contiguous()        # quirk: B in raster order
             y_k = selective_scan_fn(u, delta, A, B_k, Cm, self.D.float(), None,
-                                    self.dt_proj.bias.float(), True, positions=path_map,
-                                    alignment=alignment if path_map is not None else "none", backend=backend)
+                                    self.dt_proj.bias.float(), True, positions=path_map, alignment=scan.alignment,
+                                    backend=backend)
             y = y + torch.gather(y_k, 2, inverse[:, None, :].expand(-1, E, -1))          # back to raster order
         y = y * F.silu(z.transpose(1, 2))
         return self.out_proj(y.transpose(1, 2)), y
@@ -105,8 +89,8 @@ class PlainMambaLayer(nn.Module):
             self.dw = nn.Sequential(nn.Conv2d(dim, dim, 3, padding=1, groups=dim, bias=False), nn.BatchNorm2d(dim),
                                     nn.GELU())
 
-    def forward(self, x, kept, plan, grid, alignment, backend=None):
-        out, y = self.mamba(self.norm(x), kept, plan, grid, alignment, backend)
+    def forward(self, x, scan, grid, backend=None):
+        out, y = self.mamba(self.norm(x), scan, grid, backend)
         x = x + self.drop_path(out)
         if hasattr(self, "dw"):
             b, L, D = x.shape
@@ -189,30 +173,34 @@ class PlainMamba(nn.Module):
         check_images(images, self.img_size, bb.patch_embed.stem[0].in_channels)
         x = bb.patch_embed(images).flatten(2).transpose(1, 2) + bb.pos_embed               # (b, HW, D)
         b, L, _ = x.shape
-        stages = Stages(cfg, b, L, x.device, keep_plan=keep_plan)
-        plan = PathPlan(None, bb.path_orders, bb.path_labels)
+        # Each stage's scan (the kept tokens, each snake path's order and map, the alignment) is
+        # made once by the controller and read by every layer of the stage (SPEC §3).
+        stages = Stages(cfg, b, L, x.device, keep_plan=keep_plan, scan_paths=(bb.path_orders, bb.path_labels))
         for i, layer in enumerate(bb.layers):
-            x, y = layer(x, stages.positions, plan, self.grid, stages.alignment, self.backend)
+            x, y = layer(x, stages.scan, self.grid, self.backend)
             if record is not None:
                 record.layer(stages.positions, x, y)
-            was = stages.position_map
             (x,) = stages.after_layer(i, y, x)
-            if stages.position_map is not was:
-                plan = PathPlan(stages.position_map, bb.path_orders, bb.path_labels)   # each path's map (SPEC §3)
         logits = self.head.fc(bb.ln1(x).mean(dim=1))
         return (logits, stages.kept_per_stage) if return_kept else logits
 
 
-def _make(name):
-    def build(pruning=None, num_classes=1000, **kwargs):
-        model = PlainMamba(**{**PLAINMAMBA_CONFIGS[name], **kwargs}, num_classes=num_classes, pruning=pruning)
-        model.arch_name = name
-        return model
-    build.__name__ = name
-    build.__doc__ = f"PlainMamba-{name[-2:].upper()} as the official code builds it (SPEC §5)."
-    return build
+def plainmamba_l1(pruning=None, num_classes=1000, **kwargs):
+    """PlainMamba-L1 as the official code builds it (SPEC §5): ``models.create("plainmamba_l1", ...)``;
+    kwargs as ``PlainMamba`` (backend=, img_size=, ...)."""
+    from . import create  # the package's one builder (it imports this module: not at the top)
+    return create("plainmamba_l1", pruning=pruning, num_classes=num_classes, **kwargs)
 
 
-plainmamba_l1 = _make("plainmamba_l1")
-plainmamba_l2 = _make("plainmamba_l2")
-plainmamba_l3 = _make("plainmamba_l3")
+def plainmamba_l2(pruning=None, num_classes=1000, **kwargs):
+    """PlainMamba-L2 as the official code builds it (SPEC §5): ``models.create("plainmamba_l2", ...)``;
+    kwargs as ``PlainMamba`` (backend=, img_size=, ...)."""
+    from . import create  # the package's one builder (it imports this module: not at the top)
+    return create("plainmamba_l2", pruning=pruning, num_classes=num_classes, **kwargs)
+
+
+def plainmamba_l3(pruning=None, num_classes=1000, **kwargs):
+    """PlainMamba-L3 as the official code builds it (SPEC §5): ``models.create("plainmamba_l3", ...)``;
+    kwargs as ``PlainMamba`` (backend=, img_size=, ...)."""
+    from . import create  # the package's one builder (it imports this module: not at the top)
+    return create("plainmamba_l3", pruning=pruning, num_classes=num_classes, **kwargs)

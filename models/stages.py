@@ -7,6 +7,11 @@ and after each scheduled layer chooses the kept tokens (by importance, or from a
 then zeroes (mode "mask") or gathers the token streams and composes the map (SPEC §3).
 ViM and PlainMamba keep only what differs: the class token, the scan paths.
 
+What the layers of a stage scan with is one immutable ``StageScan`` (``Stages.scan``), made
+once when the stage begins: the map, the alignment that applies ("none" until a stage has
+pruned), ViM's flipped map or PlainMamba's snake-path plan. Every layer reads it and derives
+nothing, so the rule "no alignment without pruning" and each map transform live here alone.
+
 A ``Recorder`` collects what a forward did, for experiments and tests: per layer the
 residual stream (``trace``) and the merged SSM output the importance is computed from
 (``mixer_outputs``), and every scan's arguments, map and output (``scans``).
@@ -23,7 +28,7 @@ from alignscan.bridges import TorchPositionMap
 
 from .pruning import KeepPlan, plan_indices, select_kept, token_scores
 
-__all__ = ["Stages", "Recorder", "fuse_pruned", "merge_runs", "merge_groups", "recentre_order"]
+__all__ = ["Stages", "StageScan", "UNPRUNED", "snake_path_plan", "Recorder", "fuse_pruned", "merge_runs", "merge_groups", "recentre_order"]
 
 
 def _gather_tokens(streams, index):
@@ -106,6 +111,65 @@ def recentre_order(n, cls_at):
     return torch.cat([others[:, :middle], cls_at, others[:, middle:]], dim=1)
 
 
+def snake_path_plan(position_map, orders, labels):
+    """Per scan path, for the current tokens: ``(index, inverse, path_map, path_labels)``, the
+    compact order along the path, its inverse, the path's position map (None when nothing is
+    pruned) and the direction label of each path position (SPEC §3). ``orders``, ``labels``:
+    (paths, HW) the paths over the unpruned grid and their labels, tensors on the device (a
+    model's buffers), so that a plan reads nothing on the host."""
+    plan = []
+    for order, label in zip(orders, labels):
+        if position_map is None:    # unpruned: the path visits every token, in its own order
+            index = order[None]
+            plan.append((index, torch.argsort(index, dim=1), None, label[None]))
+            continue
+        index, path_map = position_map.path(order)
+        plan.append((index, torch.argsort(index, dim=1), path_map, label[path_map.positions]))
+    return tuple(plan)
+
+
+@dataclass(frozen=True)
+class StageScan:
+    """What every scan of one pruning stage runs with: made once per stage (``Stages.scan``,
+    or ``StageScan.of``) and read by each layer of the stage, which derives nothing from it.
+    Tensors stay on the model's device; nothing here reads the host.
+
+    Attributes:
+        positions: (b, L) the current tokens' indices on the unpruned path (PlainMamba: their
+            raster indices, where its conv scatters them); None in ``UNPRUNED``.
+        position_map: their ``TorchPositionMap``; None while nothing is pruned.
+        alignment: the scans' alignment: the pruning mode's once a stage has pruned, "none"
+            before (an unpruned scan has no gaps to align).
+        position_aware: ViM's conv1d reads the original neighbours (``conv="position_aware"``,
+            once pruned).
+        flipped_map: ViM's backward-branch map, ``position_map.flip()`` (SPEC §3); None when
+            unpruned or not asked for.
+        paths: PlainMamba's ``snake_path_plan`` for these tokens; None when not asked for.
+    """
+
+    positions: torch.Tensor | None = None
+    position_map: TorchPositionMap | None = None
+    alignment: str = "none"
+    position_aware: bool = False
+    flipped_map: TorchPositionMap | None = None
+    paths: tuple | None = None
+
+    @classmethod
+    def of(cls, positions, position_map, alignment, conv="compact", flipped=False, scan_paths=None):
+        """The scan of tokens at ``positions`` with ``position_map`` (None: unpruned) under a
+        mode's ``alignment`` and ViM's ``conv`` setting; ``flipped``: with the backward
+        branch's map (ViM); ``scan_paths``: (orders, labels) of the snake paths to plan
+        (PlainMamba)."""
+        pruned = position_map is not None
+        return cls(positions, position_map, alignment if pruned else "none", pruned and conv == "position_aware",
+                   position_map.flip() if flipped and pruned else None,
+                   None if scan_paths is None else snake_path_plan(position_map, *scan_paths))
+
+
+# The scan of layers that run before any pruning stage and read no positions (ViM's prefix).
+UNPRUNED = StageScan()
+
+
 @dataclass
 class Recorder:
     """What one forward did. Pass ``record=Recorder()`` to a model's forward.
@@ -137,9 +201,16 @@ class Stages:
             them by importance.
         protected: optional index (into the unpruned tokens) that every stage keeps and a
             keep plan must keep (ViM's class token).
+        flipped: the layers also scan the flipped sequence (ViM's backward branch): each
+            stage's ``scan`` carries its map.
+        scan_paths: optional (orders, labels) of the snake paths over the unpruned grid
+            (PlainMamba): each stage's ``scan`` carries their plan for its tokens.
+
+    ``scan`` is the current stage's ``StageScan``, made anew when a stage changes the tokens.
     """
 
-    def __init__(self, config, batch, tokens, device, keep_plan=None, protected=None):
+    def __init__(self, config, batch, tokens, device, keep_plan=None, protected=None, flipped=False,
+                 scan_paths=None):
         config.check_plan(keep_plan)
         if keep_plan is not None and not isinstance(keep_plan, KeepPlan):
             keep_plan = KeepPlan(keep_plan, tokens)          # a plain list: checked here, on the host
@@ -155,15 +226,13 @@ class Stages:
         self.protected_at = None if protected is None else torch.full((batch, 1), protected, device=device,
                                                                       dtype=torch.long)
         self.kept_per_stage = []
+        self.flipped = flipped
+        self.scan_paths = scan_paths
+        self.scan = self._scan()
 
-    @property
-    def alignment(self):
-        """The alignment of the next layer's scans: none until a stage has pruned."""
-        return self.config.alignment if self.position_map is not None else "none"
-
-    @property
-    def pruned(self):
-        return self.position_map is not None
+    def _scan(self):
+        return StageScan.of(self.positions, self.position_map, self.config.alignment, self.config.conv,
+                            self.flipped, self.scan_paths)
 
     def _kept(self, stage, y):
         """Indices (b, K) into the current token axis of the tokens this stage keeps."""
@@ -228,4 +297,5 @@ class Stages:
             self.positions = self.position_map.positions
             self.protected_at = cls_at
         self.kept_per_stage.append(self.positions)
+        self.scan = self._scan()          # the next layers' scan, made once for the stage
         return streams

@@ -21,7 +21,7 @@ from alignscan.bridges import selective_scan_fn
 
 from .layers import drop_paths
 from .pruning import KeepPlan, PruningConfig, check_images
-from .stages import Stages, merge_groups
+from .stages import UNPRUNED, Stages, merge_groups
 
 __all__ = ["VisionMamba", "Prefix", "RMSNorm", "BiMambaMixer", "vim_tiny", "vim_small", "VIM_CONFIGS"]
 
@@ -94,9 +94,8 @@ class BiMambaMixer(nn.Module):
 
     def _branch(self, x, z, conv, x_proj, dt_proj, A_log, D, position_map, alignment, position_aware, backend,
                 record):
-        aware = position_aware and position_map is not None
-        xc = _causal_conv(x, conv, position_map.positions if aware else None,
-                          _path_length(position_map) if aware else None)                     # (b, E, L)
+        xc = _causal_conv(x, conv, position_map.positions if position_aware else None,
+                          _path_length(position_map) if position_aware else None)            # (b, E, L)
         dbl = x_proj(xc.transpose(1, 2))                                                  # (b, L, R+2N)
         dt, B, C = torch.split(dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         delta = (dt @ dt_proj.weight.t()).transpose(1, 2)                                 # (b, E, L)
@@ -107,22 +106,21 @@ class BiMambaMixer(nn.Module):
             record.append({"args": scan, "position_map": position_map, "alignment": alignment, "out": out})
         return out
 
-    def forward(self, h, position_map=None, flipped_map=None, alignment="none", position_aware=False, backend=None,
-                record=None):
+    def forward(self, h, scan=UNPRUNED, backend=None, record=None):
         """h (b, L, D) -> (out (b, L, D), y (b, E, L) merged gated SSM output for importance).
 
-        position_map: the tokens' ``TorchPositionMap`` on the unpruned path (None: no
-        pruning); the backward branch scans the flipped sequence with ``flipped_map``
-        (``position_map.flip()`` when not given, SPEC §3). backend: the scan backend (None:
-        the registry's default). record: a list that receives every scan's arguments."""
+        scan: the stage's ``StageScan`` (made with ``flipped=True``): the forward branch scans
+        with its ``position_map``, the backward branch the flipped sequence with its
+        ``flipped_map`` (SPEC §3), both under its ``alignment``. backend: the scan backend
+        (None: the registry's default). record: a list that receives every scan's arguments."""
+        if scan.position_map is not None and scan.flipped_map is None:
+            raise ValueError("scan must carry the backward branch's map: make it with StageScan.of(..., flipped=True)")
         xz = self.in_proj(h).transpose(1, 2)                                              # (b, 2E, L)
         x, z = xz.chunk(2, dim=1)
-        y_f = self._branch(x, z, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D, position_map,
-                           alignment, position_aware, backend, record)
-        if position_map is not None and flipped_map is None:
-            flipped_map = position_map.flip()
+        y_f = self._branch(x, z, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D, scan.position_map,
+                           scan.alignment, scan.position_aware, backend, record)
         y_b = self._branch(x.flip(-1), z.flip(-1), self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log,
-                           self.D_b, flipped_map, alignment, position_aware, backend, record)
+                           self.D_b, scan.flipped_map, scan.alignment, scan.position_aware, backend, record)
         y = y_f + y_b.flip(-1)
         return self.out_proj((y / 2).transpose(1, 2)), y, y_b
 
@@ -137,9 +135,9 @@ class Block(nn.Module):
         self.norm = RMSNorm(dim)
         self.drop_path = drop_path if drop_path is not None else nn.Identity()   # on the incoming hidden
 
-    def forward(self, hidden, residual, **scan):
+    def forward(self, hidden, residual, scan=UNPRUNED, backend=None, record=None):
         residual = hidden.float() if residual is None else residual + self.drop_path(hidden).float()
-        out, y, y_b = self.mixer(self.norm(residual.to(self.norm.weight.dtype)), **scan)
+        out, y, y_b = self.mixer(self.norm(residual.to(self.norm.weight.dtype)), scan, backend, record)
         return out, residual, y, y_b
 
 
@@ -259,25 +257,19 @@ class VisionMamba(nn.Module):
         hidden, residual, start = (self.embed(images), None, 0) if prefix is None else \
             (prefix.hidden, prefix.residual, prefix.layers)
         b, L, _ = hidden.shape
-        stages = Stages(cfg, b, L, hidden.device, keep_plan=keep_plan, protected=self.cls_index)
-        flipped_map = None                                                                 # made once per stage
+        # Each stage's scan (maps, the flipped map of the backward branch, the alignment) is
+        # made once by the controller and read by every layer of the stage.
+        stages = Stages(cfg, b, L, hidden.device, keep_plan=keep_plan, protected=self.cls_index, flipped=True)
         # The released code's selector scores the backward branch alone, unflipped (SPEC §4).
         scored = lambda y, y_b: y_b if cfg.metric == "official" else y
         if prefix is not None:              # the stage (if any) after the prefix's last layer
             hidden, residual = stages.after_layer(start - 1, scored(prefix.y, prefix.y_b), hidden, residual)
-            if stages.pruned:
-                flipped_map = stages.position_map.flip()
         for i in range(start, len(self.layers)):
-            hidden, residual, y, y_b = self.layers[i](
-                hidden, residual, position_map=stages.position_map, flipped_map=flipped_map,
-                alignment=stages.alignment, position_aware=stages.pruned and cfg.conv == "position_aware",
-                backend=self.backend, record=None if record is None else record.scans)
+            hidden, residual, y, y_b = self.layers[i](hidden, residual, stages.scan, self.backend,
+                                                      None if record is None else record.scans)
             if record is not None:
                 record.layer(stages.positions, residual + hidden.float(), y)
-            was = stages.position_map
             hidden, residual = stages.after_layer(i, scored(y, y_b), hidden, residual)
-            if stages.position_map is not was:
-                flipped_map = stages.position_map.flip()         # the backward branch's map (SPEC §3)
         final = self.norm_f((residual + hidden.float()).to(self.norm_f.weight.dtype))
         cls_at = stages.protected_at
         logits = self.head(torch.gather(final, 1, cls_at[..., None].expand(-1, -1, final.shape[-1]))[:, 0])
@@ -314,16 +306,14 @@ class VisionMamba(nn.Module):
 
 
 def vim_tiny(pruning=None, num_classes=1000, **kwargs):
-    """ViM-T (dim 192, depth 24) as the official code builds it (SPEC §5); kwargs as
-    ``VisionMamba`` (backend=, img_size=, ...)."""
-    model = VisionMamba(**{**VIM_CONFIGS["vim_tiny"], **kwargs}, num_classes=num_classes, pruning=pruning)
-    model.arch_name = "vim_tiny"
-    return model
+    """ViM-T (dim 192, depth 24) as the official code builds it (SPEC §5): ``models.create("vim_tiny", ...)``;
+    kwargs as ``VisionMamba`` (backend=, img_size=, ...)."""
+    from . import create  # the package's one builder (it imports this module: not at the top)
+    return create("vim_tiny", pruning=pruning, num_classes=num_classes, **kwargs)
 
 
 def vim_small(pruning=None, num_classes=1000, **kwargs):
-    """ViM-S (dim 384, depth 24) as the official code builds it (SPEC §5); kwargs as
-    ``VisionMamba`` (backend=, img_size=, ...)."""
-    model = VisionMamba(**{**VIM_CONFIGS["vim_small"], **kwargs}, num_classes=num_classes, pruning=pruning)
-    model.arch_name = "vim_small"
-    return model
+    """ViM-S (dim 384, depth 24) as the official code builds it (SPEC §5): ``models.create("vim_small", ...)``;
+    kwargs as ``VisionMamba`` (backend=, img_size=, ...)."""
+    from . import create  # the package's one builder (it imports this module: not at the top)
+    return create("vim_small", pruning=pruning, num_classes=num_classes, **kwargs)

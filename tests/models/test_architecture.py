@@ -90,7 +90,7 @@ def test_vim_mixer_matches_reference_rebuild(alignment):
     h = torch.randn(2, 7, 16, dtype=torch.float64)
     positions = torch.tensor([[0, 1, 4, 5, 8, 9, 12], [1, 2, 3, 6, 7, 10, 11]])
     seqlen = 13
-    out, y, _ = mixer(h, position_map=TorchPositionMap(positions, seqlen), alignment=alignment)
+    out, y, _ = mixer(h, models.StageScan.of(positions, TorchPositionMap(positions, seqlen), alignment, flipped=True))
     xz = np.einsum("bld,ed->bel", _np(h), _np(mixer.in_proj.weight))
     x, z = xz[:, :32], xz[:, 32:]
     pos = positions.numpy()
@@ -112,8 +112,8 @@ def test_plainmamba_mixer_matches_reference_rebuild(alignment):
     kept = torch.tensor([[0, 1, 3, 5, 6, 9, 10, 12, 15], [0, 2, 3, 4, 7, 8, 11, 13, 14]])
     x = torch.randn(2, kept.shape[1], 16, dtype=torch.float64)
     orders, labels = (torch.as_tensor(np.asarray(a)) for a in R.snake_paths(H, W))
-    plan = models.plainmamba.PathPlan(TorchPositionMap(kept, H * W), orders, labels)
-    out, y = mixer(x, kept, plan, (H, W), alignment)
+    scan = models.StageScan.of(kept, TorchPositionMap(kept, H * W), alignment, scan_paths=(orders, labels))
+    out, y = mixer(x, scan, (H, W))
     # Rebuild: in_proj, 7x7 depthwise conv on the zero-filled grid, x_proj, dt_proj (with bias),
     # then four scans with u in path order and delta/B/C in raster order (SPEC §5 quirks).
     E, N = 32, 16

@@ -49,9 +49,10 @@ def _vim_manual(model, x, schedule, ratio, alignment, positions_map=True):
     residual = None
     for i, layer in enumerate(model.layers):
         pruned = positions.shape[1] < L and positions_map
-        scan = dict(position_map=TorchPositionMap(positions, L) if pruned else None,
-                    alignment=alignment if pruned else "none")
-        hidden, residual, y, _ = layer(hidden, residual, **scan)
+        position_map = TorchPositionMap(positions, L) if pruned else None
+        scan = models.StageScan(positions, position_map, alignment if pruned else "none",
+                                flipped_map=None if position_map is None else position_map.flip())
+        hidden, residual, y, _ = layer(hidden, residual, scan)
         if i + 1 in schedule:
             scores = R.token_importance(y.double().numpy(), "clip")
             kept = torch.as_tensor(R.select_tokens(scores, ratio, protected=cls_at.numpy()))
