@@ -45,7 +45,6 @@ class UsageError(Exception):
 def backend_and_device(requested):
     """(backend name, "cpu" or "cuda") for --backend (else $ALIGNSCAN_BACKEND, else the CPU
     default), checked by the one registry; raises UsageError naming the option or variable."""
-    from alignscan import bridges  # noqa: F401  (registers the "torch" backend)
     from alignscan.cuda_kernels import backends
     name = requested if requested is not None else os.environ.get(backends.ENV_BACKEND) or None
     try:
