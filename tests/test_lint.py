@@ -2,14 +2,11 @@
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
 
-
-def test_ruff_finds_nothing():
+def test_ruff_finds_nothing(repo_root):
     try:
         import ruff  # noqa: F401  (the test extra installs it)
         command = [sys.executable, "-m", "ruff"]
@@ -17,6 +14,6 @@ def test_ruff_finds_nothing():
         if shutil.which("ruff") is None:
             pytest.skip("ruff is not installed (pip install -e '.[test]')")
         command = ["ruff"]
-    run = subprocess.run([*command, "check", "--output-format", "concise", "."], cwd=REPO, capture_output=True,
+    run = subprocess.run([*command, "check", "--output-format", "concise", "."], cwd=repo_root, capture_output=True,
                          text=True, timeout=120)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]

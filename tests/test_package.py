@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from tests import REPO
+
 LAYERS = ("reference", "cuda_kernels", "bridges", "models", "bench", "science", "imagenet")
 
 # A forward of a pruned model, the op, and the main job's command line, then what got imported.

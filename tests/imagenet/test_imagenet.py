@@ -16,8 +16,7 @@ import torch
 from alignscan import models, vision
 from alignscan.imagenet import data as imagenet_data
 from alignscan.imagenet import finetune, options, world
-
-REPO = Path(__file__).resolve().parents[2]
+from tests import REPO
 
 
 def make_folder(root, classes=3, per_class=4, size=(80, 72), seed=0):

@@ -3,14 +3,12 @@ traceback (issue 24, item 6); a fresh run never appends to or overwrites an earl
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
+from tests import REPO
 from tests.imagenet.test_imagenet import make_folder, save_official
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

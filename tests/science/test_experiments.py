@@ -15,8 +15,8 @@ from alignscan.science.design import MODES, PAIRS
 from alignscan.science.digits import DigitsConfig, load_digits_split, trained_model, weights_digest
 from alignscan.science.stats import bootstrap_interval
 from alignscan.science.zero_shot import fidelity
+from tests import REPO
 
-REPO = Path(__file__).resolve().parents[2]
 TINY = DigitsConfig(embed_dim=16, depth=2, epochs=1, train_subset=64, batch_size=32)
 
 
