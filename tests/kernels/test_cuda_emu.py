@@ -139,7 +139,7 @@ def test_the_real_kernel_runs_clean_under_thread_sanitizer():
 
 
 DB_PARTIAL = "if (valid[j]) dB_part[prow + first + j] = d_own * dl[j] * uv[j];"
-# The order-dependent sum mamba_ssm (and this kernel before) use: every channel of a group
+# The order-dependent sum, as mamba_ssm's backward does it: every channel of a group
 # atomically adds into one accumulator, in whatever order the blocks run.
 DB_ATOMIC = ("if (valid[j]) atomicAdd(&dB_part[(((long)b * dim + g * (dim / groups)) * dstate + n) * length "
              "+ first + j], d_own * dl[j] * uv[j]);")
@@ -176,7 +176,7 @@ def test_gradients_are_bit_identical_whatever_order_the_blocks_run_in(alignment,
 
 
 def test_an_order_dependent_sum_is_caught(tmp_path, monkeypatch):
-    """The mutation that puts the atomicAdd back: within tolerance, but not the same bits."""
+    """The mutation to that atomicAdd: within tolerance, but not the same bits."""
     mutant = _mutant(tmp_path, DB_PARTIAL, DB_ATOMIC)
     p = _many_channels("prev")
     runs = _gradient_bits(p, range(20), monkeypatch, source=mutant)
