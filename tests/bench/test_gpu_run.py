@@ -6,9 +6,9 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+from tests import REPO
+
 NOT_ON_THE_GPU_IMAGE = ("tqdm", "matplotlib", "scipy", "sklearn")
 
 

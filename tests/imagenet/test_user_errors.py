@@ -1,16 +1,15 @@
 """Every user error of evaluate/finetune is one line naming the file or option, exit 2, no
-traceback (issue 24, item 6); a fresh run never appends to or overwrites an earlier one."""
+traceback (the input is what needs fixing, not the program); a fresh run never appends to or
+overwrites an earlier one."""
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
+from tests import REPO
 from tests.imagenet.test_imagenet import make_folder, save_official
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +106,8 @@ def test_data_and_checkpoint_problems_exit_2_in_one_line(files, tmp_path):
 
 
 def test_outputs_honour_the_umask(tmp_path):
-    """Files the programs keep get the mode any file the user creates gets (issue 24, item 7)."""
+    """Files the programs keep get the mode any file the user creates gets: written to a
+    temporary file and renamed into place, they must not keep the temporary file's 0600."""
     code = ("import os, sys; os.umask(int(sys.argv[1], 8)); from alignscan.outputs import write_json, save_torch; "
             "write_json(sys.argv[2] + '/a.json', {}); import torch; save_torch({}, sys.argv[2] + '/b.pth'); "
             "open(sys.argv[2] + '/c.log', 'w').close()")

@@ -21,7 +21,6 @@ from alignscan.cuda_kernels.params import ScanParams
 from alignscan.testing import make_problem
 from tests.kernels.equivalence import check_backward, check_forward
 
-REPO = Path(__file__).resolve().parents[2]
 DRIVER = Path(__file__).with_name("emu_race_driver.cpp")
 SMALL = dict(threads=32, items=2)               # chunks of 64 tokens
 CHUNK = SMALL["threads"] * SMALL["items"]
@@ -140,7 +139,7 @@ def test_the_real_kernel_runs_clean_under_thread_sanitizer():
 
 
 DB_PARTIAL = "if (valid[j]) dB_part[prow + first + j] = d_own * dl[j] * uv[j];"
-# The order-dependent sum mamba_ssm (and this kernel before) use: every channel of a group
+# The order-dependent sum, as mamba_ssm's backward does it: every channel of a group
 # atomically adds into one accumulator, in whatever order the blocks run.
 DB_ATOMIC = ("if (valid[j]) atomicAdd(&dB_part[(((long)b * dim + g * (dim / groups)) * dstate + n) * length "
              "+ first + j], d_own * dl[j] * uv[j]);")
@@ -177,7 +176,7 @@ def test_gradients_are_bit_identical_whatever_order_the_blocks_run_in(alignment,
 
 
 def test_an_order_dependent_sum_is_caught(tmp_path, monkeypatch):
-    """The mutation that puts the atomicAdd back: within tolerance, but not the same bits."""
+    """The mutation to that atomicAdd: within tolerance, but not the same bits."""
     mutant = _mutant(tmp_path, DB_PARTIAL, DB_ATOMIC)
     p = _many_channels("prev")
     runs = _gradient_bits(p, range(20), monkeypatch, source=mutant)
@@ -193,7 +192,7 @@ def test_a_missing_barrier_is_reported_by_thread_sanitizer(tmp_path):
     assert "block_scan" in run.stderr
 
 
-def test_builds_are_cached_and_a_read_only_cache_falls_back_to_a_temporary_directory(tmp_path):
+def test_builds_are_cached_and_a_read_only_cache_falls_back_to_a_temporary_directory(tmp_path, repo_root):
     assert cuda_emu.build(**SMALL) == cuda_emu.build(**SMALL)
     blocked = tmp_path / "blocked"
     blocked.write_text("a file, so no cache directory can be made below it")
@@ -209,7 +208,7 @@ def test_builds_are_cached_and_a_read_only_cache_falls_back_to_a_temporary_direc
     """)
     env = {**os.environ, "ALIGNSCAN_CACHE_DIR": str(blocked / "cache"), "XDG_CACHE_HOME": str(blocked / "xdg"),
            "HOME": str(blocked / "home")}
-    run = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
+    run = subprocess.run([sys.executable, "-c", script], cwd=repo_root, env=env, capture_output=True, text=True,
                          timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "alignscan-cuda-emu-" in run.stdout, "a temporary directory must take the build"

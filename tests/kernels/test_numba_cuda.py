@@ -3,20 +3,18 @@ compile_ptx, and the same equivalence on a real GPU where there is one."""
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
 SIM_BUDGET_S = 300
 
 
-def test_numba_cuda_kernels_match_reference_under_the_simulator():
+def test_numba_cuda_kernels_match_reference_under_the_simulator(repo_root):
     env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "1"}
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                          str(REPO / "tests" / "kernels" / "sim_cases.py")],
-                         cwd=REPO, env=env, capture_output=True, text=True, timeout=SIM_BUDGET_S)
+                          str(repo_root / "tests" / "kernels" / "sim_cases.py")],
+                         cwd=repo_root, env=env, capture_output=True, text=True, timeout=SIM_BUDGET_S)
     tail = (run.stdout + run.stderr)[-6000:]
     assert run.returncode == 0, tail
     assert " passed" in run.stdout and "skipped" not in run.stdout.splitlines()[-1], tail
