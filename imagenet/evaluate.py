@@ -125,7 +125,12 @@ def evaluate_markdown(summary):
 
 
 def _evaluate_plot(summary, path):
-    import matplotlib
+    """The bar plot beside the numbers; without matplotlib (a bare GPU image), the numbers alone."""
+    try:
+        import matplotlib
+    except ImportError:
+        print(f"evaluate: no plot ({path.name}): matplotlib is not installed (the plots extra)")
+        return None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(1.6 + 1.2 * len(summary["results"]), 3.6))
