@@ -11,7 +11,7 @@ import os
 import platform
 import sys
 
-__all__ = ["set_threads", "machine", "instruction_set", "cpu_model", "versions", "peak_memory"]
+__all__ = ["set_threads", "process_device", "machine", "instruction_set", "cpu_model", "versions", "peak_memory"]
 
 
 def set_threads(threads):
@@ -23,6 +23,16 @@ def set_threads(threads):
         torch.set_num_threads(numba.get_num_threads())
     except ImportError:
         pass
+
+
+def process_device():
+    """The device type this process's models run on: "cuda" where torch sees a GPU (as
+    ``imagenet.world.World`` places them), else "cpu"."""
+    try:
+        import torch
+    except ImportError:
+        return "cpu"
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _cpu_flags():

@@ -53,6 +53,40 @@ def _empty(like):
     return like.new_empty((0,), dtype=compute_dtype(like.dtype))
 
 
+def _backend_entry(backend, device_type):
+    """The registry entry a call of the op runs on: ``backend`` ("" when the caller named
+    none) resolved for the device of the op's tensors, here, at run time. So a traced or
+    exported graph holds the caller's request, never a name only one device can run."""
+    return backends.get(backends.resolve(backend or None, device_type))
+
+
+class _MadeCoefficients:
+    """A position map's gap coefficients, already made: inside the op the map itself is gone,
+    and the twin only asks it for them."""
+
+    def __init__(self, coefs):
+        self._made = GapCoefficients(*coefs)
+
+    def coefficients(self, alignment, dtype):
+        return self._made
+
+
+def _twin_args(u, delta, A, B, C, D, z, delta_bias, coefs, delta_softplus, return_last_state, alignment):
+    made = None if coefs[0] is None else _MadeCoefficients(coefs)
+    return ScanArgs.unchecked(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, made, alignment)
+
+
+def _twin_forward(u, delta, A, B, C, D, z, delta_bias, coefs, delta_softplus, return_last_state, alignment):
+    """The op's forward by the twin: the "torch" backend chosen inside the op (a graph made
+    where a kernel ran, run on a GPU without CuPy or numba-cuda)."""
+    cdt = compute_dtype(u.dtype)
+    with torch.no_grad():
+        result = scan_twin(_twin_args(u, delta, A, B, C, D, z, delta_bias, coefs, delta_softplus, return_last_state,
+                                      alignment))
+    out, last = result if return_last_state else (result, _empty(u))
+    return out.to(cdt).clone(), last.to(cdt).clone()
+
+
 def _kernel_args(entry, u, delta, A, B, C, D, z, delta_bias, coefs, delta_softplus, return_last_state, alignment):
     """(kernel module, the scan's ScanParams over backend views of the tensors)."""
     cdt = compute_dtype(u.dtype)
@@ -68,7 +102,10 @@ def _fwd_op(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Option
             delta_bias: Optional[Tensor], coef_self: Optional[Tensor], coef_prev: Optional[Tensor],
             hold: Optional[Tensor], trailing: Optional[Tensor], delta_softplus: bool, return_last_state: bool,
             alignment: str, backend: str) -> tuple[Tensor, Tensor]:
-    entry = backends.get(backend)
+    entry = _backend_entry(backend, u.device.type)
+    if entry.name == "torch":
+        return _twin_forward(u, delta, A, B, C, D, z, delta_bias, (coef_self, coef_prev, hold, trailing),
+                             delta_softplus, return_last_state, alignment)
     module, params = _kernel_args(entry, u, delta, A, B, C, D, z, delta_bias, (coef_self, coef_prev, hold, trailing),
                                   delta_softplus, return_last_state, alignment)
     cdt = compute_dtype(u.dtype)
@@ -93,7 +130,14 @@ def _bwd_op(dout: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Ten
             z: Optional[Tensor], delta_bias: Optional[Tensor], coef_self: Optional[Tensor],
             coef_prev: Optional[Tensor], hold: Optional[Tensor], trailing: Optional[Tensor], delta_softplus: bool,
             alignment: str, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    entry = backends.get(backend)
+    entry = _backend_entry(backend, u.device.type)
+    if entry.name == "torch":
+        # Autograd does not record inside a custom op, so the twin cannot be differentiated
+        # here; an eager call on this device takes the twin outside the op and has a backward.
+        raise NotImplementedError(
+            f"the scan's backward on {u.device.type} tensors: this graph was traced or exported where a kernel "
+            f"backend ran, and on {u.device.type} here only the 'torch' twin can run, whose backward does not run "
+            f"inside the traced op; call the model eagerly, or trace it with backend='torch'")
     module, params = _kernel_args(entry, u, delta, A, B, C, D, z, delta_bias, (coef_self, coef_prev, hold, trailing),
                                   delta_softplus, False, alignment)
     cdt = compute_dtype(u.dtype)
@@ -176,7 +220,8 @@ def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
             "none" (relabel, EViT).
         backend: a name from the registry (``cuda_kernels.backends``): "numba-cpu",
             "cupy", "numba-cuda", "torch" (the autograd twin), ...; default
-            $ALIGNSCAN_BACKEND, else by device.
+            $ALIGNSCAN_BACKEND, else the registry's choice for the device of ``u``, made
+            per call inside the op (so an exported graph runs on any device).
 
     Returns:
         out (batch, dim, M) in u's dtype, and last_state (batch, dim, N) with
@@ -187,13 +232,15 @@ def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
     positions, seqlen = as_position_map(positions, seqlen, u)
     args = validate_scan_args(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
                               positions=positions, seqlen=seqlen, alignment=alignment)
-    backend = resolve_backend(u.device.type, backend)
-    if backend == "torch":
+    # Checked here, eagerly, with a message naming the argument; the op itself receives the
+    # request ("" for none) and resolves it from its tensors' device when it runs, so a
+    # traced or exported graph carries no backend that only one device can run.
+    if resolve_backend(u.device.type, backend) == "torch":
         return scan_twin(args)
     coefs = args.coefficients(compute_dtype(u.dtype))
     coefs = (None,) * 4 if coefs is None else tuple(coefs)
     out, last = torch.ops.alignscan.selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, *coefs,
                                                        args.delta_softplus, args.return_last_state, args.alignment,
-                                                       backend)
+                                                       backend or "")
     out = out.to(u.dtype)
     return (out, last) if args.return_last_state else out

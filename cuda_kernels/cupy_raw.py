@@ -22,11 +22,17 @@ _NULL = np.uint64(0)   # a null pointer kernel argument
 
 
 def unavailable_reason():
-    """None when CuPy can launch kernels here, else why not."""
+    """None when CuPy can compile and launch this backend's kernels here, else why not.
+
+    A device count alone is not enough: a missing or mismatched NVRTC (a cupy-cuda12x wheel
+    beside a CUDA 13 driver stack, say) passes it and fails at the first call. So the probe
+    compiles scan.cu (kept: the backend uses that module) and launches a one-thread kernel,
+    once per process (``Backend.reason`` caches the answer)."""
     try:
         import cupy
     except Exception as exc:
-        return f"CuPy is not installed or does not import ({type(exc).__name__}: {exc}); install the 'cuda' extra"
+        return (f"CuPy is not installed or does not import ({type(exc).__name__}: {exc}); install the extra of "
+                f"your torch's CUDA major: 'cuda12' or 'cuda13'")
     try:
         count = cupy.cuda.runtime.getDeviceCount()
     except Exception as exc:
@@ -35,7 +41,24 @@ def unavailable_reason():
         code = re.search(r"cudaError\w+", str(exc))
         return (f"no CUDA GPU found: CuPy finds no NVIDIA driver and device to run on "
                 f"({code.group(0) if code else type(exc).__name__})")
-    return None if count > 0 else "no CUDA GPU found (CuPy sees no device)"
+    if count == 0:
+        return "no CUDA GPU found (CuPy sees no device)"
+    try:
+        _module()
+    except Exception as exc:
+        return (f"CuPy cannot compile scan.cu here ({type(exc).__name__}: {str(exc)[:300]}); is the cupy-cuda "
+                f"wheel's CUDA major the driver's and torch's?")
+    try:
+        flag = cupy.zeros(1, dtype=cupy.int32)
+        cupy.RawKernel(_PROBE, "alignscan_probe")((1,), (1,), (flag,))
+        if int(flag.get()[0]) != 1:
+            return "CuPy launched a probe kernel that did not run (the flag it sets stayed 0)"
+    except Exception as exc:
+        return f"CuPy cannot launch a kernel here ({type(exc).__name__}: {str(exc)[:300]})"
+    return None
+
+
+_PROBE = 'extern "C" __global__ void alignscan_probe(int* flag) { *flag = 1; }'
 
 
 @functools.lru_cache(maxsize=None)

@@ -29,6 +29,8 @@ def evaluate_command(args, backend=None):
 
 def _evaluate(args, backend, world):
     import torch
+
+    from alignscan.bridges import resolve_backend
     folder = image_folder(args.data, args.limit)
     modes = args.modes.split(",")
     keep = None if args.keep is None else args.keep
@@ -90,7 +92,7 @@ def _evaluate(args, backend, world):
                 j = modes.index(against)
                 paired.append({"a": a, "b": against, **paired_counts(top1[:, k].numpy()[evaluated].astype(bool),
                                                                 top1[:, j].numpy()[evaluated].astype(bool))})
-    summary = {"model": args.model, "checkpoint": str(args.checkpoint), "data": str(args.data),
+    summary = {"backend": resolve_backend(world.device.type, backend), "model": args.model, "checkpoint": str(args.checkpoint), "data": str(args.data),
                "classes": len(folder.classes), "images": n, "evaluated": total, "unreadable": int(count.item()),
                "unreadable_policy": "skipped and counted" if args.skip_unreadable else "stop",
                "world_size": world.size, "device": str(world.device), "keep": keep if keep is not None else "paper",
@@ -123,7 +125,12 @@ def evaluate_markdown(summary):
 
 
 def _evaluate_plot(summary, path):
-    import matplotlib
+    """The bar plot beside the numbers; without matplotlib (a bare GPU image), the numbers alone."""
+    try:
+        import matplotlib
+    except ImportError:
+        print(f"evaluate: no plot ({path.name}): matplotlib is not installed (the plots extra)")
+        return None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(1.6 + 1.2 * len(summary["results"]), 3.6))
