@@ -25,7 +25,7 @@ import tempfile
 from pathlib import Path
 
 from alignscan.outputs import write_json
-from alignscan.runtime import machine, peak_memory, set_threads
+from alignscan.runtime import exit_on_sigterm, machine, peak_memory, set_threads
 
 __all__ = ["main", "build_parser", "check_arguments", "COMMANDS", "UsageError"]
 
@@ -287,6 +287,27 @@ def main(argv=None):
     except UsageError as exc:
         parser.error(str(exc))
     set_threads(args.threads)
+    exit_on_sigterm()
+    from alignscan.outputs import FolderInUse
+    try:
+        with _holding(args.out):
+            return _run(args, backend, parser)
+    except FolderInUse as exc:
+        parser.exit(2, f"{parser.prog}: error: --out {exc}\n")
+
+
+def _holding(out):
+    """This run's hold on --out (rank 0 alone under torchrun: the other ranks write there
+    only through it)."""
+    import contextlib
+
+    from alignscan.outputs import hold_folder
+    if os.environ.get("RANK", "0") != "0":
+        return contextlib.nullcontext()
+    return hold_folder(out, " ".join([PROG, *sys.argv[1:]]))
+
+
+def _run(args, backend, parser):
     from alignscan.imagenet.options import DataError
     try:
         results = runner(args.command)(args, backend)

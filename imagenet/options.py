@@ -143,7 +143,8 @@ def _check_finetune(args):
         raise ValueError("--checkpoint (weights to start from) or --resume is required; "
                          "pass --from-scratch to train from random weights")
     if args.resume is not None:
-        check_resumable(args.resume)
+        now = dict(recipe.resolve(registry.family(args.model), args), epochs=args.epochs)
+        _check_resume_fits(check_resumable(args.resume), args, now)
     used = [p.name for p in (Path(args.out).glob("finetune_log.jsonl") if Path(args.out).is_dir() else [])] + \
         [p.name for p in (Path(args.out).glob(f"checkpoint_{args.model}_*.pth") if Path(args.out).is_dir() else [])]
     if used and args.resume is None and not args.overwrite:
@@ -152,6 +153,32 @@ def _check_finetune(args):
 
 
 RESUME_KEYS = ("optimizer", "step", "epoch")
+# What a resumed run cannot change: the model and its pruning, the input size, and the
+# batch (the step count of an epoch); the recipe's every entry is compared as well.
+RESUME_FIXED = ("model", "mode", "keep", "conv", "metric", "img_size", "batch")
+
+
+def _check_resume_fits(blob, args, recipe_now):
+    """A resumed run keeps the checkpoint's settings: ValueError listing every option given
+    a value other than the checkpoint's (an optimizer, a learning rate, a mode ...), before
+    any step. The restored optimizer and scheduler would otherwise run on with the old
+    values while the log recorded the new ones."""
+    then_recipe, then_args = blob.get("recipe"), blob.get("args")
+    differ = []
+    if isinstance(then_args, dict):
+        for key in RESUME_FIXED:
+            if key in then_args and then_args[key] != str(getattr(args, key)):
+                differ.append(f"--{key.replace('_', '-')} {getattr(args, key)} (checkpoint: {then_args[key]})")
+    if isinstance(then_recipe, dict):
+        for key, value in recipe_now.items():
+            if key == "source" or key not in then_recipe or then_recipe[key] == value:
+                continue
+            option = "--recipe" if key == "name" else f"--{key.replace('_', '-')}"
+            differ.append(f"{option} {value} (checkpoint: {then_recipe[key]})")
+    if differ:
+        raise ValueError(f"--resume {args.resume}: a resumed run keeps the settings it was trained with, and these "
+                         f"differ: {'; '.join(differ)}. Drop them, or start a new run from its weights with "
+                         f"--checkpoint")
 
 
 def check_resumable(path):
