@@ -80,6 +80,10 @@ def add_evaluate_arguments(p):
     p.add_argument("--checkpoint", required=True, type=Path, help="official ({'model'} or mmcls {'state_dict'}) weights")
     p.add_argument("--data", required=True, type=Path, help="ImageNet-style folder: one subfolder per class")
     p.add_argument("--modes", default=MODES_DEFAULT, help=f"comma-separated pruning modes (default {MODES_DEFAULT})")
+    p.add_argument("--shared-selection", default=None, metavar="MODE",
+                   help="every pruned mode scans exactly the tokens MODE's model selects, image by image (a keep "
+                        "plan made once per batch), so that the modes differ by their scan alone; MODE must be "
+                        "one of --modes (default: each mode selects its own tokens)")
     p.add_argument("--preset", choices=("paper",), default="paper",
                    help="the paper's schedule and keep ratios (default); --keep overrides the ratio")
     _add_shared_arguments(p)
@@ -128,6 +132,10 @@ def check_arguments(args):
         if mode not in models.MODES:
             raise ValueError(f"--{'modes' if hasattr(args, 'modes') else 'mode'} must be among {models.MODES}, "
                              f"got {mode!r}")
+    shared = getattr(args, "shared_selection", None)
+    if shared is not None and (shared not in modes or shared == "dense"):
+        raise ValueError(f"--shared-selection must be one of the pruned modes in --modes "
+                         f"({', '.join(m for m in modes if m != 'dense')}), got {shared!r}")
     if hasattr(args, "epochs"):
         _check_finetune(args)
 
