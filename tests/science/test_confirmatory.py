@@ -1,13 +1,13 @@
 """The pre-registered confirmatory test is well formed: fresh seeds and test images, and its
 planning numbers are those of the five-seed run's per-image files (recomputed here)."""
-from pathlib import Path
 
 import numpy as np
 from scipy import stats
 
 from alignscan.science.design import CONFIRMATORY, SEEDS
+from tests import REPO
 
-RESULTS = Path(__file__).resolve().parents[2] / "docs" / "results" / "zero_shot"
+RESULTS = REPO / "docs" / "results" / "zero_shot"
 
 
 def _per_seed_differences(pairs_label):
