@@ -94,6 +94,17 @@ def _peak_and_seconds(fn, device, timer):
     return seconds, peak
 
 
+def _in_both_dtypes(step_of, label, rows, device, timer):
+    """Each dtype's result (float32 for comparing), and its time and peak memory in
+    rows[label_dtype]."""
+    results = {}
+    for dtype in ("float32", "bfloat16"):
+        results[dtype] = step_of(dtype)().detach().float()
+        seconds, peak = _peak_and_seconds(step_of(dtype), device, timer)
+        rows[f"{label}_{dtype}"] = {"seconds": seconds, "peak_bytes": peak}
+    return results
+
+
 def half(dry, timer):
     """bf16 under autocast against float32: the op at the ViM-S layer shape (batch 8; 2 and
     dim 64 in a dry run) and a pruned ViM-S (align, paper preset; ViM-T at 64 px in a dry
@@ -120,11 +131,7 @@ def half(dry, timer):
             out.float().sum().backward()
             return out
         return run
-    outs = {}
-    for dtype in ("float32", "bfloat16"):
-        outs[dtype] = op_step(dtype)().detach().float()
-        seconds, peak = _peak_and_seconds(op_step(dtype), device, timer)
-        rows[f"op_{dtype}"] = {"seconds": seconds, "peak_bytes": peak}
+    outs = _in_both_dtypes(op_step, "op", rows, device, timer)
     name = "vim_tiny" if dry else "vim_small"
     torch.manual_seed(0)
     model = (models.create(name, pruning=models.PruningConfig("align", (1,), 0.7), img_size=64, depth=2) if dry
@@ -138,11 +145,7 @@ def half(dry, timer):
             logits.float().logsumexp(-1).mean().backward()
             return logits
         return run
-    logits = {}
-    for dtype in ("float32", "bfloat16"):
-        logits[dtype] = model_step(dtype)().detach().float()
-        seconds, peak = _peak_and_seconds(model_step(dtype), device, timer)
-        rows[f"{name}_{dtype}"] = {"seconds": seconds, "peak_bytes": peak}
+    logits = _in_both_dtypes(model_step, name, rows, device, timer)
     scale = lambda a: float(a.abs().max()) or 1.0
     op_dev = float((outs["bfloat16"] - outs["float32"]).abs().max()) / scale(outs["float32"])
     model_dev = float((logits["bfloat16"] - logits["float32"]).abs().max()) / scale(logits["float32"])

@@ -13,15 +13,12 @@ import torch
 
 from alignscan import cli
 from alignscan.cuda_kernels import backends
-from tests.imagenet.test_imagenet import make_folder, save_official
+from tests.imagenet.test_imagenet import official_files
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    root = tmp_path_factory.mktemp("device")
-    folder = make_folder(root / "val", classes=2, per_class=1)
-    checkpoint = root / "vim_tiny_64.pth"
-    save_official(checkpoint, "vim_tiny", 2, 64)
+    folder, checkpoint = official_files(tmp_path_factory.mktemp("device"), classes=2, per_class=1)
     return folder, checkpoint
 
 

@@ -39,6 +39,15 @@ def save_official(path, name, classes, img_size, seed=0):
     return model
 
 
+def official_files(root, classes=3, per_class=4, name="vim_tiny", img_size=64):
+    """A generated ImageNet-style folder and a checkpoint of ``name`` in the official layout
+    for it: (folder, checkpoint)."""
+    folder = make_folder(root / "data", classes=classes, per_class=per_class)
+    checkpoint = root / f"{name}_{img_size}.pth"
+    save_official(checkpoint, name, classes, img_size)
+    return folder, checkpoint
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("imagenet")

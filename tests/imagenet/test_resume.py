@@ -7,15 +7,13 @@ import json
 import pytest
 
 from alignscan import cli
-from tests.imagenet.test_imagenet import make_folder, save_official
+from tests.imagenet.test_imagenet import official_files
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("resume")
-    folder = make_folder(root / "train", classes=2, per_class=2)
-    checkpoint = root / "vim_tiny_64.pth"
-    save_official(checkpoint, "vim_tiny", 2, 64)
+    folder, checkpoint = official_files(root, classes=2, per_class=2)
     out = root / "run"
     assert cli.main(_finetune(folder, out, "--checkpoint", str(checkpoint))) == 0
     return folder, out

@@ -12,17 +12,14 @@ import torch
 
 from alignscan import cli, models
 from alignscan.imagenet import data as imagenet_data
-from tests.imagenet.test_imagenet import make_folder, save_official
+from tests.imagenet.test_imagenet import official_files
 
 MODES = "dense,align,relabel"
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    root = tmp_path_factory.mktemp("shared")
-    folder = make_folder(root / "val", classes=3, per_class=3)
-    checkpoint = root / "vim_tiny_64.pth"
-    save_official(checkpoint, "vim_tiny", 3, 64)
+    folder, checkpoint = official_files(tmp_path_factory.mktemp("shared"), classes=3, per_class=3)
     return folder, checkpoint
 
 

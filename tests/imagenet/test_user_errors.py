@@ -9,15 +9,13 @@ import pytest
 import torch
 
 from tests import REPO
-from tests.imagenet.test_imagenet import make_folder, save_official
+from tests.imagenet.test_imagenet import make_folder, official_files, save_official
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("user_errors")
-    folder = make_folder(root / "train", classes=2, per_class=2)
-    checkpoint = root / "vim_tiny_64.pth"
-    save_official(checkpoint, "vim_tiny", 2, 64)
+    folder, checkpoint = official_files(root, classes=2, per_class=2)
     return root, folder, checkpoint
 
 
