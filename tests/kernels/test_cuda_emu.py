@@ -1,7 +1,8 @@
 """scan.cu, the default GPU kernel, run unmodified on the CPU (backend "cuda-emu"): the same
 equivalence to the reference as every backend, at chunks of 32 x 2 = 64 tokens so that short
-sequences span several chunks (and once at the GPU's 128 x 4); mutants of the kernel that must
-fail; and ThreadSanitizer on the real kernel, which must find no race."""
+sequences span several chunks (and once at the GPU's 128 x 4); float16 and bfloat16 inputs
+read in place (the emulated conversions bit for bit against NumPy's and torch's); mutants of
+the kernel that must fail; and ThreadSanitizer on the real kernel, which must find no race."""
 import os
 import subprocess
 import sys
@@ -20,9 +21,11 @@ from alignscan.cuda_kernels import cuda_emu, scan_cu
 from alignscan.cuda_kernels.params import ScanParams
 from alignscan.testing import make_problem
 from tests.kernels.equivalence import check_backward, check_forward
+from tests.kernels.half import HALVES, check_half_backward, check_half_forward, half_scan
 
 REPO = Path(__file__).resolve().parents[2]
 DRIVER = Path(__file__).with_name("emu_race_driver.cpp")
+HALF_DRIVER = Path(__file__).with_name("emu_half_driver.cpp")
 SMALL = dict(threads=32, items=2)               # chunks of 64 tokens
 CHUNK = SMALL["threads"] * SMALL["items"]
 
@@ -218,3 +221,102 @@ def test_builds_are_cached_and_a_read_only_cache_falls_back_to_a_temporary_direc
 def test_no_compiler_is_a_reason_not_an_error(monkeypatch):
     monkeypatch.setenv("CXX", "/nonexistent/c++")
     assert "no C++ compiler" in cuda_emu.unavailable_reason()
+
+
+# --- float16 and bfloat16 inputs -------------------------------------------------------------
+
+def _conversion_values():
+    """float32 values where rounding to float16 and bfloat16 can go wrong: every exact half and
+    bfloat16 value, the midpoints between neighbours and one float32 ulp either side of them
+    (ties to even, carries into the exponent, the largest finite values, the float16
+    subnormals and underflow), ±0, ±inf, NaN, and 2^20 random float32 bit patterns."""
+    with np.errstate(invalid="ignore"):     # the NaN patterns
+        halves = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float64)
+        bf16 = (np.arange(65536, dtype=np.uint32) << 16).view(np.float32).astype(np.float64)
+    values = []
+    for grid in (halves, bf16):
+        finite = np.unique(grid[np.isfinite(grid)])
+        mid = (finite[:-1] + finite[1:]) / 2
+        values += [finite, mid]
+    values.append(np.array([65504.0, 65520.0, 65536.0, 2.0**-24, 2.0**-25, 2.0**-14, 3.3895313892515355e38]))
+    exact = np.concatenate(values)
+    exact = np.concatenate([exact, -exact]).astype(np.float32)    # the midpoints are exact in float32
+    bits = exact.view(np.uint32)
+    near = np.concatenate([bits, bits + 1, bits - 1]).view(np.float32)
+    specials = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, -np.nan], np.float32)
+    random = np.random.default_rng(0).integers(0, 2**32, 2**20, dtype=np.uint64).astype(np.uint32).view(np.float32)
+    return np.concatenate([near, specials, random])
+
+
+def test_the_emulated_half_conversions_are_bit_exact(tmp_path):
+    """__float2half_rn and __float2bfloat16_rn round to nearest even exactly as NumPy's float16
+    and torch's bfloat16 casts do (NaN: any NaN), and __half2float, __bfloat162float widen all
+    65,536 bit patterns exactly."""
+    import torch
+    exe = cuda_emu.build(driver=HALF_DRIVER, **SMALL)
+    values = _conversion_values()
+    values.tofile(tmp_path / "values")
+    run = subprocess.run([str(exe), str(tmp_path / "values"), str(tmp_path / "narrowed"), str(tmp_path / "widened")],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    narrowed = np.fromfile(tmp_path / "narrowed", np.uint16).reshape(-1, 2)
+    widened = np.fromfile(tmp_path / "widened", np.float32).reshape(-1, 2)
+    nan = np.isnan(values)
+    with np.errstate(over="ignore"):
+        want_half = values.astype(np.float16).view(np.uint16)
+    want_bf16 = torch.from_numpy(values).to(torch.bfloat16).view(torch.uint16).numpy()
+    for got, want, name in ((narrowed[:, 0], want_half, "__float2half_rn"), (narrowed[:, 1], want_bf16,
+                                                                              "__float2bfloat16_rn")):
+        wrong = np.flatnonzero((got != want) & ~nan)
+        assert wrong.size == 0, f"{name}: {wrong.size} values rounded wrongly, e.g. {values[wrong[:3]]!r}: " \
+                                f"{got[wrong[:3]]} vs {want[wrong[:3]]}"
+        assert np.all(got[nan] == 0x7fff), f"{name}: a NaN must become the canonical NaN 0x7fff"
+    patterns = np.arange(65536, dtype=np.uint32)
+    exact_half = patterns.astype(np.uint16).view(np.float16).astype(np.float32)
+    exact_bf16 = (patterns << 16).view(np.float32)
+    for got, want, name in ((widened[:, 0], exact_half, "__half2float"), (widened[:, 1], exact_bf16,
+                                                                          "__bfloat162float")):
+        same = (got.view(np.uint32) == want.view(np.uint32)) | (np.isnan(got) & np.isnan(want))
+        assert same.all(), f"{name}: {np.flatnonzero(~same)[:5]} widened wrongly"
+
+
+def _half_problem(alignment, length=2 * CHUNK + 5, **kw):
+    """A pruned problem over three chunks with every option on (z, D, delta_bias, softplus,
+    groups, last_state): gaps before the first token, after the last, across chunk boundaries."""
+    rng = np.random.default_rng(sum(map(ord, alignment)))
+    positions = np.sort(rng.choice(length + 60, length, replace=False))[None] + 2
+    base = dict(batch=1, dim=4, dstate=3, length=length, groups=2, positions=positions, seqlen=length + 70,
+                alignment=alignment, dtype=np.float32)
+    return make_problem(rng, **dict(base, **kw))
+
+
+@pytest.mark.parametrize("alignment", R.ALIGNMENTS)
+@pytest.mark.parametrize("storage", HALVES)
+def test_half_inputs_match_the_reference_forward_and_backward(storage, alignment):
+    """u, delta, B, C, z, dout in float16 or bfloat16 (bits): out, du, ddelta, dz, dB, dC come
+    back in that dtype and last_state, dA, dD, ddelta_bias in float32, each at its row of the
+    tolerance table against the reference on the same half values."""
+    h = half_scan(_half_problem(alignment), storage)
+    check_half_forward(h, lambda params: cuda_emu.forward(params, **SMALL))
+    check_half_backward(h, lambda dout, params: cuda_emu.backward(dout, params, **SMALL))
+
+
+@pytest.mark.parametrize("storage", HALVES)
+def test_half_inputs_are_read_in_place_by_the_half_instance(storage):
+    """The kernels launched are scan.cu's __half / __nv_bfloat16 instances, and every streamed
+    input they get is the caller's own memory: no float copy is made."""
+    h = half_scan(_half_problem("hold", length=9), storage)
+    seen = []
+    real = cuda_emu.launcher(**SMALL)
+
+    def spy(name, dtype, grid, block, params):
+        seen.append((scan_cu.instance(name, dtype), params))
+        real(name, dtype, grid, block, params)
+    scan_cu.backward(h.dout, h.params, np, spy, **SMALL)
+    given = [h.params.args.u, h.params.args.delta, h.params.args.B, h.params.args.C, h.params.args.z, h.dout]
+    ctype = scan_cu.SPECIALISATIONS[storage]
+    assert [name for name, _ in seen] == [f"selective_scan_fwd<{ctype}>", f"selective_scan_bwd<{ctype}>",
+                                          f"reduce_channels<{ctype}>", f"reduce_channels<{ctype}>"]
+    launched = seen[1][1]
+    for position, array in zip((0, 1, 3, 4, 6, 22), given):    # SCAN_INPUTS order; dout after its 22
+        assert launched[position] is array, f"argument {position} is a copy, not the caller's array"
