@@ -203,7 +203,9 @@ def kernel_functions(dstate, ch, tile, dtype_name):
         recurrence step (``step``); returns (Δ, E, Δ·u)."""
         Delta, E = timescales(x, use_softplus, has_map, coef_self, coef_prev, b, i, Delta_prev)
         du = Delta * u_t
-        q = hold[b, i] if has_hold else ZERO
+        # Token 0 has no predecessor whose input could be held: no gap term, whatever the
+        # coefficients say (a map never gives it one; hand-built coefficients may).
+        q = hold[b, i] if has_hold and i > 0 else ZERO
         step(h, a_row, E, Delta, Delta_prev, du, du_prev, q, sB, B, b, g, t, i)
         return Delta, E, du
 
@@ -378,7 +380,7 @@ def kernel_functions(dstate, ch, tile, dtype_name):
                     Delta = Dl[t]
                     E = El[t]
                     dBu = Delta * sU[tid, t]
-                    q = hold[b, i] if has_hold else ZERO
+                    q = hold[b, i] if has_hold and i > 0 else ZERO
                     Delta_p = Dl[t - 1] if t > 0 else Delta_before
                     du_p = Dl[t - 1] * sU[tid, t - 1] if t > 0 else du_before
                     s = ZERO

@@ -39,6 +39,8 @@
 //   layer, batch 64: 1.24 GB) and one extra pass that writes and reads them.
 // - Accumulation is in float for float, __half and __nv_bfloat16 inputs and in double for
 //   double inputs.
+// - An exploding state overflows as the reference's sequential recurrence does, to ±inf and
+//   not to NaN, wherever the sequential order decides it (advance_state).
 
 #ifdef __CUDACC__
 // nvcc and NVRTC; on the CPU cuda_emu.h provides the two types and their conversions.
@@ -73,6 +75,29 @@ template <> __device__ __forceinline__ float store_as<float>(float x) { return x
 template <> __device__ __forceinline__ double store_as<double>(double x) { return x; }
 template <> __device__ __forceinline__ __half store_as<__half>(float x) { return __float2half_rn(x); }
 template <> __device__ __forceinline__ __nv_bfloat16 store_as<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+
+// The state a·h + b at the end of a segment of tokens, from the state h at its start, where a
+// is the product of the segment's decays exp(E·A) and b its inputs' sum run from a zero state:
+// the block scan's composition. The reference runs the recurrence one token at a time, and
+// forming a and b first loses three of its IEEE behaviours, which are restored here:
+// - a zero state stays zero (0 times one finite decay at a time), while the product a may
+//   have overflowed to inf, and inf·0 is NaN;
+// - a state that has overflowed to ±inf keeps that infinity through every later token (a
+//   positive decay and a finite input cannot undo it), while b, run on its own from zero,
+//   may have overflowed the other way, and inf - inf is NaN;
+// - when a·h and b both overflow with opposite signs, the exact sum has the sign of the
+//   larger, and that is a·h: the earlier state, grown by every decay of the segment, against
+//   the segment's own inputs, each grown by only the decays after it. (It is not when the
+//   state at the segment's start had nearly cancelled; the sequential order then overflows
+//   with b's sign, which no finite-range composition can know.)
+template <typename A>
+__device__ __forceinline__ A advance_state(A a, A h, A b) {
+    if (h == A(0)) return b;
+    if (isinf(h)) return a == a ? h : a;       // a > 0 (a product of exps), unless NaN
+    const A carried = a * h;
+    if (isinf(carried) && isinf(b) && (carried > A(0)) != (b > A(0))) return carried;
+    return carried + b;
+}
 
 __device__ __forceinline__ float exp_acc(float x) { return expf(x); }
 __device__ __forceinline__ double exp_acc(double x) { return exp(x); }
@@ -134,7 +159,7 @@ __device__ __forceinline__ void block_scan(A& a, A& b, int rank, A* s_a, A* s_b,
         A pa = A(1), pb = A(0);
         if (rank >= off) { pa = s_a[rank - off]; pb = s_b[rank - off]; }
         __syncthreads();
-        if (rank >= off) { b = a * pb + b; a = a * pa; }
+        if (rank >= off) { b = advance_state(a, pb, b); a = a * pa; }
         s_a[rank] = a;
         s_b[rank] = b;
         __syncthreads();
@@ -248,7 +273,11 @@ selective_scan_fwd(SCAN_INPUTS(T), int write_out, int want_last,
                 for (int j = SCAN_ITEMS - 1; j >= 0; --j) {
                     if (q[j] <= acc_t(0)) continue;
                     const acc_t dlp = j > 0 ? dl[j - 1] : dl_before;
-                    const acc_t own_prev = j > 0 ? bb[j - 1] : dl_before * u_before * load_acc(B[brow + first - 1]);
+                    // A token's predecessor in an earlier thread or chunk; none before token 0
+                    // (its held input is zero, as in the backward), which a map never gives a
+                    // gap but hand-built coefficients may.
+                    const acc_t own_prev = j > 0 ? bb[j - 1]
+                                         : first > 0 ? dl_before * u_before * load_acc(B[brow + first - 1]) : acc_t(0);
                     bb[j] += exp_acc(dl[j] * An) * hold_sum(q[j], dlp * An) * own_prev;
                 }
             }
@@ -263,14 +292,14 @@ selective_scan_fwd(SCAN_INPUTS(T), int write_out, int want_last,
             acc_t tot_a, tot_b;
             block_scan(ta, tb, rank, s_a, s_b, tot_a, tot_b);
             if (write_out) {
-                acc_t h = ta * h_start + tb;
+                acc_t h = advance_state(ta, h_start, tb);
 #pragma unroll
                 for (int j = 0; j < SCAN_ITEMS; ++j) {
                     h = a[j] * h + bb[j];
                     if (valid[j]) y[j] += load_acc(C[brow + first + j]) * h;
                 }
             }
-            if (rank == 0) s_hc[n] = tot_a * h_start + tot_b;
+            if (rank == 0) s_hc[n] = advance_state(tot_a, h_start, tot_b);
             // s_hc[n] is read again only after the next chunk's __syncthreads.
         }
         if (write_out) {
@@ -304,7 +333,9 @@ selective_scan_fwd(SCAN_INPUTS(T), int write_out, int want_last,
 
 // Backward: gradients of sum(dout · out). Needs chunk_states from selective_scan_fwd with
 // write_out = 0. dB_part, dC_part (acc type, batch x dim x N x M): this channel's share of
-// dB and dC, every element written exactly once (reduce_channels sums them, in order).
+// dB and dC, every element written exactly once (reduce_channels sums them, in order); so
+// is every element of du, ddelta, dz, dA_part, dD_part and dbias_part: none of them needs
+// zeroing before the launch.
 template <typename T>
 __global__ void
 selective_scan_bwd(SCAN_INPUTS(T), const T* __restrict__ dout,
@@ -406,7 +437,7 @@ selective_scan_bwd(SCAN_INPUTS(T), const T* __restrict__ dout,
             }
             acc_t tot_a, tot_b;
             block_scan(ta, tb, rank, s_a, s_b, tot_a, tot_b);
-            acc_t h = ta * chunk_states[(((long)b * dim + d) * nchunks + c) * dstate + n] + tb;
+            acc_t h = advance_state(ta, chunk_states[(((long)b * dim + d) * nchunks + c) * dstate + n], tb);
 #pragma unroll
             for (int j = 0; j < SCAN_ITEMS; ++j) {
                 hp[j] = h;                       // h_{i-1}
@@ -424,7 +455,7 @@ selective_scan_bwd(SCAN_INPUTS(T), const T* __restrict__ dout,
             }
             const acc_t g_end = s_gc[n];
             block_scan(ta, tb, rev, s_a, s_b, tot_a, tot_b);
-            acc_t G = ta * g_end + tb;           // G_{i+1} for this thread's last item
+            acc_t G = advance_state(ta, g_end, tb);   // G_{i+1} for this thread's last item
 #pragma unroll
             for (int j = SCAN_ITEMS - 1; j >= 0; --j) {
                 dhv[j] = G + dy[j] * Cv[j];      // dh_i
@@ -461,7 +492,7 @@ selective_scan_bwd(SCAN_INPUTS(T), const T* __restrict__ dout,
                 }
                 held = wgt[j] * dh;
             }
-            if (rank == 0) s_gc[n] = tot_a * g_end + tot_b;
+            if (rank == 0) s_gc[n] = advance_state(tot_a, g_end, tot_b);
             const acc_t dA_block = block_sum(dA_acc, s_x);
             if (rank == 0) s_dA[n] += dA_block;
         }

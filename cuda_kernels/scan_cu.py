@@ -98,7 +98,8 @@ def _inputs(params, xp):
 
 
 def _out(given, name, shape, xp, dt, storage=None):
-    """An output: ``given`` (checked) or a new array."""
+    """An output: ``given`` (checked) or a new array. Nothing is zeroed: the kernels write
+    every element of every buffer they are given."""
     if given is None:
         return xp.empty(shape, dtype=dt)
     arr = xp.asarray(given)
@@ -135,14 +136,16 @@ def backward(dout, params, xp, launch, threads=THREADS, items=ITEMS, grads_out=N
     ddelta = _out(grads_out.get("ddelta"), "ddelta", (b, d, m), xp, st, p.storage)
     dz = _out(grads_out.get("dz"), "dz", (b, d, m), xp, st, p.storage) if p.has_z else None
     # Per-channel partials, each written once by its block, summed over a group's channels in
-    # order by reduce_channels: deterministic dB and dC (no atomics).
-    dB_part = xp.zeros((b, d, n, m), dt)
-    dC_part = xp.zeros((b, d, n, m), dt)
-    dB = xp.zeros((b, g, n, m), st)
-    dC = xp.zeros((b, g, n, m), st)
-    dA_part = xp.zeros((b, d, n), dt)
-    dD_part = xp.zeros((b, d), dt)
-    dbias_part = xp.zeros((b, d), dt)
+    # order by reduce_channels: deterministic dB and dC (no atomics). Every buffer here is
+    # written whole by the kernels (scan.cu says which writes what), so none is zeroed: on a
+    # GPU zeroing the partials costs as much memory traffic as writing them.
+    dB_part = xp.empty((b, d, n, m), dt)
+    dC_part = xp.empty((b, d, n, m), dt)
+    dB = xp.empty((b, g, n, m), st)
+    dC = xp.empty((b, g, n, m), st)
+    dA_part = xp.empty((b, d, n), dt)
+    dD_part = xp.empty((b, d), dt)
+    dbias_part = xp.empty((b, d), dt)
     nchunks = -(-m // chunk_tokens(threads, items))
     states = xp.empty((b, d, max(nchunks, 1), n), dt)
     if b * d and m:
@@ -157,7 +160,9 @@ def backward(dout, params, xp, launch, threads=THREADS, items=ITEMS, grads_out=N
             launch("reduce_channels", p.storage, reduce_grid, (REDUCE_THREADS,),
                    (part, out, np.int32(b), np.int32(d), np.int32(g), np.int32(n), np.int32(m)))
     else:
-        for arr in (du, ddelta, dz):
+        # No token or no channel: no kernel runs, and every gradient is zero (an empty
+        # sequence still has dA, dD, ddelta_bias of their full shapes).
+        for arr in (du, ddelta, dz, dA_part, dD_part, dbias_part):
             if arr is not None:
                 arr.fill(0)
     dB, dC = p.grouped(dB, dC)
