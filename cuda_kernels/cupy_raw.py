@@ -2,7 +2,9 @@
 for the design; ``scan_cu`` for the host side it shares with the CPU emulation).
 ``forward`` / ``backward`` take validated ``ScanArgs`` whose arrays are CuPy arrays or
 anything ``cupy.asarray`` takes without a copy (``__cuda_array_interface__``, DLPack);
-NumPy inputs are copied to the device and the results stay there.
+NumPy inputs are copied to the device and the results stay there. float16 arrays and
+bfloat16 bits (uint16) are read in place and outputs written in that storage dtype
+(``scan_cu``: the kernels are instantiated on it).
 """
 from __future__ import annotations
 
@@ -13,9 +15,9 @@ import re
 import numpy as np
 
 from . import scan_cu
-from .scan_cu import SOURCE, kernel_names
+from .scan_cu import SOURCE, STORAGE_DTYPES, kernel_names
 
-__all__ = ["SOURCE", "COMPILE_OPTIONS", "kernel_names", "unavailable_reason", "forward", "backward"]
+__all__ = ["SOURCE", "COMPILE_OPTIONS", "STORAGE_DTYPES", "kernel_names", "unavailable_reason", "forward", "backward"]
 
 COMPILE_OPTIONS = ("--std=c++14", *scan_cu.defines())
 _NULL = np.uint64(0)   # a null pointer kernel argument
@@ -67,8 +69,8 @@ def _module():
     return cupy.RawModule(code=SOURCE.read_text(), options=COMPILE_OPTIONS, name_expressions=kernel_names())
 
 
-def _launch(name, dtype, grid, block, params):
-    kernel = _module().get_function(scan_cu.instance(name, dtype))
+def _launch(name, storage, grid, block, params):
+    kernel = _module().get_function(scan_cu.instance(name, storage))
     kernel(grid, block, tuple(_NULL if p is None else p for p in params))
 
 
@@ -82,14 +84,16 @@ def _stream(stream):
 
 
 def forward(params, out=None, last_state=None, stream=None):
-    """out (batch, dim, M) [, last_state (batch, dim, N)] as CuPy arrays of the compute dtype."""
+    """out (batch, dim, M) in the storage dtype [, last_state (batch, dim, N) in the compute
+    dtype] as CuPy arrays."""
     import cupy
     with _stream(stream):
         return scan_cu.forward(params, cupy, _launch, out=out, last_state=last_state)
 
 
 def backward(dout, params, grads_out=None, stream=None):
-    """(du, ddelta, dA, dB, dC, dD, dz, ddelta_bias) as CuPy arrays; None where the input was None."""
+    """(du, ddelta, dA, dB, dC, dD, dz, ddelta_bias) as CuPy arrays (du, ddelta, dB, dC, dz in the
+    storage dtype); None where the input was None."""
     import cupy
     with _stream(stream):
         return scan_cu.backward(dout, params, cupy, _launch, grads_out=grads_out)
