@@ -15,6 +15,11 @@ TOLERANCES = {
     # float16/bfloat16 inputs compute in float32 but their inputs and outputs are rounded.
     np.dtype(np.float16): {"rtol": 3e-3, "atol": 5e-3},
     "bfloat16": {"rtol": 3e-2, "atol": 5e-2},
+    # A derivative (jvp, gradient, second derivative) in float64 against fourth-order central
+    # differences with step 1e-3: truncation about h^4 = 1e-12 and rounding about
+    # 1e-16 / h = 1e-13 relative, so 1e-6 leaves a wide margin and still fails any wrong
+    # derivative (a zero tangent, a missing term).
+    "finite_difference": {"rtol": 1e-6, "atol": 1e-8},
 }
 
 
@@ -26,7 +31,7 @@ FAST_EXP_MAX_ULP = 1.5      # measured: 1.25 ulp at most (mean 0.074) over 37.1 
 
 
 def tolerance(dtype):
-    """{"rtol": ..., "atol": ...} for a NumPy dtype, or the string "bfloat16"."""
+    """{"rtol": ..., "atol": ...} for a NumPy dtype, or the string "bfloat16" or "finite_difference"."""
     key = dtype if isinstance(dtype, str) else np.dtype(dtype)
     if key not in TOLERANCES:
         raise ValueError(f"no tolerance for dtype {dtype!r}; known: {list(TOLERANCES)}")
