@@ -126,7 +126,12 @@ def scan_twin(args):
     for i in range(length):
         h = deltaA[:, :, i] * h + deltaB_u[:, :, i]
         ys.append(torch.einsum("bdn,bdn->bd", h, C[:, :, :, i]))
-    y = torch.stack(ys, dim=2) if ys else u.new_zeros(batch, dim, 0)
+    if ys:
+        y = torch.stack(ys, dim=2)
+    else:
+        # An empty scan (every token pruned) still depends on its inputs, so that autograd
+        # gives each an empty or zero gradient, as the kernels' backward does.
+        y = (deltaA + deltaB_u).sum(-1) * C.sum(2)                                 # (b, d, 0)
     if args.D is not None:
         y = y + args.D.to(cdt)[None, :, None] * u
     out = y * F.silu(args.z.to(cdt)) if args.z is not None else y

@@ -3,7 +3,8 @@ torch.func's jvp, jacfwd, grad, jacrev, vmap and forward-over-reverse, torch.aut
 forward mode and a double backward (create_graph=True), each in float64 against fourth-order
 central finite differences (the tolerance table's "finite_difference" row) or, for vmap,
 against the untransformed op. None of them may come back as zeros or fail with torch's
-internal messages.
+internal messages. And the scan with every token pruned: its gradients are empty (or zero
+for A and delta_bias) on every backend, never a missing graph.
 """
 import numpy as np
 import pytest
@@ -134,3 +135,24 @@ def test_vmap_equals_the_op_called_per_sample(backend, alignment):
     for k in range(2):
         leaf = stacked[k].clone().requires_grad_()
         _close(per_sample[k], torch.autograd.grad(loss(leaf), leaf)[0], "vmap of grad", key=np.float64)
+
+
+@pytest.mark.parametrize("alignment", R.ALIGNMENTS)
+@pytest.mark.parametrize("mapped", [True, False], ids=["map", "no map"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_empty_scan_has_empty_gradients(backend, mapped, alignment):
+    """Every token pruned (M = 0), no D or z: out is (batch, dim, 0) with a graph, and the
+    gradients are empty (u, delta, B, C) or zero (A, delta_bias) on every backend."""
+    p = make_problem(np.random.default_rng(0), batch=2, dim=3, dstate=4, length=0, D=False, z=False,
+                     positions=np.zeros((2, 0), np.int64) if mapped else None, seqlen=9 if mapped else None,
+                     alignment=alignment)
+    leaves = {n: torch.tensor(getattr(p, n)).requires_grad_() for n in ("u", "delta", "A", "B", "C", "delta_bias")}
+    out = selective_scan_fn(*(leaves[n] for n in ("u", "delta", "A", "B", "C")), delta_bias=leaves["delta_bias"],
+                            delta_softplus=True, positions=None if p.positions is None else
+                            torch.tensor(p.positions), seqlen=p.seqlen, alignment=alignment,
+                            backend=_backend(backend))
+    assert out.shape == (2, 3, 0)
+    out.sum().backward()
+    for name, leaf in leaves.items():
+        assert leaf.grad is not None and leaf.grad.shape == leaf.shape, name
+        assert not leaf.grad.any(), name
