@@ -143,6 +143,12 @@ class Stages:
         config.check_plan(keep_plan)
         if keep_plan is not None and not isinstance(keep_plan, KeepPlan):
             keep_plan = KeepPlan(keep_plan, tokens)          # a plain list: checked here, on the host
+        if keep_plan is not None and protected is not None:
+            # One rule for every mode: "mask" zeroes what a plan drops, so a plan without the
+            # class token would have the head read a zeroed token.
+            for stage, kept in enumerate(keep_plan.in_every_row):
+                if protected not in kept:
+                    raise ValueError(f"keep_plan[{stage}] must keep the class token (index {protected}) in every row")
         self.config = config
         self.tokens = tokens
         self.keep_plan = keep_plan
@@ -173,8 +179,6 @@ class Stages:
         if cfg.mode == "mask":
             full = torch.arange(self.tokens, device=self.positions.device).expand_as(self.positions)
             return plan_indices(full, self.keep_plan[stage])
-        if self.protected is not None and self.protected not in self.keep_plan.in_every_row[stage]:
-            raise ValueError(f"keep_plan[{stage}] must keep the class token (index {self.protected})")
         return plan_indices(self.positions, self.keep_plan[stage])
 
     def after_layer(self, index, y, *streams):

@@ -222,3 +222,26 @@ def test_a_keep_plan_that_is_not_nested_is_refused():
     plan = [torch.tensor([[0, 2, 8, 9, 11], [1, 3, 8, 10, 12]]), torch.tensor([[1, 8, 9], [1, 8, 10]])]
     with pytest.raises(ValueError, match="keep_plan\\[1\\] must keep a subset"), torch.no_grad():
         model(_images(7), keep_plan=plan)
+
+
+PLAN_MODES = [(mode, "drop") for mode in models.MODES if mode != "dense"] + [("align", "fuse"), ("align", "merge")]
+
+
+@pytest.mark.parametrize("mode,pruned_tokens", PLAN_MODES, ids=[f"{m}-{p}" for m, p in PLAN_MODES])
+def test_every_mode_refuses_a_keep_plan_without_the_class_token(mode, pruned_tokens):
+    """One plan check for every mode: "mask" used to skip it and the head read the zeroed
+    class token."""
+    model = _vim(mode, schedule=(1, 2), keep_ratio=0.6, pruned_tokens=pruned_tokens)
+    cls = model.cls_index
+    others = [i for i in range(model.num_tokens) if i != cls]
+    without = [torch.tensor([others[::2]]), torch.tensor([others[:4:2]])]
+    with pytest.raises(ValueError, match=rf"keep_plan\[0\] must keep the class token \(index {cls}\)"), \
+            torch.no_grad():
+        model(_images(n=1), keep_plan=without)
+    second_only = [torch.tensor([sorted(others[::2] + [cls])]), torch.tensor([others[:4:2]])]
+    with pytest.raises(ValueError, match=r"keep_plan\[1\] must keep the class token"), torch.no_grad():
+        model(_images(n=1), keep_plan=second_only)
+    with_cls = [second_only[0], torch.tensor([sorted(others[:4:2] + [cls])])]
+    with torch.no_grad():
+        assert torch.isfinite(model(_images(n=1), keep_plan=with_cls)).all()
+
