@@ -45,7 +45,7 @@ class PathPlan:
                 index = order[None]
                 self.paths.append((index, torch.argsort(index, dim=1), None, label[None]))
                 continue
-            index, path_map = kept_map.path(order)
+            index, path_map = kept_map.path(order, trusted=True)     # the model's own snake path
             self.paths.append((index, torch.argsort(index, dim=1), path_map, label[path_map.positions]))
 
 

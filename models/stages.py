@@ -228,7 +228,7 @@ class Stages:
             # The model's own sorted indices: a map correct by construction, made on the device.
             streams = _gather_tokens(streams, kept)
             self.position_map = TorchPositionMap.trusted(kept, self.tokens) if self.position_map is None \
-                else self.position_map.compose(kept)
+                else self.position_map.compose(kept, trusted=True)
             self.positions = self.position_map.positions
             self.protected_at = cls_at
         self.kept_per_stage.append(self.positions)

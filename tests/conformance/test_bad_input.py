@@ -214,3 +214,63 @@ def test_an_output_on_another_device_is_refused_by_name(backend):
         K.selective_scan_fwd(**kw, backend=backend, out=other)
     with pytest.raises(ValueError, match=re.escape(f"grads_out['du'] must be {where}")):
         K.selective_scan_bwd(np.ones((2, 4, 5)), **kw, backend=backend, grads_out={"du": other})
+
+
+# --- TorchPositionMap judges what it is given as reference.PositionMap does ------------------
+
+MAP_POSITIONS = np.array([[0, 2, 3, 6, 8], [1, 2, 4, 5, 7]])
+MAP_CASES = [
+    ("compose", [0, 2]), ("compose", [[0, 2]]), ("compose", [[0, 2], [1, 4]]), ("compose", np.zeros((2, 0), int)),
+    ("compose", [0, 2, 1]), ("compose", [0, 2, 2]), ("compose", [0, 5]), ("compose", [-1, 2]),
+    ("compose", [0.0, 1.0]), ("compose", [True, False]), ("compose", [[0, 1], [1, 2], [2, 3]]),
+    ("compose", [[[0]]]), ("compose", 3),
+    ("path", list(range(9))[::-1]), ("path", [0] * 9), ("path", list(range(8))), ("path", list(range(10))),
+    ("path", [0, 1, 2, 3, 4, 5, 6, 8, 8]), ("path", [list(range(9))]), ("path", np.arange(9.0)), ("path", 5),
+    ("new", [[0, 2, 3, 6, 8]]), ("new", [[0, 5, 3, 6, 8], [1, 2, 4, 5, 7]]), ("new", [[0, 2, 2, 6, 8]] * 2),
+    ("new", [[-1, 2, 3, 6, 8]] * 2), ("new", [[0, 2, 3, 6, 9]] * 2), ("new", [[0.0, 1, 2, 3, 4]] * 2),
+    ("new", [[0, 1, 2, 3, 4]] * 3), ("new", [0, 1, 2]),
+]
+
+
+def _numpy_map_call(kind, arg):
+    if kind == "new":
+        m = R.PositionMap(np.array(arg), 9, batch=2, length=5)
+        return m.positions, m.seqlen_rows
+    m = R.PositionMap(MAP_POSITIONS, 9)
+    if kind == "compose":
+        m = m.compose(np.array(arg))
+        return m.positions, m.seqlen_rows
+    index, m = m.path(np.array(arg))
+    return index, m.positions, m.seqlen_rows
+
+
+def _torch_map_call(kind, arg, as_tensor):
+    arg = torch.tensor(np.array(arg)) if as_tensor else arg
+    if kind == "new":
+        m = bridges.TorchPositionMap(arg, 9, batch=2, length=5)
+        return m.positions, m.seqlen_rows
+    m = bridges.TorchPositionMap(torch.tensor(MAP_POSITIONS), 9)
+    if kind == "compose":
+        m = m.compose(arg)
+        return m.positions, m.seqlen_rows
+    index, m = m.path(arg)
+    return index, m.positions, m.seqlen_rows
+
+
+@pytest.mark.parametrize("as_tensor", [True, False], ids=["tensor", "list"])
+@pytest.mark.parametrize("kind,arg", MAP_CASES, ids=[f"{k}-{np.array(a).tolist()}" for k, a in MAP_CASES])
+def test_torch_position_map_refuses_what_the_numpy_map_refuses(kind, arg, as_tensor):
+    """The same cases, the same exception types and messages; where the NumPy map accepts,
+    the same map (compose and path check a user's kept and order; a model's stay trusted)."""
+    try:
+        expected, error = _numpy_map_call(kind, arg), None
+    except (ValueError, TypeError) as exc:
+        expected, error = None, exc
+    if error is not None:
+        with pytest.raises(type(error)) as info:
+            _torch_map_call(kind, arg, as_tensor)
+        assert str(info.value) == str(error)
+        return
+    for got, want in zip(_torch_map_call(kind, arg, as_tensor), expected):
+        np.testing.assert_array_equal(got.numpy(), want)
+
