@@ -258,5 +258,8 @@ def as_position_map(positions, seqlen, like):
         return (TorchPositionMap.from_numpy(positions, like.device) if seqlen is None else positions), seqlen
     if positions is None:
         positions = torch.arange(like.shape[-1], device=like.device)
+    elif isinstance(positions, Tensor) and positions.device != like.device:
+        raise ValueError(f"positions is on {positions.device} but u is on {like.device}: every tensor must be on "
+                         f"one device")
     batch, length = (like.shape[0], like.shape[2]) if like.dim() == 3 else (None, None)
     return TorchPositionMap(positions, seqlen, device=like.device, batch=batch, length=length), None

@@ -104,8 +104,9 @@ def validate_positions(positions, *, batch, length, seqlen=None, name="positions
                 f"seqlen must be >= the number of tokens M={length} when positions is None, got {seqlen}")
     else:
         positions = _as_integer_array(positions, name)
-        if positions.ndim == 1:
-            positions = np.broadcast_to(positions, (batch, positions.shape[0]))
+        # (M,) and (1, M) cover every row, as a one-row map does (``fits``).
+        if positions.ndim == 1 or (positions.ndim == 2 and positions.shape[0] == 1):
+            positions = np.broadcast_to(positions, (batch, positions.shape[-1]))
         elif positions.ndim != 2:
             raise ValueError(f"{name} must have shape (batch, M) or (M,), got ndim {positions.ndim}")
         if positions.shape[1] != length:
@@ -113,7 +114,7 @@ def validate_positions(positions, *, batch, length, seqlen=None, name="positions
                 f"{name} must have M={length} entries per row (one per remaining token), "
                 f"got shape {tuple(positions.shape)}")
         if positions.shape[0] != batch:
-            raise ValueError(f"{name} must have batch={batch} rows, got shape {tuple(positions.shape)}")
+            raise ValueError(f"{name} must have batch={batch} rows (or one), got shape {tuple(positions.shape)}")
         positions = np.ascontiguousarray(positions, dtype=np.int64)
     if seqlen is not None:
         seqlen_rows = np.full(batch, seqlen, dtype=np.int64)
@@ -152,7 +153,7 @@ def fits(position_map, batch, length, name="positions"):
     if position_map.batch == batch:
         return False
     if position_map.batch != 1:
-        raise ValueError(f"{name} must have batch={batch} rows, got a map with {position_map.batch}")
+        raise ValueError(f"{name} must have batch={batch} rows (or one), got a map with {position_map.batch}")
     return True
 
 

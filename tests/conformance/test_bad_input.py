@@ -274,3 +274,23 @@ def test_torch_position_map_refuses_what_the_numpy_map_refuses(kind, arg, as_ten
     for got, want in zip(_torch_map_call(kind, arg, as_tensor), expected):
         np.testing.assert_array_equal(got.numpy(), want)
 
+
+TORCH_ENTRY_POINTS = [name for name in ENTRY_POINTS if name.startswith(("selective_scan_fn", "selective_scan_ref",
+                                                                           "dense_kernel_adapter"))]
+
+
+@pytest.mark.parametrize("name", TORCH_ENTRY_POINTS)
+def test_positions_on_another_device_are_refused_by_every_torch_entry_point(name):
+    p = _problem()
+    with pytest.raises(ValueError, match="positions is on meta but u is on cpu: every tensor must be on one device"):
+        ENTRY_POINTS[name](**p.kwargs(positions=torch.tensor(p.positions, device="meta")))
+
+
+@pytest.mark.parametrize("name", [n for n in ENTRY_POINTS if "backward" not in n and "_bwd" not in n])
+def test_one_row_positions_cover_every_row_on_every_entry_point(name):
+    """(1, M) positions broadcast over the batch, as (M,) positions and a one-row map do."""
+    p = _problem()
+    result = lambda r: np.asarray(r[0] if isinstance(r, tuple) else r.detach() if isinstance(r, torch.Tensor) else r)
+    one_row = ENTRY_POINTS[name](**p.kwargs(positions=p.positions[:1]))
+    shared = ENTRY_POINTS[name](**p.kwargs(positions=p.positions[0]))
+    np.testing.assert_array_equal(result(one_row), result(shared))

@@ -96,6 +96,17 @@ def test_a_position_map_owns_an_immutable_copy_of_its_positions():
         assert not derived.positions.flags.writeable
 
 
+def test_one_row_positions_cover_every_row_as_a_one_row_map_does():
+    one_row = np.array([[0, 2, 5]])
+    positions, seqlen_rows = R.validate_positions(one_row, batch=3, length=3, seqlen=7)
+    np.testing.assert_array_equal(positions, np.repeat(one_row, 3, axis=0))
+    np.testing.assert_array_equal(seqlen_rows, [7, 7, 7])
+    np.testing.assert_array_equal(R.PositionMap(one_row, 7, batch=3, length=3).positions,
+                                  R.PositionMap(one_row, 7).fit(3, 3).positions)
+    with pytest.raises(ValueError, match=r"positions must have batch=3 rows \(or one\), got shape \(2, 3\)"):
+        R.validate_positions(np.array([[0, 2, 5], [1, 2, 3]]), batch=3, length=3, seqlen=7)
+
+
 def test_compose_takes_one_row_of_kept_or_of_positions_for_every_row():
     positions = np.array([[0, 2, 3, 6, 8], [1, 2, 4, 5, 7]])
     both = np.array([[0, 3], [1, 4]])
