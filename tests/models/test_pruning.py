@@ -229,8 +229,8 @@ PLAN_MODES = [(mode, "drop") for mode in models.MODES if mode != "dense"] + [("a
 
 @pytest.mark.parametrize("mode,pruned_tokens", PLAN_MODES, ids=[f"{m}-{p}" for m, p in PLAN_MODES])
 def test_every_mode_refuses_a_keep_plan_without_the_class_token(mode, pruned_tokens):
-    """One plan check for every mode: "mask" used to skip it and the head read the zeroed
-    class token."""
+    """One plan check for every mode: under "mask" a plan without the class token would have
+    the head read the zeroed class token."""
     model = _vim(mode, schedule=(1, 2), keep_ratio=0.6, pruned_tokens=pruned_tokens)
     cls = model.cls_index
     others = [i for i in range(model.num_tokens) if i != cls]
@@ -263,6 +263,6 @@ def test_a_keep_ratio_that_is_not_a_number_is_a_type_error(ratio):
 
 @pytest.mark.parametrize("schedule", [(True, 2), (1, np.bool_(True)), (False,), (1.0, 2)])
 def test_a_schedule_of_bools_or_floats_is_refused(schedule):
-    """True == 1 to Python: (True, 2) was taken as layers 1 and 2."""
+    """True == 1 to Python: (True, 2) would be taken as layers 1 and 2."""
     with pytest.raises(ValueError, match="schedule must be strictly increasing 1-based layer indices"):
         PruningConfig("align", schedule, 0.5)
