@@ -11,12 +11,14 @@ give the same maps and coefficients.
     m = TorchPositionMap(positions, seqlen)        # a map a user passes: validated, once
     m = TorchPositionMap.trusted(kept, seqlen)     # a map a model makes (sorted top-k): no check
     m.coefficients("prev", torch.float32)          # GapCoefficients of tensors (cached)
-    m.flip(); m.compose(kept); m.path(order)       # new maps, on the device
+    m.flip(); m.compose(kept); m.path(order)       # new maps, checked as reference.PositionMap's
+    m.compose(kept, trusted=True)                  # a model's own sorted selection: on the device, no check
 
-A map a user passes is validated by the reference's rules and messages (the one validator):
-that reads the positions on the host, once, when the map is made — the one synchronisation,
-at the public entry. The maps a model derives from it (flip, compose with its own sorted
-indices, path along a fixed permutation) are correct by construction and are not checked.
+A map a user passes, and the ``kept`` or ``order`` a user composes it with, are validated by
+the reference's rules and messages (the one validator): that reads them on the host, once,
+at the public entry — the one synchronisation. The maps a model derives (``trusted`` maps,
+``flip``, ``compose`` with its own sorted indices and ``path`` along its fixed snake paths,
+both with ``trusted=True``) are correct by construction and are not checked.
 """
 from __future__ import annotations
 
@@ -47,6 +49,47 @@ def _validate_fake(positions, seqlen, batch=None, length=None):
     rows = batch if batch is not None else positions.shape[0] if positions.dim() == 2 else 1
     return (positions.new_empty((rows, positions.shape[-1]), dtype=torch.int64),
             positions.new_empty((rows,), dtype=torch.int64))
+
+
+def _host_map(positions, seqlen_rows):
+    return PositionMap.from_rows(positions.detach().cpu().numpy(), seqlen_rows.detach().cpu().numpy())
+
+
+@torch.library.custom_op("alignscan::compose_positions", mutates_args=())
+def _compose_op(positions: Tensor, seqlen_rows: Tensor, kept: Tensor) -> tuple[Tensor, Tensor]:
+    """(positions, seqlen_rows) of a map composed with a user's ``kept``, by the reference's
+    ``PositionMap.compose`` (its rules and messages): one host read."""
+    composed = _host_map(positions, seqlen_rows).compose(kept.detach().cpu().numpy())
+    return (torch.tensor(composed.positions, device=positions.device),
+            torch.tensor(composed.seqlen_rows, device=positions.device))
+
+
+@_compose_op.register_fake
+def _compose_fake(positions, seqlen_rows, kept):
+    rows = max(positions.shape[0], kept.shape[0]) if kept.dim() == 2 else positions.shape[0]
+    return (positions.new_empty((rows, kept.shape[-1]), dtype=torch.int64),
+            positions.new_empty((rows,), dtype=torch.int64))
+
+
+@torch.library.custom_op("alignscan::check_path_order", mutates_args=())
+def _check_order_op(positions: Tensor, seqlen_rows: Tensor, order: Tensor) -> Tensor:
+    """A user's path ``order`` as int64, checked by the reference's ``PositionMap.path`` (a
+    permutation of range(seqlen), its rules and messages): one host read."""
+    _host_map(positions, seqlen_rows).path(order.detach().cpu().numpy())
+    return order.to(torch.int64).clone()
+
+
+@_check_order_op.register_fake
+def _check_order_fake(positions, seqlen_rows, order):
+    return order.new_empty(order.shape, dtype=torch.int64)
+
+
+def _as_index_tensor(x, device):
+    """A user's index argument as a tensor on the map's device, dtype kept (the reference
+    judges it: floats and bools are refused by name there)."""
+    if not isinstance(x, Tensor):
+        x = torch.as_tensor(np.asarray(x))
+    return x.to(device)
 
 
 def map_tables(positions, seqlen_rows):
@@ -166,20 +209,37 @@ class TorchPositionMap(MapShape):
         seqlen - 1 - flip(positions)."""
         return self._derived(self.seqlen_rows[:, None] - 1 - self.positions.flip(1))
 
-    def compose(self, kept):
-        """The map after a further pruning step keeping ``kept`` (batch, K) of the current
-        tokens, ascending (SPEC §3: ``positions[kept]``). ``kept`` is a model's own selection
-        (sorted indices), so it is not checked on the host."""
+    def compose(self, kept, *, trusted=False):
+        """The map after a further pruning step keeping ``kept`` (batch, K), (1, K) or (K,) of
+        the current tokens, ascending (SPEC §3: ``positions[kept]``).
+
+        ``kept`` is checked by ``reference.PositionMap.compose``'s rules (integer, in range,
+        strictly increasing, one row or one per row), reading it on the host once.
+        ``trusted=True``: a model's own selection (sorted top-k indices, (batch, K) on the
+        map's device), correct by construction: not checked, nothing read on the host."""
+        if not trusted:
+            positions, rows = _compose_op(self.positions, self.seqlen_rows, _as_index_tensor(kept, self.device))
+            obj = TorchPositionMap.__new__(TorchPositionMap)
+            obj._set(positions, rows, seqlen=self.seqlen)
+            return obj
         kept = torch.as_tensor(kept, device=self.device).to(torch.int64)
         if kept.dim() == 1:
             kept = kept.expand(self.batch, kept.shape[0])
         return self._derived(torch.gather(self.positions, 1, kept))
 
-    def path(self, order):
+    def path(self, order, *, trusted=False):
         """``(index, map)``: this map's positions read as raster indices, ordered along the
         path ``order`` (a permutation of range(seqlen), SPEC §3): ``index`` the compact order
-        along the path, ``map`` the tokens' ranks on it."""
-        order = torch.as_tensor(order, device=self.device).to(torch.int64)
+        along the path, ``map`` the tokens' ranks on it.
+
+        ``order`` is checked by ``reference.PositionMap.path``'s rules (an integer
+        permutation of range(seqlen)), reading it on the host once. ``trusted=True``: a
+        model's fixed scan path (``reference.snake_paths``, made with the model): not
+        checked, nothing read on the host."""
+        if trusted:
+            order = torch.as_tensor(order, device=self.device).to(torch.int64)
+        else:
+            order = _check_order_op(self.positions, self.seqlen_rows, _as_index_tensor(order, self.device))
         rank = torch.empty_like(order)
         rank[order] = torch.arange(order.shape[0], device=self.device)
         ranks = rank[self.positions]
@@ -198,5 +258,8 @@ def as_position_map(positions, seqlen, like):
         return (TorchPositionMap.from_numpy(positions, like.device) if seqlen is None else positions), seqlen
     if positions is None:
         positions = torch.arange(like.shape[-1], device=like.device)
+    elif isinstance(positions, Tensor) and positions.device != like.device:
+        raise ValueError(f"positions is on {positions.device} but u is on {like.device}: every tensor must be on "
+                         f"one device")
     batch, length = (like.shape[0], like.shape[2]) if like.dim() == 3 else (None, None)
     return TorchPositionMap(positions, seqlen, device=like.device, batch=batch, length=length), None

@@ -31,28 +31,49 @@ def _langevin(y):
     return torch.where(small, series, 1 / torch.tanh(yl) - 1 / yl)
 
 
+def _hold_slope(q, x):
+    """T_q(x) = dS_q/dx (reference.hold): the series near 0, the quotient's derivative away
+    from it, q(q-1)/2 at 0."""
+    nonzero = x != 0
+    xs = torch.where(nonzero, x, torch.ones_like(x))
+    S = torch.where(nonzero, torch.expm1(q * xs) / torch.expm1(xs), q)
+    series = S * ((q - 1) / 2 + (q * _langevin(q * xs / 2) - _langevin(xs / 2)) / 2)
+    near = (q * xs).abs() < 1
+    em1 = torch.expm1(xs)
+    difference = (q * torch.exp(q * xs) * em1 - torch.exp(xs) * torch.expm1(q * xs)) / (em1 * em1)
+    return torch.where(nonzero, torch.where(near, series, difference), q * (q - 1) / 2)
+
+
 class _HoldSum(torch.autograd.Function):
     """S_q(x) = expm1(q·x)/expm1(x) (q at x = 0) with the derivative T_q(x) of reference.hold,
-    which autograd through the quotient would get wrong (0/0 at x = 0, cancellation near it)."""
+    which autograd through the quotient would get wrong (0/0 at x = 0, cancellation near it).
+
+    Written for torch.func as well as autograd (``setup_context``, a ``jvp``, a generated
+    vmap rule): the twin, and so backend "torch", runs under grad, jacrev, jvp, jacfwd and
+    vmap for every alignment. q (a count of held steps, from the map) carries no gradient."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, q, x):
-        ctx.save_for_backward(q, x)
+    def forward(q, x):
         safe = torch.where(x != 0, x, torch.ones_like(x))
         return torch.where(x != 0, torch.expm1(q * safe) / torch.expm1(safe), q)
 
     @staticmethod
+    def setup_context(ctx, inputs, output):
+        q, x = inputs
+        ctx.save_for_backward(q, x)
+        ctx.save_for_forward(q, x)
+
+    @staticmethod
     def backward(ctx, grad):
         q, x = ctx.saved_tensors
-        nonzero = x != 0
-        xs = torch.where(nonzero, x, torch.ones_like(x))
-        S = torch.where(nonzero, torch.expm1(q * xs) / torch.expm1(xs), q)
-        series = S * ((q - 1) / 2 + (q * _langevin(q * xs / 2) - _langevin(xs / 2)) / 2)
-        near = (q * xs).abs() < 1
-        em1 = torch.expm1(xs)
-        difference = (q * torch.exp(q * xs) * em1 - torch.exp(xs) * torch.expm1(q * xs)) / (em1 * em1)
-        T = torch.where(nonzero, torch.where(near, series, difference), q * (q - 1) / 2)
-        return None, grad * T
+        return None, grad * _hold_slope(q, x)
+
+    @staticmethod
+    def jvp(ctx, q_tangent, x_tangent):
+        q, x = ctx.saved_tensors
+        return None if x_tangent is None else _hold_slope(q, x) * x_tangent
 
 
 def hold_sum(q, x):
@@ -105,7 +126,12 @@ def scan_twin(args):
     for i in range(length):
         h = deltaA[:, :, i] * h + deltaB_u[:, :, i]
         ys.append(torch.einsum("bdn,bdn->bd", h, C[:, :, :, i]))
-    y = torch.stack(ys, dim=2) if ys else u.new_zeros(batch, dim, 0)
+    if ys:
+        y = torch.stack(ys, dim=2)
+    else:
+        # An empty scan (every token pruned) still depends on its inputs, so that autograd
+        # gives each an empty or zero gradient, as the kernels' backward does.
+        y = (deltaA + deltaB_u).sum(-1) * C.sum(2)                                 # (b, d, 0)
     if args.D is not None:
         y = y + args.D.to(cdt)[None, :, None] * u
     out = y * F.silu(args.z.to(cdt)) if args.z is not None else y

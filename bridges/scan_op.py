@@ -16,6 +16,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad
 from torch.utils.flop_counter import register_flop_formula
 
 from alignscan.cuda_kernels import backends
@@ -176,6 +177,46 @@ def _bwd_fake(dout, u, delta, A, B, C, D, z, delta_bias, coef_self, coef_prev, h
 _N_INPUTS = 12   # u, delta, A, B, C, D, z, delta_bias and the four coefficient tensors
 
 
+def _twin_of(inputs, coefs, delta_softplus, alignment):
+    """(the twin's out as a function of the given ones among the eight differentiable
+    inputs, their indices, their values): what torch.func differentiates."""
+    present = [i for i, x in enumerate(inputs) if x is not None]
+
+    def out(*given):
+        full = list(inputs)
+        for i, x in zip(present, given):
+            full[i] = x
+        return scan_twin(_twin_args(*full, coefs, delta_softplus, False, alignment))
+
+    return out, present, tuple(inputs[i] for i in present)
+
+
+def _twin_vjp(dout, inputs, coefs, delta_softplus, alignment):
+    """The eight gradients (None for an absent input) of sum(dout · out) by the twin, through
+    torch.func.vjp: themselves differentiable, for a double backward (create_graph=True) and
+    under torch.func.grad / jacrev, where the kernels' backward (not differentiable) cannot
+    serve. Exact: the twin's backward is autograd's of the same recurrence."""
+    out, present, given = _twin_of(inputs, coefs, delta_softplus, alignment)
+    value, pullback = torch.func.vjp(out, *given)
+    grads = [None] * 8
+    for i, g in zip(present, pullback(dout.to(value.dtype))):
+        grads[i] = g
+    return grads
+
+
+def _twin_jvp(primals, tangents, coefs, delta_softplus, alignment):
+    """The tangent J·v of out for tangents v of the eight inputs (None: none), by the twin.
+    The kernels have no forward mode. The twin's pullback w -> Jᵀw is linear in w, so its own
+    pullback at any w maps v to J·v exactly: two reverse passes, and no forward-AD level of
+    our own (torch.autograd.forward_ad does not nest one, torch.func.jvp would)."""
+    out, present, given = _twin_of(primals, coefs, delta_softplus, alignment)
+    dots = tuple(torch.zeros_like(primals[i]) if tangents[i] is None else tangents[i].to(primals[i].dtype)
+                 for i in present)
+    value, pullback = torch.func.vjp(out, *given)
+    _, pullback_of_pullback = torch.func.vjp(pullback, torch.zeros_like(value))
+    return pullback_of_pullback(dots)[0]
+
+
 def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(*inputs[:_N_INPUTS])
     ctx.softplus, _, ctx.alignment, ctx.backend = inputs[_N_INPUTS:]
@@ -184,14 +225,104 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dout, _dlast):
     saved = ctx.saved_tensors
-    grads = torch.ops.alignscan.selective_scan_bwd(dout, *saved, ctx.softplus, ctx.alignment, ctx.backend)
     inputs = saved[:8]
-    result = [g.to(x.dtype) if (x is not None and need) else None
+    if torch.is_grad_enabled():
+        # The gradient will itself be differentiated (create_graph=True, torch.func.grad): by
+        # the twin, whose gradient has a graph; the kernels' gradient has none.
+        grads = _twin_vjp(dout, inputs, saved[8:_N_INPUTS], ctx.softplus, ctx.alignment)
+    else:
+        grads = torch.ops.alignscan.selective_scan_bwd(dout, *saved, ctx.softplus, ctx.alignment, ctx.backend)
+    result = [g.to(x.dtype) if (x is not None and need and g is not None) else None
               for g, x, need in zip(grads, inputs, ctx.needs_input_grad[:8])]
     return (*result, *([None] * (_N_INPUTS - 8 + 4)))
 
 
 torch.library.register_autograd("alignscan::selective_scan_fwd", _backward, setup_context=_setup_context)
+
+
+def _vmap_by_loop(op, n_tensors, batch_size, in_dims, args):
+    """A vmap rule: ``op`` once per vmapped index, results stacked (vmap dim 0)."""
+    pick = lambda x, dim, v: x if x is None or dim is None else x.select(dim, v)
+    results = [op(*(pick(x, dim, v) for x, dim in zip(args[:n_tensors], in_dims)), *args[n_tensors:])
+               for v in range(batch_size)]
+    stacked = tuple(torch.stack(parts) for parts in zip(*results))
+    return stacked, (0,) * len(stacked)
+
+
+_SHARED = (2, 5, 7)      # A, D, delta_bias: one per channel, shared by the scan's batch rows
+
+
+def _fwd_vmap(info, in_dims, *args):
+    """The forward under vmap. Rows of a scan are independent, so a vmapped problem whose A,
+    D and delta_bias are not vmapped is one scan of V·batch rows: one kernel call. Else one
+    call per vmapped index."""
+    op = torch.ops.alignscan.selective_scan_fwd
+    dims = in_dims[:_N_INPUTS]
+    if any(dims[i] is not None for i in _SHARED):
+        return _vmap_by_loop(op, _N_INPUTS, info.batch_size, dims, args)
+    V = info.batch_size
+    folded = []
+    for i, (x, dim) in enumerate(zip(args[:_N_INPUTS], dims)):
+        if x is not None and i not in _SHARED:
+            x = x.movedim(dim, 0) if dim is not None else x.expand(V, *x.shape)
+            x = x.reshape(V * x.shape[1], *x.shape[2:])
+        folded.append(x)
+    out, last = op(*folded, *args[_N_INPUTS:])
+    unfold = lambda t: t.reshape(V, t.shape[0] // V, *t.shape[1:])
+    return_last_state = args[_N_INPUTS + 1]
+    return (unfold(out), unfold(last) if return_last_state else last), (0, 0 if return_last_state else None)
+
+
+def _bwd_vmap(info, in_dims, *args):
+    """The kernels' backward under vmap: one call per vmapped index (dA, dD and ddelta_bias
+    are sums over the scan's rows, so rows of different vmapped problems cannot be merged)."""
+    return _vmap_by_loop(torch.ops.alignscan.selective_scan_bwd, 1 + _N_INPUTS, info.batch_size,
+                         in_dims[:1 + _N_INPUTS], args)
+
+
+torch.library.register_vmap("alignscan::selective_scan_fwd", _fwd_vmap)
+torch.library.register_vmap("alignscan::selective_scan_bwd", _bwd_vmap)
+
+
+class _TransformableScan(torch.autograd.Function):
+    """The op as torch.func sees it: the same kernel forward, with a ``setup_context``, a
+    forward-mode rule (``jvp``, by the twin) and a generated vmap rule. torch.library's
+    autograd registration has neither a forward mode (torch.func.jvp and forward_ad would
+    see the kernel's output as a constant: zero tangents) nor functorch support (grad and
+    jacrev refuse it), so a call under a transform or a forward-AD level comes here."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(u, delta, A, B, C, D, z, delta_bias, coef_self, coef_prev, hold, trailing, delta_softplus,
+                return_last_state, alignment, backend):
+        return torch.ops.alignscan.selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, coef_self, coef_prev,
+                                                      hold, trailing, delta_softplus, return_last_state, alignment,
+                                                      backend)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _setup_context(ctx, inputs, output)
+        ctx.save_for_forward(*inputs[:_N_INPUTS])
+
+    @staticmethod
+    def backward(ctx, dout, dlast):
+        return _backward(ctx, dout, dlast)
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        saved = ctx.saved_tensors
+        out_dot = _twin_jvp(saved[:8], tangents[:8], saved[8:_N_INPUTS], ctx.softplus, ctx.alignment)
+        return out_dot.to(saved[0].dtype), None      # out is in u's dtype (SPEC §1), so is its tangent
+
+
+def _under_transform():
+    """True inside a torch.func transform (grad, vjp, jvp, jacrev, jacfwd, vmap, ...) or a
+    torch.autograd.forward_ad level: the op then runs as ``_TransformableScan``. Under
+    torch.compile the op stays the plain custom op (what a compiled graph holds)."""
+    if torch.compiler.is_compiling():
+        return False
+    return torch._C._functorch.maybe_current_level() is not None or forward_ad._current_level >= 0
 
 
 def scan_flops(batch, dim, length, dstate, has_D, has_z, has_map, alignment):
@@ -252,7 +383,8 @@ def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
         return scan_twin(args)
     coefs = args.coefficients(compute_dtype(u.dtype))
     coefs = (None,) * 4 if coefs is None else tuple(coefs)
-    out, last = torch.ops.alignscan.selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, *coefs,
-                                                       args.delta_softplus, args.return_last_state, args.alignment,
-                                                       backend or "")
+    op = _TransformableScan.apply if _under_transform() else torch.ops.alignscan.selective_scan_fwd
+    out, last = op(u, delta, A, B, C, D, z, delta_bias, *coefs, args.delta_softplus, args.return_last_state,
+                   args.alignment, backend or "")
+    out = out.to(u.dtype)
     return (out, last) if args.return_last_state else out

@@ -43,14 +43,52 @@ def _device_type(x):
 
 def _prepare(backend, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, positions, seqlen,
              alignment):
-    """The backend's kernels and the scan's ``ScanParams``: arguments validated once, the
-    map's coefficients on the backend's device."""
+    """The backend's entry, its kernels and the scan's ``ScanParams``: arguments validated
+    once, the map's coefficients on the backend's device."""
     entry = backends.get(backends.resolve(backend, _device_type(u), kernels_only=True, host_copies=True))
     module = entry.kernels()
     args = validate_scan_args(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
                               positions=positions, seqlen=seqlen, alignment=alignment)
     coefficients = backends.device_coefficients(entry, args, compute_dtype(args.u.dtype))
-    return module, ScanParams.build(args, coefficients)
+    return entry, module, ScanParams.build(args, coefficients)
+
+
+GRADS_OUT = ("du", "ddelta", "dz")     # the gradients a caller may have filled in place
+
+
+def _check_output(arr, name, entry):
+    """The one rule for every output argument of every backend, at the front door: an array
+    on the backend's device that the kernel can write, else an error naming the argument. A
+    read-only NumPy array (a view of ``bytes``, a read-only memmap) would otherwise be written
+    through its pointer by a C++ backend (an immutable object changed, or a crash), and a
+    host array given to a GPU backend would be filled on a copy, leaving it as it was. CuPy
+    and numba device arrays have no read-only state; shape, dtype and layout are the
+    backend's to judge."""
+    if arr is None:
+        return
+    if not (hasattr(arr, "shape") and hasattr(arr, "dtype")):
+        raise TypeError(f"{name} must be an array (NumPy on the CPU, CuPy or numba.cuda on a GPU), "
+                        f"got {type(arr).__name__}")
+    if _device_type(arr) != entry.device:
+        where = "a CUDA device array" if entry.device == "cuda" else "a NumPy array"
+        raise ValueError(f"{name} must be {where} for backend {entry.name!r}, got {type(arr).__name__} on "
+                         f"{_device_type(arr)}: it is filled in place where the backend computes")
+    if getattr(getattr(arr, "flags", None), "writeable", True) is False:
+        raise ValueError(f"{name} must be a writeable array, got a read-only {type(arr).__name__}")
+
+
+def _check_grads_out(grads_out, has_z, entry):
+    if grads_out is None:
+        return
+    if not isinstance(grads_out, dict):
+        raise TypeError(f"grads_out must be a dict mapping names in {GRADS_OUT} to arrays, "
+                        f"got {type(grads_out).__name__}")
+    for key, arr in grads_out.items():
+        if key not in GRADS_OUT:
+            raise ValueError(f"grads_out may fill {GRADS_OUT} in place, got the key {key!r}")
+        if key == "dz" and not has_z and arr is not None:
+            raise ValueError("grads_out['dz'] was given but z is None: there is no dz to fill")
+        _check_output(arr, f"grads_out[{key!r}]", entry)
 
 
 def selective_scan_fwd(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
@@ -58,13 +96,16 @@ def selective_scan_fwd(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
                        backend=None, out=None, last_state_out=None, stream=None):
     """The position-map scan (SPEC §1) on a fast backend.
 
-    ``out`` (batch, dim, M) and ``last_state_out`` (batch, dim, N), arrays of the compute
-    dtype on the backend's device, are filled in place when given (zero-copy callers).
+    ``out`` (batch, dim, M) and ``last_state_out`` (batch, dim, N), writeable arrays of the
+    compute dtype on the backend's device (NumPy for a CPU backend, CuPy or numba.cuda for a
+    GPU one), are filled in place when given (zero-copy callers).
     ``stream``: a raw CUDA stream handle for the GPU backends (ignored on the CPU).
     Returns out, or (out, last_state) with return_last_state.
     """
-    module, params = _prepare(backend, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
-                              positions, seqlen, alignment)
+    entry, module, params = _prepare(backend, u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                                     return_last_state, positions, seqlen, alignment)
+    _check_output(out, "out", entry)
+    _check_output(last_state_out, "last_state_out", entry)
     return module.forward(params, out=out, last_state=last_state_out, stream=stream)
 
 
@@ -74,9 +115,10 @@ def selective_scan_bwd(dout, u, delta, A, B, C, D=None, z=None, delta_bias=None,
     """Gradients (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias) of sum(dout · out); None where
     the input was None. last_state carries no gradient. ``grads_out`` may map "du", "ddelta",
     "dz" to arrays to fill in place."""
-    module, params = _prepare(backend, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
-                              positions, seqlen, alignment)
+    entry, module, params = _prepare(backend, u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                                     return_last_state, positions, seqlen, alignment)
     if tuple(dout.shape) != tuple(params.args.u.shape):
         raise ValueError(f"dout must have shape (batch, dim, M) = {tuple(params.args.u.shape)}, "
                          f"got {tuple(dout.shape)}")
+    _check_grads_out(grads_out, params.has_z, entry)
     return module.backward(dout, params, grads_out=grads_out, stream=stream)

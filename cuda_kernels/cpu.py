@@ -547,11 +547,13 @@ def _prepared(params):
 
 
 def _check_out(arr, name, shape, dtype):
+    """An output array to fill, or a new one. Writability is the front door's one rule
+    (``cuda_kernels._check_writeable``); this checks what this backend's layout needs."""
     if arr is None:
         return np.empty(shape, dtype=dtype)
     if not isinstance(arr, np.ndarray) or arr.shape != tuple(shape) or arr.dtype != dtype \
-            or not arr.flags.c_contiguous or not arr.flags.writeable:
-        raise ValueError(f"{name} must be a writeable C-contiguous {dtype} NumPy array of shape {tuple(shape)}")
+            or not arr.flags.c_contiguous:
+        raise ValueError(f"{name} must be a C-contiguous {dtype} NumPy array of shape {tuple(shape)}")
     return arr
 
 

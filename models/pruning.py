@@ -44,6 +44,16 @@ _ALIGNMENT = {"dense": "none", "align": "prev", "hold": "hold", "self": "self", 
 COMPACT_MODES = ("align", "hold", "self", "relabel")     # the modes that remove the pruned tokens
 
 
+def _is_integer(x):
+    """An int or a NumPy integer, not a bool (Python counts True as 1)."""
+    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
+def _is_real(x):
+    """A Python or NumPy real number (np.float32 included), not a bool."""
+    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, (bool, np.bool_))
+
+
 def alignment_of(mode):
     """The scan alignment a pruning mode runs with."""
     return _ALIGNMENT[mode]
@@ -102,16 +112,23 @@ class PruningConfig:
             raise TypeError(f"schedule must be a sequence of 1-based layer indices (e.g. (5, 10, 15)), "
                             f"got {type(self.schedule).__name__} {self.schedule!r}")
         schedule = tuple(self.schedule)
-        if any(not isinstance(s, (int, np.integer)) or s < 1 for s in schedule) or list(schedule) != sorted(set(schedule)):
-            raise ValueError(f"schedule must be strictly increasing 1-based layer indices, got {self.schedule!r}")
-        object.__setattr__(self, "schedule", schedule)
-        ratios = self.keep_ratio if isinstance(self.keep_ratio, (tuple, list)) else (self.keep_ratio,) * len(schedule)
+        # A bool is an int to Python (True == 1): (True, 2) would silently mean layers 1 and 2.
+        if any(not _is_integer(s) or s < 1 for s in schedule) or list(schedule) != sorted(set(schedule)):
+            raise ValueError(f"schedule must be strictly increasing 1-based layer indices (ints, not bools), "
+                             f"got {self.schedule!r}")
+        object.__setattr__(self, "schedule", tuple(int(s) for s in schedule))
+        per_stage = isinstance(self.keep_ratio, (tuple, list)) or (isinstance(self.keep_ratio, np.ndarray)
+                                                                   and self.keep_ratio.ndim == 1)
+        ratios = tuple(self.keep_ratio) if per_stage else (self.keep_ratio,) * len(schedule)
         if len(ratios) != len(schedule):
             raise ValueError(f"keep_ratio must be one number or one per stage ({len(schedule)}), got {self.keep_ratio!r}")
         for r in ratios:
-            if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 < r <= 1:
+            if not _is_real(r):
+                raise TypeError(f"keep_ratio must be a number in (0, 1] (or one per stage), got "
+                                f"{type(r).__name__} {r!r}")
+            if not 0 < r <= 1:
                 raise ValueError(f"keep_ratio must be in (0, 1], got {r!r}")
-        object.__setattr__(self, "keep_ratio", tuple(float(r) for r in ratios) if isinstance(self.keep_ratio, (tuple, list))
+        object.__setattr__(self, "keep_ratio", tuple(float(r) for r in ratios) if per_stage
                            else float(self.keep_ratio))
 
     @property

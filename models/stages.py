@@ -123,7 +123,7 @@ def snake_path_plan(position_map, orders, labels):
             index = order[None]
             plan.append((index, torch.argsort(index, dim=1), None, label[None]))
             continue
-        index, path_map = position_map.path(order)
+        index, path_map = position_map.path(order, trusted=True)     # the model's own snake path
         plan.append((index, torch.argsort(index, dim=1), path_map, label[path_map.positions]))
     return tuple(plan)
 
@@ -214,6 +214,12 @@ class Stages:
         config.check_plan(keep_plan)
         if keep_plan is not None and not isinstance(keep_plan, KeepPlan):
             keep_plan = KeepPlan(keep_plan, tokens)          # a plain list: checked here, on the host
+        if keep_plan is not None and protected is not None:
+            # One rule for every mode: "mask" zeroes what a plan drops, so a plan without the
+            # class token would have the head read a zeroed token.
+            for stage, kept in enumerate(keep_plan.in_every_row):
+                if protected not in kept:
+                    raise ValueError(f"keep_plan[{stage}] must keep the class token (index {protected}) in every row")
         self.config = config
         self.tokens = tokens
         self.keep_plan = keep_plan
@@ -242,8 +248,6 @@ class Stages:
         if cfg.mode == "mask":
             full = torch.arange(self.tokens, device=self.positions.device).expand_as(self.positions)
             return plan_indices(full, self.keep_plan[stage])
-        if self.protected is not None and self.protected not in self.keep_plan.in_every_row[stage]:
-            raise ValueError(f"keep_plan[{stage}] must keep the class token (index {self.protected})")
         return plan_indices(self.positions, self.keep_plan[stage])
 
     def after_layer(self, index, y, *streams):
@@ -293,7 +297,7 @@ class Stages:
             # The model's own sorted indices: a map correct by construction, made on the device.
             streams = _gather_tokens(streams, kept)
             self.position_map = TorchPositionMap.trusted(kept, self.tokens) if self.position_map is None \
-                else self.position_map.compose(kept)
+                else self.position_map.compose(kept, trusted=True)
             self.positions = self.position_map.positions
             self.protected_at = cls_at
         self.kept_per_stage.append(self.positions)

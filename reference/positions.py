@@ -104,8 +104,9 @@ def validate_positions(positions, *, batch, length, seqlen=None, name="positions
                 f"seqlen must be >= the number of tokens M={length} when positions is None, got {seqlen}")
     else:
         positions = _as_integer_array(positions, name)
-        if positions.ndim == 1:
-            positions = np.broadcast_to(positions, (batch, positions.shape[0]))
+        # (M,) and (1, M) cover every row, as a one-row map does (``fits``).
+        if positions.ndim == 1 or (positions.ndim == 2 and positions.shape[0] == 1):
+            positions = np.broadcast_to(positions, (batch, positions.shape[-1]))
         elif positions.ndim != 2:
             raise ValueError(f"{name} must have shape (batch, M) or (M,), got ndim {positions.ndim}")
         if positions.shape[1] != length:
@@ -113,7 +114,7 @@ def validate_positions(positions, *, batch, length, seqlen=None, name="positions
                 f"{name} must have M={length} entries per row (one per remaining token), "
                 f"got shape {tuple(positions.shape)}")
         if positions.shape[0] != batch:
-            raise ValueError(f"{name} must have batch={batch} rows, got shape {tuple(positions.shape)}")
+            raise ValueError(f"{name} must have batch={batch} rows (or one), got shape {tuple(positions.shape)}")
         positions = np.ascontiguousarray(positions, dtype=np.int64)
     if seqlen is not None:
         seqlen_rows = np.full(batch, seqlen, dtype=np.int64)
@@ -152,7 +153,7 @@ def fits(position_map, batch, length, name="positions"):
     if position_map.batch == batch:
         return False
     if position_map.batch != 1:
-        raise ValueError(f"{name} must have batch={batch} rows, got a map with {position_map.batch}")
+        raise ValueError(f"{name} must have batch={batch} rows (or one), got a map with {position_map.batch}")
     return True
 
 
@@ -281,9 +282,11 @@ class PositionMap(MapShape):
         return PositionMap.from_rows(flip_positions(self.positions, self.seqlen_rows[:, None]), self.seqlen_rows)
 
     def compose(self, kept):
-        """The map after a further pruning step keeping ``kept`` (batch, K) of the current
-        tokens, ascending (SPEC §3: ``positions[kept]``)."""
-        return PositionMap.from_rows(compose(self.positions, kept), self.seqlen_rows)
+        """The map after a further pruning step keeping ``kept`` (batch, K), (1, K) or (K,) of
+        the current tokens, ascending (SPEC §3: ``positions[kept]``); a one-row map or a
+        one-row ``kept`` covers every row of the other."""
+        positions = compose(self.positions, kept)
+        return PositionMap.from_rows(positions, np.broadcast_to(self.seqlen_rows, positions.shape[:1]))
 
     def path(self, order):
         """This map's positions read as raster indices, ordered along the scan path ``order``
@@ -358,6 +361,13 @@ def compose(positions, kept):
     """
     positions = _as_integer_array(positions, "positions")
     kept = _as_integer_array(kept, "kept")
+    if positions.ndim not in (1, 2):
+        raise ValueError(f"positions must have shape (batch, M) or (M,), got ndim {positions.ndim}")
+    if kept.ndim not in (1, 2):
+        raise ValueError(f"kept must have shape (batch, K) or (K,), got ndim {kept.ndim}")
+    rows = positions.shape[0] if positions.ndim == 2 else 1
+    if kept.ndim == 2 and kept.shape[0] not in (1, rows) and rows != 1:
+        raise ValueError(f"kept must have batch={rows} rows (or one), got shape {tuple(kept.shape)}")
     if kept.size and (kept.min() < 0 or kept.max() >= positions.shape[-1]):
         raise ValueError(f"kept must index the {positions.shape[-1]} current tokens")
     if kept.shape[-1] > 1 and np.any(np.diff(kept, axis=-1) <= 0):
@@ -365,8 +375,9 @@ def compose(positions, kept):
     if positions.ndim == 1 and kept.ndim == 1:
         return positions[kept]
     positions2, kept2 = np.atleast_2d(positions), np.atleast_2d(kept)
-    if positions2.shape[0] != kept2.shape[0]:
-        positions2 = np.broadcast_to(positions2, (kept2.shape[0], positions2.shape[1]))
+    batch = max(positions2.shape[0], kept2.shape[0])     # one row of either covers every row of the other
+    positions2 = np.broadcast_to(positions2, (batch, positions2.shape[1]))
+    kept2 = np.broadcast_to(kept2, (batch, kept2.shape[1]))
     return np.take_along_axis(positions2, kept2, axis=1)
 
 

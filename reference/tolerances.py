@@ -22,6 +22,11 @@ TOLERANCES = {
     # float16 subnormal is off by at most 2^-25) stays the float32 row's.
     np.dtype(np.float16): {"rtol": 6e-4 + 2.0**-11, "atol": 2e-3},
     "bfloat16": {"rtol": 6e-4 + 2.0**-8, "atol": 2e-3},
+    # A derivative (jvp, gradient, second derivative) in float64 against fourth-order central
+    # differences with step 1e-3: truncation about h^4 = 1e-12 and rounding about
+    # 1e-16 / h = 1e-13 relative, so 1e-6 leaves a wide margin and still fails any wrong
+    # derivative (a zero tangent, a missing term).
+    "finite_difference": {"rtol": 1e-6, "atol": 1e-8},
 }
 
 
@@ -33,7 +38,7 @@ FAST_EXP_MAX_ULP = 1.5      # measured: 1.25 ulp at most (mean 0.074) over 37.1 
 
 
 def tolerance(dtype):
-    """{"rtol": ..., "atol": ...} for a NumPy dtype, or the string "bfloat16"."""
+    """{"rtol": ..., "atol": ...} for a NumPy dtype, or the string "bfloat16" or "finite_difference"."""
     key = dtype if isinstance(dtype, str) else np.dtype(dtype)
     if key not in TOLERANCES:
         raise ValueError(f"no tolerance for dtype {dtype!r}; known: {list(TOLERANCES)}")

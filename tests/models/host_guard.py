@@ -20,7 +20,8 @@ __all__ = ["HostGuard", "HostSyncError"]
 
 _METHODS = {"item", "tolist", "numpy", "cpu", "__bool__", "__int__", "__float__", "__index__", "__array__"}
 _FROM_HOST = {"as_tensor", "tensor", "from_numpy", "asarray"}
-_DATA_DEPENDENT = ("alignscan::validate_positions", "aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select", "aten::unique",
+_DATA_DEPENDENT = ("alignscan::validate_positions", "alignscan::compose_positions", "alignscan::check_path_order",
+                   "aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select", "aten::unique",
                    "aten::_unique", "aten::_unique2", "aten::unique_dim", "aten::unique_consecutive",
                    "aten::equal", "aten::is_nonzero")
 

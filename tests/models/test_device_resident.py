@@ -84,12 +84,14 @@ def test_every_transform_of_a_device_map_equals_the_reference(case, seed):
         _same_map(made.flip().flip(), reference)
         k = int(rng.integers(1, reference.length + 1))
         kept = np.stack([np.sort(rng.choice(reference.length, k, replace=False)) for _ in range(batch)])
-        _same_map(made.compose(torch.tensor(kept)), reference.compose(kept))
+        _same_map(made.compose(torch.tensor(kept)), reference.compose(kept))           # a user's: checked
+        _same_map(made.compose(torch.tensor(kept), trusted=True), reference.compose(kept))
         order = rng.permutation(seqlen)
-        index, along = made.path(torch.tensor(order))
         ref_index, ref_along = reference.path(order)
-        np.testing.assert_array_equal(index.numpy(), ref_index)
-        _same_map(along, ref_along)
+        for trust in (False, True):
+            index, along = made.path(torch.tensor(order), trusted=trust)
+            np.testing.assert_array_equal(index.numpy(), ref_index)
+            _same_map(along, ref_along)
 
 
 # --- no host round trip in a pruned forward --------------------------------------------------
@@ -153,6 +155,16 @@ def test_the_guard_catches_a_host_copy_in_the_selection(monkeypatch):
     with pytest.raises(HostSyncError, match="validate_positions"):
         with HostGuard():
             TorchPositionMap(user_positions, 4)               # a user's map: its one host read, caught too
+    made, kept, order = TorchPositionMap.trusted(user_positions, 4), torch.tensor([[1]]), torch.tensor([3, 2, 1, 0])
+    with pytest.raises(HostSyncError, match="compose_positions"):
+        with HostGuard():
+            made.compose(kept)                                # a user's kept: checked on the host
+    with pytest.raises(HostSyncError, match="check_path_order"):
+        with HostGuard():
+            made.path(order)                                  # a user's order: checked on the host
+    with HostGuard():                                         # a model's own: trusted, on the device
+        made.compose(kept, trusted=True)
+        made.path(order, trusted=True)
 
 
 def test_a_plain_list_keep_plan_is_checked_once_on_the_host():

@@ -223,3 +223,47 @@ def test_a_keep_plan_that_is_not_nested_is_refused():
     plan = [torch.tensor([[0, 2, 8, 9, 11], [1, 3, 8, 10, 12]]), torch.tensor([[1, 8, 9], [1, 8, 10]])]
     with pytest.raises(ValueError, match="keep_plan\\[1\\] must keep a subset"), torch.no_grad():
         model(_images(7), keep_plan=plan)
+
+
+PLAN_MODES = [(mode, "drop") for mode in models.MODES if mode != "dense"] + [("align", "fuse"), ("align", "merge")]
+
+
+@pytest.mark.parametrize("mode,pruned_tokens", PLAN_MODES, ids=[f"{m}-{p}" for m, p in PLAN_MODES])
+def test_every_mode_refuses_a_keep_plan_without_the_class_token(mode, pruned_tokens):
+    """One plan check for every mode: under "mask" a plan without the class token would have
+    the head read the zeroed class token."""
+    model = _vim(mode, schedule=(1, 2), keep_ratio=0.6, pruned_tokens=pruned_tokens)
+    cls = model.cls_index
+    others = [i for i in range(model.num_tokens) if i != cls]
+    without = [torch.tensor([others[::2]]), torch.tensor([others[:4:2]])]
+    with pytest.raises(ValueError, match=rf"keep_plan\[0\] must keep the class token \(index {cls}\)"), \
+            torch.no_grad():
+        model(_images(n=1), keep_plan=without)
+    second_only = [torch.tensor([sorted(others[::2] + [cls])]), torch.tensor([others[:4:2]])]
+    with pytest.raises(ValueError, match=r"keep_plan\[1\] must keep the class token"), torch.no_grad():
+        model(_images(n=1), keep_plan=second_only)
+    with_cls = [second_only[0], torch.tensor([sorted(others[:4:2] + [cls])])]
+    with torch.no_grad():
+        assert torch.isfinite(model(_images(n=1), keep_plan=with_cls)).all()
+
+
+@pytest.mark.parametrize("ratio", [np.float32(0.5), np.float64(0.5), np.float16(0.5), np.int64(1),
+                                   [np.float32(0.5), 0.25], np.array([0.5, 0.25])])
+def test_numpy_numbers_are_keep_ratios_like_python_numbers(ratio):
+    config = PruningConfig("align", (1, 2), ratio)
+    expected = (0.5, 0.25) if isinstance(ratio, (list, np.ndarray)) else float(ratio)
+    assert config.keep_ratio == expected and type(config.ratio(0)) is float
+    assert PruningConfig("align", (np.int32(1), np.int64(2)), 0.5).schedule == (1, 2)
+
+
+@pytest.mark.parametrize("ratio", [True, np.bool_(True), "0.5", torch.tensor(0.5), None])
+def test_a_keep_ratio_that_is_not_a_number_is_a_type_error(ratio):
+    with pytest.raises(TypeError, match="keep_ratio must be a number"):
+        PruningConfig("align", (1,), ratio)
+
+
+@pytest.mark.parametrize("schedule", [(True, 2), (1, np.bool_(True)), (False,), (1.0, 2)])
+def test_a_schedule_of_bools_or_floats_is_refused(schedule):
+    """True == 1 to Python: (True, 2) would be taken as layers 1 and 2."""
+    with pytest.raises(ValueError, match="schedule must be strictly increasing 1-based layer indices"):
+        PruningConfig("align", schedule, 0.5)

@@ -95,3 +95,39 @@ def test_a_position_map_owns_an_immutable_copy_of_its_positions():
     for derived in (position_map.flip(), position_map.compose(np.array([[0, 2]])),
                     R.PositionMap.from_rows(np.array([[0, 3]]), np.array([16]))):
         assert not derived.positions.flags.writeable
+
+
+def test_one_row_positions_cover_every_row_as_a_one_row_map_does():
+    one_row = np.array([[0, 2, 5]])
+    positions, seqlen_rows = R.validate_positions(one_row, batch=3, length=3, seqlen=7)
+    np.testing.assert_array_equal(positions, np.repeat(one_row, 3, axis=0))
+    np.testing.assert_array_equal(seqlen_rows, [7, 7, 7])
+    np.testing.assert_array_equal(R.PositionMap(one_row, 7, batch=3, length=3).positions,
+                                  R.PositionMap(one_row, 7).fit(3, 3).positions)
+    with pytest.raises(ValueError, match=r"positions must have batch=3 rows \(or one\), got shape \(2, 3\)"):
+        R.validate_positions(np.array([[0, 2, 5], [1, 2, 3]]), batch=3, length=3, seqlen=7)
+
+
+def test_compose_takes_one_row_of_kept_or_of_positions_for_every_row():
+    positions = np.array([[0, 2, 3, 6, 8], [1, 2, 4, 5, 7]])
+    both = np.array([[0, 3], [1, 4]])
+    np.testing.assert_array_equal(R.compose(positions, [0, 2]), both)             # (K,): every row
+    np.testing.assert_array_equal(R.compose(positions, [[0, 2]]), both)           # (1, K): every row
+    np.testing.assert_array_equal(R.compose(positions[:1], [[0, 2], [1, 2]]), [[0, 3], [2, 3]])
+    m = R.PositionMap(positions, 9).compose(np.array([0, 2]))
+    np.testing.assert_array_equal(m.positions, both)
+    np.testing.assert_array_equal(R.PositionMap(positions[:1], 9).compose(np.array([[0, 2], [1, 2]])).seqlen_rows,
+                                  [9, 9])
+
+
+@pytest.mark.parametrize("kept,error,match", [
+    ([[0, 1], [1, 2], [2, 3]], ValueError, r"kept must have batch=2 rows \(or one\), got shape \(3, 2\)"),
+    ([[[0]]], ValueError, r"kept must have shape \(batch, K\) or \(K,\), got ndim 3"),
+    (3, ValueError, r"kept must have shape \(batch, K\) or \(K,\), got ndim 0"),
+    ([0, 2, 1], ValueError, "kept must be strictly increasing"),
+    ([0, 5], ValueError, "kept must index the 5 current tokens"),
+    ([0.0, 1.0], TypeError, "kept must be an integer array"),
+])
+def test_compose_refuses_kept_it_cannot_apply_by_name(kept, error, match):
+    with pytest.raises(error, match=match):
+        R.PositionMap(np.array([[0, 2, 3, 6, 8], [1, 2, 4, 5, 7]]), 9).compose(np.array(kept))
