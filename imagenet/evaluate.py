@@ -10,7 +10,7 @@ from alignscan.outputs import progress_bar, save_figure, write_json, write_text
 from alignscan.stats import paired_counts
 
 from .data import Images, collate, eval_transform, image_folder
-from .options import DataError, build, load_weights
+from .options import EMA, DataError, build, load_weights
 from .world import World
 
 __all__ = ["evaluate_command", "evaluate_markdown"]
@@ -37,10 +37,12 @@ def _evaluate(args, backend, world):
     loader = torch.utils.data.DataLoader(Images(folder, shard, eval_transform(args.img_size)), batch_size=args.batch,
                                          num_workers=args.workers, collate_fn=collate)
     nets = {}
+    ema = EMA[getattr(args, "ema", "no")]
     for mode in modes:
         net = build(args.model, len(folder.classes), mode, keep, args.conv, args.metric, backend,
                     args.img_size)
-        nets[mode] = load_weights(net, args.checkpoint, len(folder.classes)).eval().to(world.device)
+        nets[mode] = load_weights(net, args.checkpoint, len(folder.classes), ema=ema).eval().to(world.device)
+    weights = nets[modes[0]].checkpoint_weights      # the same file and choice for every mode
     # Per image and mode: 1 if top-1 right, 2 if only top-5 right ... encoded as two tables.
     top1 = torch.zeros(n, len(modes), dtype=torch.int64)
     top5 = torch.zeros(n, len(modes), dtype=torch.int64)
@@ -90,7 +92,8 @@ def _evaluate(args, backend, world):
                 j = modes.index(against)
                 paired.append({"a": a, "b": against, **paired_counts(top1[:, k].numpy()[evaluated].astype(bool),
                                                                 top1[:, j].numpy()[evaluated].astype(bool))})
-    summary = {"model": args.model, "checkpoint": str(args.checkpoint), "data": str(args.data),
+    summary = {"model": args.model, "checkpoint": str(args.checkpoint), "weights": weights,
+               "ema": getattr(args, "ema", "no"), "data": str(args.data),
                "classes": len(folder.classes), "images": n, "evaluated": total, "unreadable": int(count.item()),
                "unreadable_policy": "skipped and counted" if args.skip_unreadable else "stop",
                "world_size": world.size, "device": str(world.device), "keep": keep if keep is not None else "paper",
@@ -105,7 +108,8 @@ def _evaluate(args, backend, world):
 
 
 def evaluate_markdown(summary):
-    lines = [f"{summary['model']} on {summary['data']} ({summary['evaluated']} images, {summary['classes']} classes"
+    lines = [f"{summary['model']} ({summary.get('weights', 'model')} weights) on {summary['data']} "
+             f"({summary['evaluated']} images, {summary['classes']} classes"
              f"{', ' + str(summary['unreadable']) + ' unreadable skipped' if summary['unreadable'] else ''}; "
              f"keep {summary['keep']}, conv {summary['conv']}, metric {summary['metric']}, "
              f"{summary['world_size']} process(es) on {summary['device']})", "",
