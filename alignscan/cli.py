@@ -25,7 +25,7 @@ import tempfile
 from pathlib import Path
 
 from alignscan.outputs import write_json
-from alignscan.runtime import machine, peak_memory, set_threads
+from alignscan.runtime import exit_on_sigterm, machine, peak_memory, set_threads
 
 __all__ = ["main", "build_parser", "check_arguments", "COMMANDS", "UsageError"]
 
@@ -42,20 +42,32 @@ class UsageError(Exception):
     """A bad argument found by the explicit checks: reported like argparse's errors (exit 2)."""
 
 
-def backend_and_device(requested):
-    """(backend name, "cpu" or "cuda") for --backend (else $ALIGNSCAN_BACKEND, else the CPU
-    default), checked by the one registry; raises UsageError naming the option or variable."""
+class Backend:
+    """The scan backend of a command that builds models: ``requested`` (--backend, or None:
+    each scan call takes the registry's choice for its tensors' device, $ALIGNSCAN_BACKEND
+    first), ``device`` (the device type this process runs its models on) and ``name`` (the
+    backend that runs there, for the record)."""
+
+    def __init__(self, requested, device, name):
+        self.requested, self.device, self.name = requested, device, name
+
+
+def check_backend(requested, device):
+    """The Backend for --backend ``requested`` (or $ALIGNSCAN_BACKEND, or the registry's
+    default) on ``device``, checked by the one registry before any work; UsageError naming
+    the option or the variable and the device when it cannot run there."""
     from alignscan.cuda_kernels import backends
-    name = requested if requested is not None else os.environ.get(backends.ENV_BACKEND) or None
+    where = f" (this process runs its models on {device}"
+    where += ": torch sees a GPU)" if device == "cuda" else ": torch sees no GPU)"
     try:
-        if name is None:
-            return backends.resolve(None, "cpu"), "cpu"
-        what = "--backend" if requested is not None else f"the environment variable {backends.ENV_BACKEND}"
-        entry = backends.get(name, what=what)
-        device = "cuda" if entry.device == "cuda" else "cpu"
-        return backends.resolve(name, device), device
-    except (ValueError, backends.BackendUnavailable) as exc:
-        raise UsageError(str(exc)) from None
+        if requested is not None:
+            backends.get(requested, what="--backend")
+            return Backend(requested, device, backends.resolve(requested, device))
+        return Backend(None, device, backends.resolve(None, device))
+    except ValueError as exc:
+        raise UsageError(f"{exc}{where}") from None
+    except backends.BackendUnavailable as exc:
+        raise UsageError(f"{'--backend ' + requested if requested else 'no backend'}: {exc}{where}") from None
 
 
 # --- the commands: each takes the parsed options and returns its results ----------------------
@@ -77,8 +89,7 @@ def run_flops(args, backend):
 
 def run_models(args, backend):
     from alignscan.bench import commands
-    name, device = backend
-    return commands.models(name, device, quick=args.quick, batch=args.batch)
+    return commands.models(backend.requested, backend.device, quick=args.quick, batch=args.batch)
 
 
 def run_zero_shot(args, backend):
@@ -106,12 +117,12 @@ def run_visualize(args, backend):
 
 def run_evaluate(args, backend):
     from alignscan import imagenet
-    return {"evaluate": imagenet.evaluate_command(args, backend=backend[0])}
+    return {"evaluate": imagenet.evaluate_command(args, backend=backend.requested)}
 
 
 def run_finetune(args, backend):
     from alignscan import imagenet
-    return {"finetune": imagenet.finetune_command(args, backend=backend[0])}
+    return {"finetune": imagenet.finetune_command(args, backend=backend.requested)}
 
 
 def runner(command):
@@ -160,9 +171,10 @@ def build_parser():
     f.add_argument("--counted", action="store_true",
                    help="also run each model once under torch's FlopCounterMode (224 px; 64 with --quick)")
     m = add("models", help="images/s of dense, align and relabel (ViM-S, PlainMamba-L3)",
-            description="Model throughput with the paper presets; on a GPU use --backend cupy --batch 64.")
+            description="Model throughput with the paper presets; on a GPU, larger batches (--batch 64).")
     m.add_argument("--batch", type=int, default=8, help="batch size (default 8)")
-    m.add_argument("--backend", default=None, help="scan backend (default $ALIGNSCAN_BACKEND, else by device)")
+    m.add_argument("--backend", default=None, help="scan backend (default $ALIGNSCAN_BACKEND, else the registry's choice for the "
+                        "device the models run on)")
     z = add("zero-shot", help="the alignment on trial: small ViMs (digits, scan distance) pruned without fine-tuning",
             description="Small ViMs trained here (cached): on scikit-learn's digits and on a generated task where the "
                         "distance along the scan decides the label. Zero-shot top-1 of dense / align / hold / self / "
@@ -205,7 +217,7 @@ def _check_out(out):
 
 def check_arguments(args):
     """Every explicit argument check, before any work (UsageError on the first bad one).
-    Returns the (backend, device) the command runs with, or None where no model is built."""
+    Returns the Backend of a command that builds models, or None."""
     if args.threads < 1:
         raise UsageError(f"--threads must be >= 1, got {args.threads}")
     _check_out(args.out)
@@ -213,10 +225,15 @@ def check_arguments(args):
         raise UsageError(f"--batch must be >= 1, got {args.batch}")
     from alignscan.cuda_kernels import backends
     backend = None
-    if args.command in ("models", "evaluate", "finetune") or getattr(args, "backend", None) is not None:
-        backend = backend_and_device(getattr(args, "backend", None))
+    if args.command in ("models", "evaluate", "finetune"):
+        from alignscan.runtime import process_device
+        backend = check_backend(getattr(args, "backend", None), process_device())
     elif os.environ.get(backends.ENV_BACKEND):       # validated the same way everywhere, naming the variable
-        backend_and_device(None)
+        try:
+            backends.get(os.environ[backends.ENV_BACKEND],
+                         what=f"the environment variable {backends.ENV_BACKEND}")
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
     if args.command == "zero-shot":
         from alignscan.science.zero_shot import TASK_CONFIGS
         tasks = tuple(dict.fromkeys(t.strip() for t in args.tasks.split(",") if t.strip()))
@@ -270,6 +287,27 @@ def main(argv=None):
     except UsageError as exc:
         parser.error(str(exc))
     set_threads(args.threads)
+    exit_on_sigterm()
+    from alignscan.outputs import FolderInUse
+    try:
+        with _holding(args.out):
+            return _run(args, backend, parser)
+    except FolderInUse as exc:
+        parser.exit(2, f"{parser.prog}: error: --out {exc}\n")
+
+
+def _holding(out):
+    """This run's hold on --out (rank 0 alone under torchrun: the other ranks write there
+    only through it)."""
+    import contextlib
+
+    from alignscan.outputs import hold_folder
+    if os.environ.get("RANK", "0") != "0":
+        return contextlib.nullcontext()
+    return hold_folder(out, " ".join([PROG, *sys.argv[1:]]))
+
+
+def _run(args, backend, parser):
     from alignscan.imagenet.options import DataError
     try:
         results = runner(args.command)(args, backend)
@@ -292,7 +330,9 @@ def main(argv=None):
     arguments = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     from alignscan.bench.commands import SMOKE
     write_json(path, {"arguments": arguments, "quick": args.quick, "smoke_test": SMOKE if args.quick else None,
-                      "backend": None if backend is None else backend[0], "machine": machine(),
+                      "backend": None if backend is None else {"name": backend.name, "device": backend.device,
+                                                                  "requested": backend.requested},
+                      "machine": machine(),
                       "memory": peak_memory(), **_serialisable(results)})
     print(f"\nResults written to {path.resolve()}")
     return 0 if correctness_ok and (timing_ok or not args.strict) else 1

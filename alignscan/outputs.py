@@ -11,6 +11,7 @@ must run there as it is.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -18,7 +19,47 @@ import sys
 import tempfile
 from pathlib import Path
 
-__all__ = ["write_bytes", "write_text", "write_json", "save_figure", "save_torch", "progress_bar", "file_mode"]
+__all__ = ["write_bytes", "write_text", "write_json", "save_figure", "save_torch", "progress_bar", "file_mode",
+           "hold_folder", "FolderInUse"]
+
+LOCK_NAME = ".alignscan.lock"
+
+
+class FolderInUse(Exception):
+    """Another live process holds the output folder (its message names it)."""
+
+
+@contextlib.contextmanager
+def hold_folder(folder, what):
+    """Hold ``folder`` for this run: an exclusive lock on ``folder``/.alignscan.lock, which
+    records this process's id and ``what`` it runs. A second run into the same folder raises
+    FolderInUse naming the first. The lock is the operating system's (``flock``): it ends
+    with the process that held it, however it ended, so a lock file left by a dead process is
+    simply taken over. Where flock does not exist (Windows) the folder is not locked."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    handle = open(folder / LOCK_NAME, "a+")
+    try:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "a process that has not written its id yet"
+            raise FolderInUse(f"{folder} is in use by another alignscan run ({holder}); wait for it, or choose "
+                              f"another --out") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()}: {what}")
+        handle.flush()
+        yield
+    finally:
+        handle.close()
+
 
 
 def file_mode():

@@ -11,7 +11,7 @@ import os
 import platform
 import sys
 
-__all__ = ["set_threads", "machine", "instruction_set", "cpu_model", "versions", "peak_memory"]
+__all__ = ["set_threads", "exit_on_sigterm", "process_device", "machine", "instruction_set", "cpu_model", "versions", "peak_memory"]
 
 
 def set_threads(threads):
@@ -23,6 +23,32 @@ def set_threads(threads):
         torch.set_num_threads(numba.get_num_threads())
     except ImportError:
         pass
+
+
+def exit_on_sigterm():
+    """SIGTERM (what torchrun and Slurm send at a time limit) ends this process as Ctrl-C
+    does: by an exception, so that every ``finally`` runs and a half-written temporary file
+    is removed (``outputs.write_bytes``). Without it the default action kills the process
+    where it stands. Exit status 143 (128 + SIGTERM), as a killed process reports. Main
+    thread only (signal handlers are installed there)."""
+    import signal
+    import threading
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def terminate(signum, frame):
+        raise SystemExit(128 + signum)
+    signal.signal(signal.SIGTERM, terminate)
+
+
+def process_device():
+    """The device type this process's models run on: "cuda" where torch sees a GPU (as
+    ``imagenet.world.World`` places them), else "cpu"."""
+    try:
+        import torch
+    except ImportError:
+        return "cpu"
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _cpu_flags():

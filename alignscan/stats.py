@@ -8,7 +8,7 @@ from fractions import Fraction
 import numpy as np
 
 __all__ = ["mcnemar_exact", "paired_counts", "bootstrap_interval", "holm", "sign_test", "sign_test_floor", "t_interval", "t_test",
-           "BOOTSTRAP"]
+           "BOOTSTRAP", "mcnemar_detectable_difference"]
 
 BOOTSTRAP = 1000
 
@@ -31,6 +31,22 @@ def paired_counts(correct_a, correct_b):
     counts = {"both": int((a & b).sum()), "only_a": int((a & ~b).sum()), "only_b": int((~a & b).sum()),
               "neither": int((~a & ~b).sum())}
     return {**counts, "p_value": mcnemar_exact(counts["only_a"], counts["only_b"])}
+
+
+def mcnemar_detectable_difference(n, discordant, alpha=0.05, power=0.8, comparisons=1):
+    """The smallest accuracy difference (a fraction) that a two-sided McNemar test on ``n``
+    paired images detects with probability ``power``, when a fraction ``discordant`` of the
+    images is right under one model and wrong under the other; ``comparisons``: Holm's
+    first step (the smallest p must beat alpha / comparisons), the strictest case.
+
+    Normal approximation of the paired difference d = (only_a - only_b) / n, whose variance
+    is (discordant - d^2) / n: d = z sqrt((discordant - d^2) / n) with z = z_(1 - alpha/2m)
+    + z_power, solved: d = z sqrt(discordant / (n + z^2))."""
+    from scipy import stats
+    if not 0 < discordant <= 1:
+        raise ValueError(f"discordant must be in (0, 1], got {discordant}")
+    z = stats.norm.ppf(1 - alpha / (2 * comparisons)) + stats.norm.ppf(power)
+    return float(z * math.sqrt(discordant / (n + z * z)))
 
 
 def bootstrap_interval(correct, seed=0, resamples=BOOTSTRAP):

@@ -101,7 +101,8 @@ def models(backend, device, quick=False, batch=8):
     rows = throughput(batch=batch, img=img, repeats=repeats, backend=backend, device=device)
     if quick:
         print(SMOKE)
-    print(f"\nThroughput ({device}, backend {backend}, float32, {img}x{img}, batch {batch}, "
+    from alignscan.bridges import resolve_backend
+    print(f"\nThroughput ({device}, backend {resolve_backend(device, backend)}, float32, {img}x{img}, batch {batch}, "
           f"{numba.get_num_threads()} thread(s), median of {repeats} interleaved rounds):")
     print(format_throughput(rows))
 

@@ -19,7 +19,13 @@ SciPy). Steps, each printed as it starts and ends:
    the time and the bytes of its per-channel dB/dC partials;
 6. the pruned ViM-S and PlainMamba-L3 (align, paper presets) captured in a CUDA graph and
    replayed: logits against eager, replay and eager times (a forward that waited for the
-   host could not be captured).
+   host could not be captured);
+7. the user's path, none given a backend (``gpu_user_path``): ``alignscan evaluate`` (two
+   modes) and one ``alignscan finetune`` step on a generated folder, each in its own process
+   (skipped with the reason where torchvision/timm/Pillow are not installed);
+8. bf16 autocast forward+backward of the op and of a pruned ViM-S against float32: time,
+   peak memory, deviation;
+9. a pruned ViM-T exported on the CPU (torch.export) run on CUDA tensors, against eager.
 
 It stops starting new work when the budget (default 330 s: the whole run fits in 6 minutes)
 is spent and says what it skipped. One JSON, named after the device, goes to --out, else
@@ -291,20 +297,20 @@ def main(argv=None):
     say(f"device: {device.name}; budget {args.budget_s:.0f} s; results to {out_dir}")
     result = {"device": device.name, "dry_run": device.dry, "backends": {k: v or "available" for k, v in status.items()},
               "python": sys.version.split()[0]}
-    say("1/6 GPU tests" + (" (collected only: dry run)" if device.dry else ""))
+    say("1/9 GPU tests" + (" (collected only: dry run)" if device.dry else ""))
     result["gpu_tests"] = run_gpu_tests(device, timeout_s=max(60, int(0.45 * args.budget_s)), checkout=args.tests)
     say(f"    {result['gpu_tests']['summary']}")
-    say("2/6 copy bandwidth")
+    say("2/9 copy bandwidth")
     result["copy_bandwidth_bytes_per_s"] = copy_bandwidth(device)
     say(f"    {result['copy_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s")
-    say("3/6 kernels at the ViM-S layer shape")
+    say("3/9 kernels at the ViM-S layer shape")
     rows = []
     for backend in device.backends(status):
         rows += bench_backend(device, backend, end, ALIGNMENTS)
     result["kernels"] = rows
     result["goals"] = goals(rows, result["copy_bandwidth_bytes_per_s"])
     if time.monotonic() < end - 60 or device.dry:
-        say("4/6 model throughput")
+        say("4/9 model throughput")
         from alignscan.bench.models_bench import throughput, throughput_checks
         try:
             tp = throughput(batch=device.batch, img=224 if not device.dry else 64, repeats=3 if not device.dry else 1,
@@ -317,18 +323,36 @@ def main(argv=None):
             say(f"    throughput failed: {result['throughput_error']}")
     else:
         result["throughput_skipped"] = "budget"
-        say("4/6 model throughput: skipped (budget)")
+        say("4/9 model throughput: skipped (budget)")
     if time.monotonic() < end - 30 or device.dry:
-        say("5/6 deterministic backward")
+        say("5/9 deterministic backward")
         result["determinism"] = _guarded(lambda: determinism(device))
     else:
         result["determinism"] = {"skipped": "budget"}
     if (time.monotonic() < end - 30 or device.dry) and not device.dry:
-        say("6/6 CUDA graph capture of the pruned models")
+        say("6/9 CUDA graph capture of the pruned models")
         result["graphs"] = _guarded(lambda: graph_capture(device))
     else:
         result["graphs"] = {"skipped": "dry run: needs a CUDA GPU" if device.dry else "budget"}
-        say(f"6/6 CUDA graph capture: skipped ({result['graphs']['skipped']})")
+        say(f"6/9 CUDA graph capture: skipped ({result['graphs']['skipped']})")
+    from alignscan.bench import gpu_user_path
+    user_steps = (("7/9 the user's commands without --backend", "user_commands",
+                   lambda: gpu_user_path.commands(device.dry)),
+                  ("8/9 bf16 autocast against float32", "half",
+                   lambda: gpu_user_path.half(device.dry, lambda fn: device.seconds(fn, repeats=3 if not device.dry
+                                                                                    else 1, warmup=1))),
+                  ("9/9 an exported pruned model on this device", "export", lambda: gpu_user_path.export(device.dry)))
+    for label, key, step in user_steps:
+        if time.monotonic() < end - 30 or device.dry:
+            say(label)
+            result[key] = _guarded(step)
+            verdict = result[key].get("passed", False if "error" in result[key] else None)
+            say(f"    {'PASS' if verdict else 'skipped' if verdict is None else 'FAIL'}")
+            if verdict is not None:
+                result["goals"].append(check(label.split(" ", 1)[1], float(bool(verdict)), "1 (passed)", verdict))
+        else:
+            result[key] = {"skipped": "budget"}
+            say(f"{label}: skipped (budget)")
     result["wall_s"] = time.monotonic() - start
     path = out_dir / f"gpu_{re.sub(r'[^A-Za-z0-9]+', '_', device.name).strip('_')}.json"
     write_json(path, result)

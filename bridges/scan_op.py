@@ -20,10 +20,10 @@ from torch.utils.flop_counter import register_flop_formula
 
 from alignscan.cuda_kernels import backends
 from alignscan.cuda_kernels.params import ScanParams
-from alignscan.reference.arguments import ScanArgs, validate_scan_args
+from alignscan.reference.arguments import ScanArgs, dtype_name, validate_scan_args
 from alignscan.reference.positions import GapCoefficients
 
-from .dlpack import compute_dtype, kernel_input, kernel_view, stream_handle, to_torch
+from .dlpack import compute_dtype, kernel_input, kernel_view, storage_dtype, stream_handle, to_torch
 from .positions import as_position_map
 from .reference import require_tensor, scan_twin
 
@@ -53,14 +53,53 @@ def _empty(like):
     return like.new_empty((0,), dtype=compute_dtype(like.dtype))
 
 
-def _kernel_args(entry, u, delta, A, B, C, D, z, delta_bias, coefs, delta_softplus, return_last_state, alignment):
-    """(kernel module, the scan's ScanParams over backend views of the tensors)."""
+def _backend_entry(backend, device_type):
+    """The registry entry a call of the op runs on: ``backend`` ("" when the caller named
+    none) resolved for the device of the op's tensors, here, at run time. So a traced or
+    exported graph holds the caller's request, never a name only one device can run."""
+    return backends.get(backends.resolve(backend or None, device_type))
+
+
+class _MadeCoefficients:
+    """A position map's gap coefficients, already made: inside the op the map itself is gone,
+    and the twin only asks it for them."""
+
+    def __init__(self, coefs):
+        self._made = GapCoefficients(*coefs)
+
+    def coefficients(self, alignment, dtype):
+        return self._made
+
+
+def _twin_args(u, delta, A, B, C, D, z, delta_bias, coefs, delta_softplus, return_last_state, alignment):
+    made = None if coefs[0] is None else _MadeCoefficients(coefs)
+    return ScanArgs.unchecked(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, made, alignment)
+
+
+def _twin_forward(u, delta, A, B, C, D, z, delta_bias, coefs, delta_softplus, return_last_state, alignment):
+    """The op's forward by the twin: the "torch" backend chosen inside the op (a graph made
+    where a kernel ran, run on a GPU without CuPy or numba-cuda)."""
     cdt = compute_dtype(u.dtype)
+    with torch.no_grad():
+        result = scan_twin(_twin_args(u, delta, A, B, C, D, z, delta_bias, coefs, delta_softplus, return_last_state,
+                                      alignment))
+    out, last = result if return_last_state else (result, _empty(u))
+    return out.to(u.dtype).clone(), last.to(cdt).clone()
+
+
+def _kernel_args(entry, u, delta, A, B, C, D, z, delta_bias, coefs, delta_softplus, return_last_state, alignment):
+    """(kernel module, the scan's ScanParams over backend views of the tensors, the storage
+    dtype): u, delta, B, C, z in the dtype the module reads them in (``dlpack.storage_dtype``:
+    float16/bfloat16 in place where it can), A, D, delta_bias and the map in the compute dtype."""
+    module = entry.kernels()
+    cdt = compute_dtype(u.dtype)
+    sdt = storage_dtype(module, u, delta, B, C, z)
     view = lambda t: kernel_input(t, cdt, entry)
-    args = ScanArgs.unchecked(view(u), view(delta), view(A), view(B), view(C), view(D), view(z), view(delta_bias),
-                              delta_softplus, return_last_state, None, alignment)
+    streamed = lambda t: kernel_input(t, sdt, entry)
+    args = ScanArgs.unchecked(streamed(u), streamed(delta), view(A), streamed(B), streamed(C), view(D), streamed(z),
+                              view(delta_bias), delta_softplus, return_last_state, None, alignment)
     coefficients = None if coefs[0] is None else GapCoefficients(*(view(c) for c in coefs))
-    return entry.kernels(), ScanParams.build(args, coefficients)
+    return module, ScanParams.build(args, coefficients, storage=dtype_name(sdt)), sdt
 
 
 @torch.library.custom_op("alignscan::selective_scan_fwd", mutates_args=())
@@ -68,16 +107,21 @@ def _fwd_op(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Option
             delta_bias: Optional[Tensor], coef_self: Optional[Tensor], coef_prev: Optional[Tensor],
             hold: Optional[Tensor], trailing: Optional[Tensor], delta_softplus: bool, return_last_state: bool,
             alignment: str, backend: str) -> tuple[Tensor, Tensor]:
-    entry = backends.get(backend)
-    module, params = _kernel_args(entry, u, delta, A, B, C, D, z, delta_bias, (coef_self, coef_prev, hold, trailing),
-                                  delta_softplus, return_last_state, alignment)
+    entry = _backend_entry(backend, u.device.type)
+    if entry.name == "torch":
+        return _twin_forward(u, delta, A, B, C, D, z, delta_bias, (coef_self, coef_prev, hold, trailing),
+                             delta_softplus, return_last_state, alignment)
+    module, params, sdt = _kernel_args(entry, u, delta, A, B, C, D, z, delta_bias,
+                                       (coef_self, coef_prev, hold, trailing), delta_softplus, return_last_state,
+                                       alignment)
     cdt = compute_dtype(u.dtype)
     batch, dim, length = u.shape
-    out = torch.empty((batch, dim, length), dtype=cdt, device=u.device)
+    out = torch.empty((batch, dim, length), dtype=sdt, device=u.device)
     last = torch.empty((batch, dim, A.shape[-1]), dtype=cdt, device=u.device) if return_last_state else _empty(u)
     module.forward(params, out=kernel_view(out, entry),
                    last_state=kernel_view(last, entry) if return_last_state else None, stream=stream_handle(u.device))
-    return out, last
+    # out in u's dtype (SPEC §1): the kernel wrote it so unless it cannot read u's dtype.
+    return out.to(u.dtype), last
 
 
 @_fwd_op.register_fake
@@ -85,7 +129,7 @@ def _fwd_fake(u, delta, A, B, C, D, z, delta_bias, coef_self, coef_prev, hold, t
               return_last_state, alignment, backend):
     cdt = compute_dtype(u.dtype)
     last_shape = (u.shape[0], u.shape[1], A.shape[-1]) if return_last_state else (0,)
-    return u.new_empty(u.shape, dtype=cdt), u.new_empty(last_shape, dtype=cdt)
+    return u.new_empty(u.shape), u.new_empty(last_shape, dtype=cdt)
 
 
 @torch.library.custom_op("alignscan::selective_scan_bwd", mutates_args=())
@@ -93,29 +137,40 @@ def _bwd_op(dout: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Ten
             z: Optional[Tensor], delta_bias: Optional[Tensor], coef_self: Optional[Tensor],
             coef_prev: Optional[Tensor], hold: Optional[Tensor], trailing: Optional[Tensor], delta_softplus: bool,
             alignment: str, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    entry = backends.get(backend)
-    module, params = _kernel_args(entry, u, delta, A, B, C, D, z, delta_bias, (coef_self, coef_prev, hold, trailing),
-                                  delta_softplus, False, alignment)
-    cdt = compute_dtype(u.dtype)
-    grads_out = {"du": torch.empty(u.shape, dtype=cdt, device=u.device),
-                 "ddelta": torch.empty(u.shape, dtype=cdt, device=u.device)}
+    entry = _backend_entry(backend, u.device.type)
+    if entry.name == "torch":
+        # Autograd does not record inside a custom op, so the twin cannot be differentiated
+        # here; an eager call on this device takes the twin outside the op and has a backward.
+        raise NotImplementedError(
+            f"the scan's backward on {u.device.type} tensors: this graph was traced or exported where a kernel "
+            f"backend ran, and on {u.device.type} here only the 'torch' twin can run, whose backward does not run "
+            f"inside the traced op; call the model eagerly, or trace it with backend='torch'")
+    module, params, sdt = _kernel_args(entry, u, delta, A, B, C, D, z, delta_bias,
+                                       (coef_self, coef_prev, hold, trailing), delta_softplus, False, alignment)
+    grads_out = {"du": torch.empty(u.shape, dtype=sdt, device=u.device),
+                 "ddelta": torch.empty(u.shape, dtype=sdt, device=u.device)}
     if z is not None:
-        grads_out["dz"] = torch.empty(u.shape, dtype=cdt, device=u.device)
-    grads = module.backward(kernel_input(dout, cdt, entry), params,
+        grads_out["dz"] = torch.empty(u.shape, dtype=sdt, device=u.device)
+    grads = module.backward(kernel_input(dout, sdt, entry), params,
                             grads_out={k: kernel_view(v, entry) for k, v in grads_out.items()},
                             stream=stream_handle(u.device))
     du, ddelta, dA, dB, dC, dD, _, dbias = grads
-    return (grads_out["du"], grads_out["ddelta"], to_torch(dA, u), to_torch(dB, u), to_torch(dC, u),
-            to_torch(dD, u) if D is not None else _empty(u), grads_out.get("dz", _empty(u)),
-            to_torch(dbias, u) if delta_bias is not None else _empty(u))
+    # Each gradient in its input's dtype (SPEC §1): du, ddelta, dz, dB, dC come in the storage
+    # dtype (the inputs' own when the kernel read them in place), dA, dD, ddelta_bias in the
+    # compute dtype (A, D, delta_bias are float32 parameters under mamba_ssm's convention).
+    return (grads_out["du"].to(u.dtype), grads_out["ddelta"].to(delta.dtype), to_torch(dA, u).to(A.dtype),
+            to_torch(dB, u, sdt).to(B.dtype), to_torch(dC, u, sdt).to(C.dtype),
+            to_torch(dD, u).to(D.dtype) if D is not None else _empty(u),
+            grads_out["dz"].to(z.dtype) if z is not None else _empty(u),
+            to_torch(dbias, u).to(delta_bias.dtype) if delta_bias is not None else _empty(u))
 
 
 @_bwd_op.register_fake
 def _bwd_fake(dout, u, delta, A, B, C, D, z, delta_bias, coef_self, coef_prev, hold, trailing, delta_softplus,
               alignment, backend):
     cdt = compute_dtype(u.dtype)
-    like = lambda t: u.new_empty(t.shape, dtype=cdt) if t is not None else u.new_empty((0,), dtype=cdt)
-    return (like(u), like(u), like(A), like(B), like(C), like(D), like(z), like(delta_bias))
+    like = lambda t: u.new_empty(t.shape, dtype=t.dtype) if t is not None else u.new_empty((0,), dtype=cdt)
+    return (like(u), like(delta), like(A), like(B), like(C), like(D), like(z), like(delta_bias))
 
 
 _N_INPUTS = 12   # u, delta, A, B, C, D, z, delta_bias and the four coefficient tensors
@@ -176,24 +231,28 @@ def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
             "none" (relabel, EViT).
         backend: a name from the registry (``cuda_kernels.backends``): "numba-cpu",
             "cupy", "numba-cuda", "torch" (the autograd twin), ...; default
-            $ALIGNSCAN_BACKEND, else by device.
+            $ALIGNSCAN_BACKEND, else the registry's choice for the device of ``u``, made
+            per call inside the op (so an exported graph runs on any device).
 
     Returns:
         out (batch, dim, M) in u's dtype, and last_state (batch, dim, N) with
         return_last_state (no gradient), float32 for float16/bfloat16/float32 inputs and
-        float64 for float64 (as mamba_ssm). float16/bfloat16 compute in float32.
+        float64 for float64 (as mamba_ssm); each gradient in its input's dtype.
+        float16/bfloat16 compute in float32; the GPU backends (and cuda-emu) read them in
+        place (numba-cuda: float16 only), the others convert them to float32 first.
     """
     require_tensor(u)
     positions, seqlen = as_position_map(positions, seqlen, u)
     args = validate_scan_args(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
                               positions=positions, seqlen=seqlen, alignment=alignment)
-    backend = resolve_backend(u.device.type, backend)
-    if backend == "torch":
+    # Checked here, eagerly, with a message naming the argument; the op itself receives the
+    # request ("" for none) and resolves it from its tensors' device when it runs, so a
+    # traced or exported graph carries no backend that only one device can run.
+    if resolve_backend(u.device.type, backend) == "torch":
         return scan_twin(args)
     coefs = args.coefficients(compute_dtype(u.dtype))
     coefs = (None,) * 4 if coefs is None else tuple(coefs)
     out, last = torch.ops.alignscan.selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, *coefs,
                                                        args.delta_softplus, args.return_last_state, args.alignment,
-                                                       backend)
-    out = out.to(u.dtype)
+                                                       backend or "")
     return (out, last) if args.return_last_state else out

@@ -16,7 +16,9 @@ a backend of the registry (``cuda_kernels.backends``):
 ``backend=None`` takes $ALIGNSCAN_BACKEND, else the default for the arrays' device.
 ``available_backends()`` says which can run here and, for each that cannot, why. Kernels
 compute float64 inputs in float64 and everything else (float16, float32) in float32;
-outputs come back in the compute dtype. Nothing here imports torch.
+outputs come back in the compute dtype, except where a backend reads float16 in place
+(cupy, cuda-emu, numba-cuda: SPEC §1), whose out and du, ddelta, dz, dB, dC come back in
+float16. Nothing here imports torch.
 """
 from __future__ import annotations
 

@@ -15,6 +15,13 @@
 // - atomicAdd is std::atomic_ref<T>::fetch_add (any order of additions, as on the GPU).
 // - __global__ / __device__ / __forceinline__ / __restrict__ map to host C++; the math
 //   functions (expf, log1pf, expm1f, ...) are the C library's.
+// - __half and __nv_bfloat16 (cuda_fp16.h, cuda_bf16.h) are 16-bit storage types with the
+//   conversion intrinsics __half2float, __float2half_rn, __bfloat162float and
+//   __float2bfloat16_rn, bit-exact: widening is exact, narrowing rounds to nearest even,
+//   overflows to inf, and a NaN becomes the canonical NaN 0x7fff, as the GPU's cvt.rn does.
+//   They have no arithmetic and no implicit conversions (scan.cu is compiled with
+//   __CUDA_NO_HALF_CONVERSIONS__ and friends on the GPU too), so a kernel that converts any
+//   other way does not compile here.
 // Not emulated: warps (no shuffles or votes), the memory model of a real GPU beyond
 // barriers and atomics, streams, launch bounds, dynamic shared memory.
 #pragma once
@@ -24,7 +31,9 @@
 
 #include <algorithm>
 #include <atomic>
+#include <bit>
 #include <cstddef>
+#include <cstdint>
 #include <cstdlib>
 #include <random>
 #include <thread>
@@ -123,4 +132,54 @@ int launch_kernel(void (*kernel)(Args...), dim3 grid, dim3 block, void** params)
 template <typename T>
 T atomicAdd(T* address, T value) {
     return std::atomic_ref<T>(*address).fetch_add(value);
+}
+
+// 16-bit floating-point storage (cuda_fp16.h, cuda_bf16.h): the bits and nothing else; the
+// layout is the GPU's (2 bytes), so NumPy float16 arrays and bfloat16 bit arrays are read
+// in place.
+struct __half { std::uint16_t x; };
+struct __nv_bfloat16 { std::uint16_t x; };
+static_assert(sizeof(__half) == 2 && sizeof(__nv_bfloat16) == 2, "16-bit storage types must be 2 bytes");
+
+inline float __half2float(__half h) {
+    const std::uint32_t sign = static_cast<std::uint32_t>(h.x & 0x8000u) << 16;
+    const std::uint32_t exponent = (h.x >> 10) & 0x1fu, mantissa = h.x & 0x3ffu;
+    if (exponent == 0x1fu)                 // inf, NaN (payload kept)
+        return std::bit_cast<float>(sign | 0x7f800000u | (mantissa << 13));
+    if (exponent == 0) {                   // zero, subnormal: mantissa · 2^-24, exact in float
+        const float magnitude = static_cast<float>(mantissa) * 0x1p-24f;
+        return sign ? -magnitude : magnitude;
+    }
+    return std::bit_cast<float>(sign | ((exponent + 112u) << 23) | (mantissa << 13));
+}
+
+inline __half __float2half_rn(float f) {
+    std::uint32_t bits = std::bit_cast<std::uint32_t>(f);
+    const std::uint16_t sign = static_cast<std::uint16_t>((bits >> 16) & 0x8000u);
+    bits &= 0x7fffffffu;
+    if (bits > 0x7f800000u) return __half{0x7fffu};                          // NaN: canonical
+    if (bits >= 0x47800000u) return __half{static_cast<std::uint16_t>(sign | 0x7c00u)};  // >= 2^16: inf
+    if (bits < 0x38800000u) {
+        // Below 2^-14 the result is subnormal (or zero): add 0.5 so that the float adder,
+        // which rounds to nearest even, rounds at the half's last place (2^-24), and read the
+        // 10 mantissa bits off the bottom.
+        const float aligned = std::bit_cast<float>(bits) + 0.5f;
+        return __half{static_cast<std::uint16_t>(sign | (std::bit_cast<std::uint32_t>(aligned) - 0x3f000000u))};
+    }
+    // Normal: rebias the exponent, round the 13 dropped bits to nearest even; a carry out of
+    // the mantissa moves to the exponent (and from the largest half to inf), as it should.
+    const std::uint32_t odd = (bits >> 13) & 1u;
+    bits += 0xc8000fffu + odd;              // (15 - 127) << 23, plus the rounding increment
+    return __half{static_cast<std::uint16_t>(sign | (bits >> 13))};
+}
+
+inline float __bfloat162float(__nv_bfloat16 b) {
+    return std::bit_cast<float>(static_cast<std::uint32_t>(b.x) << 16);    // exact: bfloat16 is float's top half
+}
+
+inline __nv_bfloat16 __float2bfloat16_rn(float f) {
+    const std::uint32_t bits = std::bit_cast<std::uint32_t>(f);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) return __nv_bfloat16{0x7fffu};  // NaN: canonical
+    // Round the low 16 bits to nearest even; the carry rounds the largest values to inf.
+    return __nv_bfloat16{static_cast<std::uint16_t>((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16)};
 }

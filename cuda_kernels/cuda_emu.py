@@ -3,7 +3,8 @@ compiled unmodified with the host C++ compiler against ``cuda_emu.h`` (the CUDA 
 model on the CPU: a block's threads are real threads meeting at barriers) and run through
 ctypes, with the same host code as the CuPy backend (``scan_cu``). It takes NumPy arrays.
 It is slow; it exists so that the GPU kernel is tested, and can be debugged, on machines
-without a GPU.
+without a GPU. float16 arrays and bfloat16 bits (uint16) are read in place, as on the GPU
+(``cuda_emu.h`` emulates ``__half`` and ``__nv_bfloat16`` bit for bit).
 
     forward(args, coefficients, threads=128, items=4)   # SCAN_THREADS x SCAN_ITEMS per chunk
     build(threads, items, source=..., sanitize="thread", driver=...)   # tests: mutants, TSan
@@ -27,9 +28,10 @@ from pathlib import Path
 import numpy as np
 
 from . import scan_cu
+from .scan_cu import STORAGE_DTYPES
 
-__all__ = ["HEADER", "CXX_FLAGS", "compiler", "unavailable_reason", "cache_dir", "build", "launcher", "forward",
-           "backward"]
+__all__ = ["HEADER", "CXX_FLAGS", "STORAGE_DTYPES", "compiler", "unavailable_reason", "cache_dir", "build",
+           "launcher", "forward", "backward"]
 
 HEADER = Path(__file__).with_name("cuda_emu.h")
 CXX_FLAGS = ("-std=c++20", "-O2", "-pthread", "-Wno-unknown-pragmas")
@@ -159,29 +161,31 @@ def _argument(value):
 
 
 def launcher(threads=scan_cu.THREADS, items=scan_cu.ITEMS, source=scan_cu.SOURCE):
-    """``launch(name, dtype, grid, block, params)`` for ``scan_cu``, running on the CPU."""
+    """``launch(name, storage, grid, block, params)`` for ``scan_cu``, running on the CPU."""
     lib = _library(threads, items, str(Path(source).resolve()))
 
-    def launch(name, dtype, grid, block, params):
+    def launch(name, storage, grid, block, params):
         values = [_argument(p) for p in params]
         pointers = (ctypes.c_void_p * len(values))(*(ctypes.addressof(v) for v in values))
         grid3, block3 = (tuple(grid) + (1, 1))[:3], (tuple(block) + (1, 1))[:3]
-        status = lib.alignscan_emu_launch(scan_cu.instance(name, dtype).encode(), *grid3, *block3, pointers)
+        status = lib.alignscan_emu_launch(scan_cu.instance(name, storage).encode(), *grid3, *block3, pointers)
         if status != 0:
-            raise RuntimeError(f"cuda-emu has no kernel {scan_cu.instance(name, dtype)}")
+            raise RuntimeError(f"cuda-emu has no kernel {scan_cu.instance(name, storage)}")
     return launch
 
 
 def forward(params, out=None, last_state=None, stream=None, threads=scan_cu.THREADS,
             items=scan_cu.ITEMS, source=scan_cu.SOURCE):
-    """out (batch, dim, M) [, last_state (batch, dim, N)] as NumPy arrays of the compute dtype,
-    computed by scan.cu on the CPU with ``threads`` x ``items`` tokens per chunk."""
+    """out (batch, dim, M) in the storage dtype [, last_state (batch, dim, N) in the compute
+    dtype] as NumPy arrays, computed by scan.cu on the CPU with ``threads`` x ``items`` tokens
+    per chunk."""
     return scan_cu.forward(params, np, launcher(threads, items, source), threads, items,
                            out=out, last_state=last_state)
 
 
 def backward(dout, params, grads_out=None, stream=None, threads=scan_cu.THREADS, items=scan_cu.ITEMS,
              source=scan_cu.SOURCE):
-    """(du, ddelta, dA, dB, dC, dD, dz, ddelta_bias) as NumPy arrays, by scan.cu on the CPU."""
+    """(du, ddelta, dA, dB, dC, dD, dz, ddelta_bias) as NumPy arrays, by scan.cu on the CPU
+    (du, ddelta, dB, dC, dz in the storage dtype, the others in the compute dtype)."""
     return scan_cu.backward(dout, params, np, launcher(threads, items, source), threads, items,
                             grads_out=grads_out)

@@ -22,7 +22,14 @@ How the work maps to threads, and why:
 
 Inputs may be NumPy arrays (copied to the device and back) or device arrays (anything with
 ``__cuda_array_interface__``: numba, CuPy, torch), which are used in place; device arrays
-must already be C-contiguous and in the compute dtype (float32, or float64).
+must already be C-contiguous and in their dtype for the kernels: u, delta, B, C, z and dout
+in the storage dtype (``ScanParams.storage``), the others in the compute dtype.
+
+Dtypes (SPEC §1, Precision): float16 inputs are read in place (widened as they are staged)
+and out, du, ddelta, dz, dB, dC written in float16; the state and every sum are float32.
+bfloat16 is not read here: numba.cuda has no bfloat16 arrays (``__cuda_array_interface__``
+has no type string for it) and its simulator no bfloat16 at all, so ``bridges`` converts a
+bfloat16 call to float32 once, on the way in (``STORAGE_DTYPES`` says what is read in place).
 """
 from __future__ import annotations
 
@@ -34,7 +41,12 @@ from numba import cuda, types
 
 from alignscan.reference.scan import SOFTPLUS_THRESHOLD
 
-__all__ = ["forward", "backward", "kernel_functions", "kernel_signatures", "launch_config"]
+from .params import STREAMED
+
+__all__ = ["forward", "backward", "kernel_functions", "kernel_signatures", "launch_config", "STORAGE_DTYPES"]
+
+# What the kernels read and write in place beyond the compute dtypes (``bridges.dlpack`` asks).
+STORAGE_DTYPES = ("float16",)
 
 
 def launch_config(dstate, per_group, tile=None):
@@ -180,7 +192,7 @@ def kernel_functions(dstate, ch, tile, dtype_name):
         for n in range(NS):
             hn = math.exp(E * a_row[n]) * h[n] + du * sB[t, n]
             if q > ZERO:
-                bp = sB[t - 1, n] if t > 0 else B[b, g, n, i - 1]
+                bp = sB[t - 1, n] if t > 0 else DT(B[b, g, n, i - 1])
                 hn += math.exp(Delta * a_row[n]) * hold_sum(q, Delta_prev * a_row[n]) * du_prev * bp
             h[n] = hn
 
@@ -191,7 +203,9 @@ def kernel_functions(dstate, ch, tile, dtype_name):
         recurrence step (``step``); returns (Δ, E, Δ·u)."""
         Delta, E = timescales(x, use_softplus, has_map, coef_self, coef_prev, b, i, Delta_prev)
         du = Delta * u_t
-        q = hold[b, i] if has_hold else ZERO
+        # Token 0 has no predecessor whose input could be held: no gap term, whatever the
+        # coefficients say (a map never gives it one; hand-built coefficients may).
+        q = hold[b, i] if has_hold and i > 0 else ZERO
         step(h, a_row, E, Delta, Delta_prev, du, du_prev, q, sB, B, b, g, t, i)
         return Delta, E, du
 
@@ -247,7 +261,7 @@ def kernel_functions(dstate, ch, tile, dtype_name):
                 decay = math.exp(steps * Delta_prev * a_row[n]) if M > 0 else ZERO
                 value = decay * h[n]
                 if has_hold and M > 0 and steps > ZERO:
-                    value += hold_sum(steps, Delta_prev * a_row[n]) * du_prev * B[b, g, n, M - 1]
+                    value += hold_sum(steps, Delta_prev * a_row[n]) * du_prev * DT(B[b, g, n, M - 1])
                 last[b, d, n] = value
 
     def backward_kernel(u, delta, A, B, C, D, z, bias, coef_self, coef_prev, hold, trailing,
@@ -328,9 +342,9 @@ def kernel_functions(dstate, ch, tile, dtype_name):
             du_before = ZERO
             if active:
                 if t0 > 0:
-                    xp = delta[b, d, t0 - 1] + bias_d
+                    xp = DT(delta[b, d, t0 - 1]) + bias_d
                     Delta_before = softplus(xp) if use_softplus else xp
-                    du_before = Delta_before * u[b, d, t0 - 1]
+                    du_before = Delta_before * DT(u[b, d, t0 - 1])
                 Delta_prev = Delta_before
                 du_prev = du_before
                 for n in range(NS):
@@ -366,7 +380,7 @@ def kernel_functions(dstate, ch, tile, dtype_name):
                     Delta = Dl[t]
                     E = El[t]
                     dBu = Delta * sU[tid, t]
-                    q = hold[b, i] if has_hold else ZERO
+                    q = hold[b, i] if has_hold and i > 0 else ZERO
                     Delta_p = Dl[t - 1] if t > 0 else Delta_before
                     du_p = Dl[t - 1] * sU[tid, t - 1] if t > 0 else du_before
                     s = ZERO
@@ -385,7 +399,7 @@ def kernel_functions(dstate, ch, tile, dtype_name):
                         sRed[n, tid] = d_own * dBu
                         dh[n] = dhn * a
                         if q > ZERO:   # w_i = exp(Δ_i·A)·S_q(x), x = Δ_{i-1}·A (reference.hold)
-                            bp = sB[t - 1, n] if t > 0 else B[b, g, n, i - 1]
+                            bp = sB[t - 1, n] if t > 0 else DT(B[b, g, n, i - 1])
                             e_self = math.exp(Delta * a_row[n])
                             weight = e_self * hold_sum(q, Delta_p * a_row[n])
                             dw = dhn * du_p * bp
@@ -459,16 +473,22 @@ def kernel_functions(dstate, ch, tile, dtype_name):
             "reduce_blocks": reduce_blocks, "reduce_batch": reduce_batch}
 
 
-def kernel_signatures(dtype_name):
-    """numba type signatures of every kernel (for ``cuda.compile_ptx`` without a GPU)."""
+def kernel_signatures(dtype_name, storage=None):
+    """numba type signatures of every kernel (for ``cuda.compile_ptx`` without a GPU): the
+    compute dtype ``dtype_name``, and u, delta, B, C, z, dout and the outputs out, du, ddelta,
+    dz, dB, dC in ``storage`` (default: the compute dtype; "float16" for half inputs)."""
     f = types.float32 if dtype_name == "float32" else types.float64
+    s = {None: f, "float16": types.float16}.get(storage, f if storage == dtype_name else None)
+    if s is None:
+        raise ValueError(f"storage must be None, {dtype_name!r} or one of {STORAGE_DTYPES}, got {storage!r}")
     a1, a2, a3, a4 = (types.Array(f, n, "C") for n in (1, 2, 3, 4))
+    s3, s4 = types.Array(s, 3, "C"), types.Array(s, 4, "C")
     flag = types.boolean
     return {
-        "forward": (a3, a3, a2, a4, a4, a1, a3, a1, a2, a2, a2, a1, flag, flag, flag, flag, flag, flag, flag, a3, a3),
-        "backward": (a3, a3, a2, a4, a4, a1, a3, a1, a2, a2, a2, a1, flag, flag, flag, flag, flag, flag, a3, a4,
-                     a3, a3, a3, a4, a4, a3, a2, a2),
-        "reduce_blocks": (a4, types.int64, a4),
+        "forward": (s3, s3, a2, s4, s4, a1, s3, a1, a2, a2, a2, a1, flag, flag, flag, flag, flag, flag, flag, s3, a3),
+        "backward": (s3, s3, a2, s4, s4, a1, s3, a1, a2, a2, a2, a1, flag, flag, flag, flag, flag, flag, s3, a4,
+                     s3, s3, s3, a4, a4, a3, a2, a2),
+        "reduce_blocks": (a4, types.int64, s4),
         "reduce_batch": (a2, a1),
     }
 
@@ -486,24 +506,38 @@ def _stream(stream):
     return stream
 
 
-class _Staging:
-    """Moves host inputs to the device (in the compute dtype) and leaves device ones alone."""
+def _storage(params):
+    """The dtype the kernels read the streamed inputs in and write their outputs in: the
+    scan's storage dtype when it is one read in place here, else the compute dtype."""
+    if params.storage == "bfloat16":
+        raise TypeError("numba-cuda cannot read bfloat16 (numba has no bfloat16 arrays): convert u, delta, B, C, z "
+                        "to float32 first (bridges.selective_scan_fn does)")
+    return np.dtype(params.storage) if params.storage in STORAGE_DTYPES else params.dtype
 
-    def __init__(self, dtype, stream):
-        self.dtype, self.stream = dtype, stream
+
+class _Staging:
+    """Moves host inputs to the device (the streamed ones in the storage dtype, the others
+    in the compute dtype) and leaves device ones alone."""
+
+    def __init__(self, dtype, storage, stream):
+        self.dtype, self.storage, self.stream = dtype, storage, stream
         self.on_host = False
 
+    def dtype_of(self, name):
+        return self.storage if name in STREAMED + ("dout",) else self.dtype
+
     def __call__(self, x, name, shape=None):
+        dtype = self.dtype_of(name)
         if x is None:
-            return cuda.to_device(np.zeros(shape or (1,), self.dtype), stream=self.stream)
+            return cuda.to_device(np.zeros(shape or (1,), dtype), stream=self.stream)
         if _is_device(x):
             arr = _device_view(x)
-            if np.dtype(arr.dtype) != self.dtype or not arr.is_c_contiguous():
-                raise TypeError(f"{name}: device arrays must be C-contiguous {self.dtype}, "
+            if np.dtype(arr.dtype) != dtype or not arr.is_c_contiguous():
+                raise TypeError(f"{name}: device arrays must be C-contiguous {dtype}, "
                                 f"got {arr.dtype}{'' if arr.is_c_contiguous() else ' (non-contiguous)'}")
             return arr
         self.on_host = True
-        return cuda.to_device(np.ascontiguousarray(x, dtype=self.dtype), stream=self.stream)
+        return cuda.to_device(np.ascontiguousarray(x, dtype=dtype), stream=self.stream)
 
 
 def _inputs(params, stage):
@@ -513,14 +547,16 @@ def _inputs(params, stage):
     return (*params.inputs(stage, lambda name: stage(None, name, shapes.get(name))), *params.flags())
 
 
-def _output(given, name, shape, stage):
+def _output(given, name, shape, stage, dtype=None):
+    """An output in ``dtype`` (default: the storage dtype): ``given`` (checked) or a new one."""
+    dtype = stage.storage if dtype is None else dtype
     if given is not None:
         arr = _device_view(given) if _is_device(given) else None
-        if arr is None or tuple(arr.shape) != tuple(shape) or np.dtype(arr.dtype) != stage.dtype \
+        if arr is None or tuple(arr.shape) != tuple(shape) or np.dtype(arr.dtype) != dtype \
                 or not arr.is_c_contiguous():
-            raise ValueError(f"{name} must be a C-contiguous {stage.dtype} device array of shape {tuple(shape)}")
+            raise ValueError(f"{name} must be a C-contiguous {dtype} device array of shape {tuple(shape)}")
         return arr
-    return cuda.device_array(shape, dtype=stage.dtype, stream=stage.stream)
+    return cuda.device_array(shape, dtype=dtype, stream=stage.stream)
 
 
 def _grid(params, ch):
@@ -532,11 +568,11 @@ def forward(params, out=None, last_state=None, stream=None, tile=None):
     ``stream``: a numba stream or a raw CUDA stream handle; ``tile``: tokens per tile (tests)."""
     p, dt = params, params.dtype
     st = _stream(stream)
-    stage = _Staging(dt, st)
+    stage = _Staging(dt, _storage(p), st)
     inputs = _inputs(p, stage)
     ch, tile = launch_config(p.dstate, p.per_group, tile)
     out_d = _output(out, "out", (p.batch, p.dim, p.length), stage)
-    last_d = _output(last_state, "last_state", (p.batch, p.dim, p.dstate), stage) if p.want_last \
+    last_d = _output(last_state, "last_state", (p.batch, p.dim, p.dstate), stage, dt) if p.want_last \
         else cuda.device_array((1, 1, 1), dtype=dt, stream=st)
     if p.batch * p.dim:
         k = _compiled(p.dstate, ch, tile, dt.name)["forward"]
@@ -550,10 +586,11 @@ def forward(params, out=None, last_state=None, stream=None, tile=None):
 
 
 def backward(dout, params, grads_out=None, stream=None, tile=None):
-    """(du, ddelta, dA, dB, dC, dD, dz, ddelta_bias); host in gives host out."""
+    """(du, ddelta, dA, dB, dC, dD, dz, ddelta_bias); host in gives host out. du, ddelta, dB, dC,
+    dz in the storage dtype, dA, dD, ddelta_bias in the compute dtype."""
     p, dt = params, params.dtype
     st = _stream(stream)
-    stage = _Staging(dt, st)
+    stage = _Staging(dt, _storage(p), st)
     inputs = _inputs(p, stage)
     dout_d = stage(dout, "dout")
     batch, dim, M, N, G = p.batch, p.dim, p.length, p.dstate, p.groups
@@ -565,15 +602,15 @@ def backward(dout, params, grads_out=None, stream=None, tile=None):
     du = _output(grads_out.get("du"), "du", (batch, dim, M), stage)
     ddelta = _output(grads_out.get("ddelta"), "ddelta", (batch, dim, M), stage)
     dz = _output(grads_out.get("dz"), "dz", (batch, dim, M), stage) if p.has_z \
-        else cuda.device_array((1, 1, 1), dtype=dt, stream=st)
+        else cuda.device_array((1, 1, 1), dtype=stage.storage, stream=st)
     ckpt = cuda.device_array((batch, dim, max(ntiles, 1), N), dtype=dt, stream=st)
     dB_part = cuda.device_array((batch, nblk, N, M), dtype=dt, stream=st)
     dC_part = cuda.device_array((batch, nblk, N, M), dtype=dt, stream=st)
     dA_part = cuda.device_array((batch, dim, N), dtype=dt, stream=st)
     dD_part = cuda.device_array((batch, dim), dtype=dt, stream=st)
     dbias_part = cuda.device_array((batch, dim), dtype=dt, stream=st)
-    dB = cuda.device_array((batch, G, N, M), dtype=dt, stream=st)
-    dC = cuda.device_array((batch, G, N, M), dtype=dt, stream=st)
+    dB = cuda.device_array((batch, G, N, M), dtype=stage.storage, stream=st)
+    dC = cuda.device_array((batch, G, N, M), dtype=stage.storage, stream=st)
     dA = cuda.device_array((dim, N), dtype=dt, stream=st)
     dD = cuda.device_array((dim,), dtype=dt, stream=st)
     dbias = cuda.device_array((dim,), dtype=dt, stream=st)

@@ -1,6 +1,12 @@
 // The position-map selective scan (SPEC §1) in CUDA C++: forward and backward kernels,
-// templated on the input type T (float or double; float16/bfloat16 tensors are converted to
-// float by the caller). Loaded by cuda_kernels/cupy_raw.py through cupy.RawModule.
+// templated on the input type T (mamba_ssm's input_t): float, double, __half or
+// __nv_bfloat16. u, delta, B, C, z and dout are read in T, and out, du, ddelta, dz, dB and
+// dC written in T; A, D, delta_bias and the map's coefficients are the accumulation type
+// (mamba_ssm's weight_t: float, double for double inputs), and so are last_state and the
+// partials of dA, dD and ddelta_bias (SPEC §1, Precision). Half inputs are widened once per
+// load and the state is kept in float: no float copy of an input is ever made.
+// Loaded by cuda_kernels/cupy_raw.py through cupy.RawModule, and compiled for the CPU
+// against cuda_emu.h by cuda_kernels/cuda_emu.py.
 //
 // Design, after mamba_ssm's selective_scan_fwd_kernel.cuh:
 // - One block per (batch, channel): grid = (dim, batch), SCAN_THREADS threads per block.
@@ -31,7 +37,16 @@
 //   and reduce_channels sums the channels of a group in ascending order, so the gradients
 //   are the same bits on every run. The cost: 2·batch·dim·N·M accumulators of memory (ViM-S
 //   layer, batch 64: 1.24 GB) and one extra pass that writes and reads them.
-// - Accumulation is in float for float inputs and in double for double inputs.
+// - Accumulation is in float for float, __half and __nv_bfloat16 inputs and in double for
+//   double inputs.
+// - An exploding state overflows as the reference's sequential recurrence does, to ±inf and
+//   not to NaN, wherever the sequential order decides it (advance_state).
+
+#ifdef __CUDACC__
+// nvcc and NVRTC; on the CPU cuda_emu.h provides the two types and their conversions.
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+#endif
 
 #ifndef SCAN_THREADS
 #define SCAN_THREADS 128   // set by cupy_raw.COMPILE_OPTIONS
@@ -45,8 +60,44 @@
 #define SCAN_CHUNK (SCAN_THREADS * SCAN_ITEMS)
 #define SCAN_MAX_DSTATE 256
 
-template <typename T> struct AccType { typedef float type; };
+template <typename T> struct AccType { typedef float type; };   // float, __half, __nv_bfloat16
 template <> struct AccType<double> { typedef double type; };
+
+// An input element in the accumulation type, and a result back in the input type (round to
+// nearest even, as mamba_ssm's stores).
+__device__ __forceinline__ float load_acc(float x) { return x; }
+__device__ __forceinline__ double load_acc(double x) { return x; }
+__device__ __forceinline__ float load_acc(__half x) { return __half2float(x); }
+__device__ __forceinline__ float load_acc(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <typename T> __device__ __forceinline__ T store_as(typename AccType<T>::type x);
+template <> __device__ __forceinline__ float store_as<float>(float x) { return x; }
+template <> __device__ __forceinline__ double store_as<double>(double x) { return x; }
+template <> __device__ __forceinline__ __half store_as<__half>(float x) { return __float2half_rn(x); }
+template <> __device__ __forceinline__ __nv_bfloat16 store_as<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+
+// The state a·h + b at the end of a segment of tokens, from the state h at its start, where a
+// is the product of the segment's decays exp(E·A) and b its inputs' sum run from a zero state:
+// the block scan's composition. The reference runs the recurrence one token at a time, and
+// forming a and b first loses three of its IEEE behaviours, which are restored here:
+// - a zero state stays zero (0 times one finite decay at a time), while the product a may
+//   have overflowed to inf, and inf·0 is NaN;
+// - a state that has overflowed to ±inf keeps that infinity through every later token (a
+//   positive decay and a finite input cannot undo it), while b, run on its own from zero,
+//   may have overflowed the other way, and inf - inf is NaN;
+// - when a·h and b both overflow with opposite signs, the exact sum has the sign of the
+//   larger, and that is a·h: the earlier state, grown by every decay of the segment, against
+//   the segment's own inputs, each grown by only the decays after it. (It is not when the
+//   state at the segment's start had nearly cancelled; the sequential order then overflows
+//   with b's sign, which no finite-range composition can know.)
+template <typename A>
+__device__ __forceinline__ A advance_state(A a, A h, A b) {
+    if (h == A(0)) return b;
+    if (isinf(h)) return a == a ? h : a;       // a > 0 (a product of exps), unless NaN
+    const A carried = a * h;
+    if (isinf(carried) && isinf(b) && (carried > A(0)) != (b > A(0))) return carried;
+    return carried + b;
+}
 
 __device__ __forceinline__ float exp_acc(float x) { return expf(x); }
 __device__ __forceinline__ double exp_acc(double x) { return exp(x); }
@@ -108,7 +159,7 @@ __device__ __forceinline__ void block_scan(A& a, A& b, int rank, A* s_a, A* s_b,
         A pa = A(1), pb = A(0);
         if (rank >= off) { pa = s_a[rank - off]; pb = s_b[rank - off]; }
         __syncthreads();
-        if (rank >= off) { b = a * pb + b; a = a * pa; }
+        if (rank >= off) { b = advance_state(a, pb, b); a = a * pa; }
         s_a[rank] = a;
         s_b[rank] = b;
         __syncthreads();
@@ -182,8 +233,8 @@ selective_scan_fwd(SCAN_INPUTS(T), int write_out, int want_last,
         for (int j = 0; j < SCAN_ITEMS; ++j) {
             const int i = first + j;
             valid[j] = i < length;
-            uv[j] = valid[j] ? acc_t(u[row + i]) : acc_t(0);
-            acc_t x = valid[j] ? acc_t(delta[row + i]) + bias : acc_t(0);
+            uv[j] = valid[j] ? load_acc(u[row + i]) : acc_t(0);
+            acc_t x = valid[j] ? load_acc(delta[row + i]) + bias : acc_t(0);
             dl[j] = use_softplus ? softplus_acc(x) : x;
             y[j] = has_D ? D[d] * uv[j] : acc_t(0);
         }
@@ -191,7 +242,7 @@ selective_scan_fwd(SCAN_INPUTS(T), int write_out, int want_last,
         __syncthreads();
         acc_t prev = rank > 0 ? s_dl[rank - 1] : delta_carry;
         const acc_t dl_before = prev;                        // Δ of the token before this thread's items
-        const acc_t u_before = first > 0 && first <= length ? acc_t(u[row + first - 1]) : acc_t(0);
+        const acc_t u_before = first > 0 && first <= length ? load_acc(u[row + first - 1]) : acc_t(0);
         acc_t q[SCAN_ITEMS];                                 // "hold": pruned steps before each item
 #pragma unroll
         for (int j = 0; j < SCAN_ITEMS; ++j) {
@@ -215,14 +266,18 @@ selective_scan_fwd(SCAN_INPUTS(T), int write_out, int want_last,
             for (int j = 0; j < SCAN_ITEMS; ++j) {
                 const int i = first + j;
                 a[j] = valid[j] ? exp_acc(E[j] * An) : acc_t(1);
-                bb[j] = valid[j] ? dl[j] * uv[j] * acc_t(B[brow + i]) : acc_t(0);
+                bb[j] = valid[j] ? dl[j] * uv[j] * load_acc(B[brow + i]) : acc_t(0);
             }
             if (has_hold) {   // + w_i·(Δ·u·B)_{i-1}, w_i = exp(Δ_i·A)·S_q(Δ_{i-1}·A); descending: bb[j-1] still own
 #pragma unroll
                 for (int j = SCAN_ITEMS - 1; j >= 0; --j) {
                     if (q[j] <= acc_t(0)) continue;
                     const acc_t dlp = j > 0 ? dl[j - 1] : dl_before;
-                    const acc_t own_prev = j > 0 ? bb[j - 1] : dl_before * u_before * acc_t(B[brow + first - 1]);
+                    // A token's predecessor in an earlier thread or chunk; none before token 0
+                    // (its held input is zero, as in the backward), which a map never gives a
+                    // gap but hand-built coefficients may.
+                    const acc_t own_prev = j > 0 ? bb[j - 1]
+                                         : first > 0 ? dl_before * u_before * load_acc(B[brow + first - 1]) : acc_t(0);
                     bb[j] += exp_acc(dl[j] * An) * hold_sum(q[j], dlp * An) * own_prev;
                 }
             }
@@ -237,14 +292,14 @@ selective_scan_fwd(SCAN_INPUTS(T), int write_out, int want_last,
             acc_t tot_a, tot_b;
             block_scan(ta, tb, rank, s_a, s_b, tot_a, tot_b);
             if (write_out) {
-                acc_t h = ta * h_start + tb;
+                acc_t h = advance_state(ta, h_start, tb);
 #pragma unroll
                 for (int j = 0; j < SCAN_ITEMS; ++j) {
                     h = a[j] * h + bb[j];
-                    if (valid[j]) y[j] += acc_t(C[brow + first + j]) * h;
+                    if (valid[j]) y[j] += load_acc(C[brow + first + j]) * h;
                 }
             }
-            if (rank == 0) s_hc[n] = tot_a * h_start + tot_b;
+            if (rank == 0) s_hc[n] = advance_state(tot_a, h_start, tot_b);
             // s_hc[n] is read again only after the next chunk's __syncthreads.
         }
         if (write_out) {
@@ -254,10 +309,10 @@ selective_scan_fwd(SCAN_INPUTS(T), int write_out, int want_last,
                 if (!valid[j]) continue;
                 acc_t o = y[j];
                 if (has_z) {
-                    const acc_t zz = acc_t(z[row + i]);
+                    const acc_t zz = load_acc(z[row + i]);
                     o *= zz * sigmoid_acc(zz);
                 }
-                out[row + i] = T(o);
+                out[row + i] = store_as<T>(o);
             }
         }
         __syncthreads();
@@ -269,8 +324,8 @@ selective_scan_fwd(SCAN_INPUTS(T), int write_out, int want_last,
             const acc_t x = s_delta_last * A[(long)d * dstate + n];
             acc_t value = length > 0 ? exp_acc(steps * x) * s_hc[n] : acc_t(0);
             if (has_hold && length > 0 && steps > acc_t(0))   // the trailing steps repeat the last input
-                value += hold_sum(steps, x) * s_delta_last * acc_t(u[row + length - 1])
-                         * acc_t(B[(bc_row + n) * length + length - 1]);
+                value += hold_sum(steps, x) * s_delta_last * load_acc(u[row + length - 1])
+                         * load_acc(B[(bc_row + n) * length + length - 1]);
             last_state[((long)b * dim + d) * dstate + n] = value;
         }
     }
@@ -278,7 +333,9 @@ selective_scan_fwd(SCAN_INPUTS(T), int write_out, int want_last,
 
 // Backward: gradients of sum(dout · out). Needs chunk_states from selective_scan_fwd with
 // write_out = 0. dB_part, dC_part (acc type, batch x dim x N x M): this channel's share of
-// dB and dC, every element written exactly once (reduce_channels sums them, in order).
+// dB and dC, every element written exactly once (reduce_channels sums them, in order); so
+// is every element of du, ddelta, dz, dA_part, dD_part and dbias_part: none of them needs
+// zeroing before the launch.
 template <typename T>
 __global__ void
 selective_scan_bwd(SCAN_INPUTS(T), const T* __restrict__ dout,
@@ -316,12 +373,12 @@ selective_scan_bwd(SCAN_INPUTS(T), const T* __restrict__ dout,
         for (int j = 0; j < SCAN_ITEMS; ++j) {
             const int i = first + j;
             valid[j] = i < length;
-            uv[j] = valid[j] ? acc_t(u[row + i]) : acc_t(0);
-            xv[j] = valid[j] ? acc_t(delta[row + i]) + bias : acc_t(0);
+            uv[j] = valid[j] ? load_acc(u[row + i]) : acc_t(0);
+            xv[j] = valid[j] ? load_acc(delta[row + i]) + bias : acc_t(0);
             dl[j] = use_softplus ? softplus_acc(xv[j]) : xv[j];
-            const acc_t go = valid[j] ? acc_t(dout[row + i]) : acc_t(0);
+            const acc_t go = valid[j] ? load_acc(dout[row + i]) : acc_t(0);
             if (has_z && valid[j]) {
-                const acc_t zz = acc_t(z[row + i]);
+                const acc_t zz = load_acc(z[row + i]);
                 dy[j] = go * zz * sigmoid_acc(zz);
             } else {
                 dy[j] = go;
@@ -339,13 +396,13 @@ selective_scan_bwd(SCAN_INPUTS(T), const T* __restrict__ dout,
         if (rank > 0) {
             prev = s_x[rank - 1];
         } else if (c > 0) {
-            const acc_t xp = acc_t(delta[row + c * SCAN_CHUNK - 1]) + bias;
+            const acc_t xp = load_acc(delta[row + c * SCAN_CHUNK - 1]) + bias;
             prev = use_softplus ? softplus_acc(xp) : xp;
         } else {
             prev = acc_t(0);
         }
         const acc_t dl_before = prev;                        // Δ of the token before this thread's items
-        const acc_t u_before = first > 0 && first <= length ? acc_t(u[row + first - 1]) : acc_t(0);
+        const acc_t u_before = first > 0 && first <= length ? load_acc(u[row + first - 1]) : acc_t(0);
 #pragma unroll
         for (int j = 0; j < SCAN_ITEMS; ++j) {
             const int i = first + j;
@@ -363,12 +420,12 @@ selective_scan_bwd(SCAN_INPUTS(T), const T* __restrict__ dout,
             // Recompute this chunk's states from its saved start state.
             acc_t ta = acc_t(1), tb = acc_t(0);
             const acc_t own_before = has_hold && first > 0 && first <= length
-                                   ? dl_before * u_before * acc_t(B[brow + first - 1]) : acc_t(0);
+                                   ? dl_before * u_before * load_acc(B[brow + first - 1]) : acc_t(0);
 #pragma unroll
             for (int j = 0; j < SCAN_ITEMS; ++j) {
                 const int i = first + j;
-                Bv[j] = valid[j] ? acc_t(B[brow + i]) : acc_t(0);
-                Cv[j] = valid[j] ? acc_t(C[brow + i]) : acc_t(0);
+                Bv[j] = valid[j] ? load_acc(B[brow + i]) : acc_t(0);
+                Cv[j] = valid[j] ? load_acc(C[brow + i]) : acc_t(0);
                 a[j] = valid[j] ? exp_acc(E[j] * An) : acc_t(1);
                 own[j] = dl[j] * uv[j] * Bv[j];
                 // "hold": w_i = exp(Δ_i·A)·S_q(Δ_{i-1}·A) carries the previous token's own input.
@@ -380,7 +437,7 @@ selective_scan_bwd(SCAN_INPUTS(T), const T* __restrict__ dout,
             }
             acc_t tot_a, tot_b;
             block_scan(ta, tb, rank, s_a, s_b, tot_a, tot_b);
-            acc_t h = ta * chunk_states[(((long)b * dim + d) * nchunks + c) * dstate + n] + tb;
+            acc_t h = advance_state(ta, chunk_states[(((long)b * dim + d) * nchunks + c) * dstate + n], tb);
 #pragma unroll
             for (int j = 0; j < SCAN_ITEMS; ++j) {
                 hp[j] = h;                       // h_{i-1}
@@ -398,7 +455,7 @@ selective_scan_bwd(SCAN_INPUTS(T), const T* __restrict__ dout,
             }
             const acc_t g_end = s_gc[n];
             block_scan(ta, tb, rev, s_a, s_b, tot_a, tot_b);
-            acc_t G = ta * g_end + tb;           // G_{i+1} for this thread's last item
+            acc_t G = advance_state(ta, g_end, tb);   // G_{i+1} for this thread's last item
 #pragma unroll
             for (int j = SCAN_ITEMS - 1; j >= 0; --j) {
                 dhv[j] = G + dy[j] * Cv[j];      // dh_i
@@ -435,7 +492,7 @@ selective_scan_bwd(SCAN_INPUTS(T), const T* __restrict__ dout,
                 }
                 held = wgt[j] * dh;
             }
-            if (rank == 0) s_gc[n] = tot_a * g_end + tot_b;
+            if (rank == 0) s_gc[n] = advance_state(tot_a, g_end, tot_b);
             const acc_t dA_block = block_sum(dA_acc, s_x);
             if (rank == 0) s_dA[n] += dA_block;
         }
@@ -456,12 +513,12 @@ selective_scan_bwd(SCAN_INPUTS(T), const T* __restrict__ dout,
                 acc_t dDelta = s[j] * uv[j] + (has_map ? coef_self[crow + i] * dE[j] : dE[j]) + dself[j];
                 if (i + 1 < length) dDelta += owed_after;
                 if (use_softplus && xv[j] <= acc_t(SCAN_SOFTPLUS_THRESHOLD)) dDelta *= sigmoid_acc(xv[j]);
-                du[row + i] = T(dy[j] * Dd + s[j] * dl[j]);
-                ddelta[row + i] = T(dDelta);
+                du[row + i] = store_as<T>(dy[j] * Dd + s[j] * dl[j]);
+                ddelta[row + i] = store_as<T>(dDelta);
                 if (has_z) {
-                    const acc_t zz = acc_t(z[row + i]);
+                    const acc_t zz = load_acc(z[row + i]);
                     const acc_t sg = sigmoid_acc(zz);
-                    dz[row + i] = T(acc_t(dout[row + i]) * y[j] * sg * (acc_t(1) + zz * (acc_t(1) - sg)));
+                    dz[row + i] = store_as<T>(load_acc(dout[row + i]) * y[j] * sg * (acc_t(1) + zz * (acc_t(1) - sg)));
                 }
                 dD_acc += dy[j] * uv[j];
                 dbias_acc += dDelta;
@@ -482,11 +539,12 @@ selective_scan_bwd(SCAN_INPUTS(T), const T* __restrict__ dout,
 }
 
 // dB, dC of each group (batch, G, N, M) = the sum of its channels' partials (batch, dim, N, M),
-// channel by channel in ascending order: the same bits whatever the launch order. One
-// thread per output element; reads are coalesced along M.
+// channel by channel in ascending order: the same bits whatever the launch order; summed in
+// the accumulation type, written in B's and C's type T, every element once. One thread per
+// output element; reads are coalesced along M.
 template <typename T>
 __global__ void
-reduce_channels(const typename AccType<T>::type* __restrict__ part, typename AccType<T>::type* __restrict__ out,
+reduce_channels(const typename AccType<T>::type* __restrict__ part, T* __restrict__ out,
                 int batch, int dim, int groups, int dstate, int length) {
     typedef typename AccType<T>::type acc_t;
     const long total = (long)batch * groups * dstate * length;
@@ -502,5 +560,5 @@ reduce_channels(const typename AccType<T>::type* __restrict__ part, typename Acc
         const int d = g * per_group + c;
         sum += part[(((long)b * dim + d) * dstate + n) * length + i];
     }
-    out[k] = sum;
+    out[k] = store_as<T>(sum);
 }

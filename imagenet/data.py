@@ -10,7 +10,11 @@ for 224) with bicubic interpolation, centre crop, ImageNet mean and std (Vim's D
 (``vision.read_image``: 8-bit RGB, 16-bit scaled) live in ``alignscan.vision``, a floor
 below, so that ``visualize`` feeds a model exactly what ``evaluate`` does.
 
-What is still written here, and why: ``image_folder`` keeps the first ``--limit`` images of
+What is still written here, and why: ``image_folder`` finds the classes and their images by
+its own rules (``class_folders``, ``class_images``: hidden entries are never classes or
+images; directory links are followed, each directory once, so a link loop cannot count an
+image twice; a file reached twice in one class counts once, and a file reached from two
+classes is an error, never an image with two labels), keeps the first ``--limit`` images of
 each class and turns torchvision's FileNotFoundError into a one-line DataError naming
 ``--data``; ``Images`` returns an unreadable image's message instead of raising, so that
 the commands can stop with its path or skip and count it (``--skip-unreadable``);
@@ -19,23 +23,86 @@ the commands can stop with its path or skip and count it (``--skip-unreadable``)
 """
 from __future__ import annotations
 
+import os
+
 from alignscan import vision
 
 from .options import DataError
 
-__all__ = ["image_folder", "eval_transform", "train_transform", "Images", "collate", "MEAN", "STD", "CROP_RATIO"]
+__all__ = ["image_folder", "class_folders", "class_images", "eval_transform", "train_transform", "Images", "collate", "MEAN", "STD", "CROP_RATIO"]
 
 # The released models' constants, defined once with their transform (alignscan.vision).
 MEAN, STD, CROP_RATIO = vision.MEAN, vision.STD, vision.CROP_RATIO
 
 
+def class_folders(root):
+    """The sorted class names under ``root``: its subfolders (links to folders included),
+    hidden ones (".git", ".cache", ...) left out."""
+    with os.scandir(root) as entries:
+        return sorted(e.name for e in entries if not e.name.startswith(".") and e.is_dir())
+
+
+def class_images(root, classes, is_image):
+    """[(path, label)] for every image under ``root``/<class>, sorted by class then path.
+    Directory links are followed, each real directory once per class (a loop ends there);
+    hidden files and folders are skipped. A real file reached twice in one class is counted
+    once; one reached from two classes raises DataError naming both."""
+    samples, owner = [], {}
+    for label, name in enumerate(classes):
+        found, seen_dirs, stack = [], set(), [os.path.join(root, name)]
+        while stack:
+            folder = stack.pop()
+            real = os.path.realpath(folder)
+            if real in seen_dirs:
+                continue
+            seen_dirs.add(real)
+            with os.scandir(folder) as entries:
+                for entry in entries:
+                    if entry.name.startswith("."):
+                        continue
+                    if entry.is_dir():
+                        stack.append(entry.path)
+                    elif entry.is_file() and is_image(entry.path):
+                        found.append(entry.path)
+        for path in sorted(found):
+            real = os.path.realpath(path)
+            if real in owner:
+                first_label, first_path = owner[real]
+                if first_label != label:
+                    raise DataError(f"--data {root}: the image {real} is reached from two classes, "
+                                    f"{classes[first_label]!r} ({first_path}) and {name!r} ({path}): "
+                                    f"an image must have one label (a link between class folders?)")
+                continue
+            owner[real] = (label, path)
+            samples.append((path, label))
+    return samples
+
+
+def _image_folder_type():
+    """torchvision's ImageFolder with ``class_folders`` and ``class_images`` as its rules."""
+    torchvision = vision.torchvision()
+    from torchvision.datasets.folder import has_file_allowed_extension
+
+    class ImageFolder(torchvision.datasets.ImageFolder):
+        def find_classes(self, directory):
+            classes = class_folders(directory)
+            return classes, {name: k for k, name in enumerate(classes)}
+
+        @staticmethod
+        def make_dataset(directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
+            check = is_valid_file or (lambda path: has_file_allowed_extension(path, extensions))
+            classes = sorted(class_to_idx, key=class_to_idx.get)
+            return class_images(str(directory), classes, check)
+    return ImageFolder
+
+
 def image_folder(root, limit=0):
     """torchvision's ImageFolder over ``root``/<class>/... (no transform: ``Images`` applies
-    one), with only the first ``limit`` images (sorted by path) of each class (0: all)."""
-    torchvision = vision.torchvision()
+    one) by this module's folder rules, with only the first ``limit`` images (sorted by path)
+    of each class (0: all)."""
     try:
         # Decoded as visualize decodes (vision.read_image): 16-bit images scaled, not clipped.
-        folder = torchvision.datasets.ImageFolder(str(root), loader=vision.read_image, allow_empty=True)
+        folder = _image_folder_type()(str(root), loader=vision.read_image, allow_empty=True)
     except FileNotFoundError as exc:
         raise DataError(f"--data must be a folder with one subfolder per class holding images: {exc}") from None
     if limit:

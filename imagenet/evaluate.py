@@ -4,10 +4,13 @@ exactly the same images. Every rank evaluates a disjoint shard (images rank, ran
 counts equal the one-process run's."""
 from __future__ import annotations
 
+import io
 import time
 
-from alignscan.outputs import progress_bar, save_figure, write_json, write_text
-from alignscan.stats import paired_counts
+import numpy as np
+
+from alignscan.outputs import progress_bar, save_figure, write_bytes, write_json, write_text
+from alignscan.stats import holm, paired_counts
 
 from .data import Images, collate, eval_transform, image_folder
 from .options import EMA, DataError, build, load_weights
@@ -29,6 +32,9 @@ def evaluate_command(args, backend=None):
 
 def _evaluate(args, backend, world):
     import torch
+
+    from alignscan.bridges import resolve_backend
+    from alignscan.models.pruning import KeepPlan
     folder = image_folder(args.data, args.limit)
     modes = args.modes.split(",")
     keep = None if args.keep is None else args.keep
@@ -43,9 +49,11 @@ def _evaluate(args, backend, world):
                     args.img_size)
         nets[mode] = load_weights(net, args.checkpoint, len(folder.classes), ema=ema).eval().to(world.device)
     weights = nets[modes[0]].checkpoint_weights      # the same file and choice for every mode
-    # Per image and mode: 1 if top-1 right, 2 if only top-5 right ... encoded as two tables.
-    top1 = torch.zeros(n, len(modes), dtype=torch.int64)
-    top5 = torch.zeros(n, len(modes), dtype=torch.int64)
+    shared = getattr(args, "shared_selection", None)
+    # Per image and mode, the top-5 classes (-1: not evaluated); every image is filled by the
+    # one process that evaluated it, so a sum over the processes gathers them in order.
+    top = torch.zeros(n, len(modes), 5, dtype=torch.int64)
+    target = torch.zeros(n, dtype=torch.int64)
     seen = torch.zeros(n, dtype=torch.int64)
     unreadable = []
     seconds = torch.zeros(len(modes), dtype=torch.float64)
@@ -57,20 +65,28 @@ def _evaluate(args, backend, world):
             unreadable += [b[1] for b in bad]
             if index is None:
                 continue
-            images, labels = images.to(world.device), labels.to(world.device)
-            seen[index] = 1
-            for k, mode in enumerate(modes):
+            images = images.to(world.device)
+            seen[index], target[index] = 1, labels
+            plan = None
+            order = sorted(modes, key=lambda m: m != shared)          # the selecting mode first
+            for mode in order:
+                k = modes.index(mode)
                 if world.device.type == "cuda":
                     torch.cuda.synchronize()
                 t0 = time.perf_counter()
-                logits = nets[mode](images)
+                if mode == shared:
+                    logits, kept = nets[mode](images, return_kept=True)
+                    plan = KeepPlan(kept)                              # read on the host once per batch
+                elif plan is not None and mode != "dense":
+                    logits = nets[mode](images, keep_plan=plan)
+                else:
+                    logits = nets[mode](images)
                 if world.device.type == "cuda":
                     torch.cuda.synchronize()
                 seconds[k] += time.perf_counter() - t0
                 best = logits.topk(min(5, logits.shape[-1]), dim=-1).indices.cpu()
-                top1[index, k] = (best[:, 0] == labels.cpu()).long()
-                top5[index, k] = (best == labels.cpu()[:, None]).any(dim=-1).long()
-    for t in (top1, top5, seen):
+                top[index, k] = torch.nn.functional.pad(best, (0, 5 - best.shape[1]), value=-1)
+    for t in (top, target, seen):
         world.all_reduce(t)
     world.all_reduce(seconds)
     count = torch.tensor([len(unreadable)])
@@ -79,9 +95,12 @@ def _evaluate(args, backend, world):
         return {}
     evaluated = seen.bool().numpy()
     total = int(evaluated.sum())
+    labels_all = target.numpy()
+    top1 = (top[:, :, 0].numpy() == labels_all[:, None]) & evaluated[:, None]
+    top5 = (top.numpy() == labels_all[:, None, None]).any(axis=2) & evaluated[:, None]
     results = []
     for k, mode in enumerate(modes):
-        c1, c5 = top1[:, k].numpy()[evaluated], top5[:, k].numpy()[evaluated]
+        c1, c5 = top1[evaluated, k], top5[evaluated, k]
         results.append({"mode": mode, "top1": float(c1.mean()) if total else 0.0, "top5": float(c5.mean()) if total else 0.0,
                         "correct": int(c1.sum()), "total": total,
                         "images_per_s": total / float(seconds[k]) * world.size if seconds[k] > 0 else None})
@@ -90,16 +109,24 @@ def _evaluate(args, backend, world):
         for against in ("dense", "relabel"):
             if against in modes and a != against:
                 j = modes.index(against)
-                paired.append({"a": a, "b": against, **paired_counts(top1[:, k].numpy()[evaluated].astype(bool),
-                                                                top1[:, j].numpy()[evaluated].astype(bool))})
-    summary = {"model": args.model, "checkpoint": str(args.checkpoint), "weights": weights,
-               "ema": getattr(args, "ema", "no"), "data": str(args.data),
+                paired.append({"a": a, "b": against, **paired_counts(top1[evaluated, k], top1[evaluated, j])})
+    for row, adjusted in zip(paired, holm([row["p_value"] for row in paired])):
+        row["p_holm"] = adjusted
+    args.out.mkdir(parents=True, exist_ok=True)
+    predictions = args.out / "evaluate_images.npz"
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, modes=np.array(modes), path=np.array([path for path, _ in folder.samples]),
+                        label=labels_all, evaluated=evaluated, top5=top.numpy())
+    write_bytes(predictions, buffer.getvalue())
+    summary = {"backend": resolve_backend(world.device.type, backend), "model": args.model, "checkpoint": str(args.checkpoint),
+               "weights": weights, "ema": getattr(args, "ema", "no"), "data": str(args.data),
                "classes": len(folder.classes), "images": n, "evaluated": total, "unreadable": int(count.item()),
                "unreadable_policy": "skipped and counted" if args.skip_unreadable else "stop",
                "world_size": world.size, "device": str(world.device), "keep": keep if keep is not None else "paper",
                "conv": args.conv, "metric": args.metric, "results": results, "paired": paired,
+               "paired_correction": f"Holm over the {len(paired)} paired tests",
+               "shared_selection": shared, "per_image": str(predictions),
                "quick": bool(getattr(args, "quick", False))}
-    args.out.mkdir(parents=True, exist_ok=True)
     write_json(args.out / "evaluate.json", summary)
     write_text(args.out / "evaluate.md", evaluate_markdown(summary))
     _evaluate_plot(summary, args.out / "evaluate.png")
@@ -119,15 +146,24 @@ def evaluate_markdown(summary):
         lines.append(f"| {r['mode']} | {100 * r['top1']:.2f} | {100 * r['top5']:.2f} | {r['correct']} / {r['total']} | "
                      f"{speed} |")
     if summary["paired"]:
-        lines += ["", "| a vs b | both | only a | only b | neither | McNemar p |", "|---|---|---|---|---|---|"]
+        selection = summary.get("shared_selection")
+        lines += ["", (f"Every pruned mode scans the tokens {selection}'s model selects, image by image: the "
+                       f"differences are the scan's alone." if selection else
+                       "Each mode selects its own tokens: the differences are the selection's and the scan's."),
+                  "", "| a vs b | both | only a | only b | neither | McNemar p | Holm p |", "|---|---|---|---|---|---|---|"]
         for p in summary["paired"]:
             lines.append(f"| {p['a']} vs {p['b']} | {p['both']} | {p['only_a']} | {p['only_b']} | {p['neither']} | "
-                         f"{p['p_value']:.3g} |")
+                         f"{p['p_value']:.3g} | {p.get('p_holm', float('nan')):.3g} |")
     return "\n".join(lines) + "\n"
 
 
 def _evaluate_plot(summary, path):
-    import matplotlib
+    """The bar plot beside the numbers; without matplotlib (a bare GPU image), the numbers alone."""
+    try:
+        import matplotlib
+    except ImportError:
+        print(f"evaluate: no plot ({path.name}): matplotlib is not installed (the plots extra)")
+        return None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(1.6 + 1.2 * len(summary["results"]), 3.6))

@@ -33,6 +33,7 @@ def finetune_command(args, backend=None):
 def _finetune(args, backend, world):
     import torch
 
+    from alignscan.bridges import resolve_backend
     from alignscan.models.checkpoints import checkpoint_state_dict, write_checkpoint
     cfg = recipes.resolve(registry.family(args.model), args)
     cfg["epochs"] = args.epochs
@@ -161,7 +162,7 @@ def _finetune(args, backend, world):
             write_checkpoint(last_checkpoint, args.model, model.state_dict(), extra)
             print(f"epoch {epoch + 1}: step {step}, loss {value:.4f}, checkpoint {last_checkpoint}")
         world.barrier()
-    summary = {"model": args.model, "mode": args.mode, "steps": step, "world_size": world.size, "recipe": cfg,
+    summary = {"backend": resolve_backend(world.device.type, backend), "model": args.model, "mode": args.mode, "steps": step, "world_size": world.size, "recipe": cfg,
                "unreadable_skipped": unreadable,
                "checkpoint": str(last_checkpoint) if last_checkpoint else None, "log": str(log_path)}
     return summary, model

@@ -85,6 +85,10 @@ def add_evaluate_arguments(p):
     p.add_argument("--checkpoint", required=True, type=Path, help="official ({'model'} or mmcls {'state_dict'}) weights")
     p.add_argument("--data", required=True, type=Path, help="ImageNet-style folder: one subfolder per class")
     p.add_argument("--modes", default=MODES_DEFAULT, help=f"comma-separated pruning modes (default {MODES_DEFAULT})")
+    p.add_argument("--shared-selection", default=None, metavar="MODE",
+                   help="every pruned mode scans exactly the tokens MODE's model selects, image by image (a keep "
+                        "plan made once per batch), so that the modes differ by their scan alone; MODE must be "
+                        "one of --modes (default: each mode selects its own tokens)")
     p.add_argument("--preset", choices=("paper",), default="paper",
                    help="the paper's schedule and keep ratios (default); --keep overrides the ratio")
     p.add_argument("--ema", choices=tuple(EMA), default="no",
@@ -137,6 +141,10 @@ def check_arguments(args):
         if mode not in models.MODES:
             raise ValueError(f"--{'modes' if hasattr(args, 'modes') else 'mode'} must be among {models.MODES}, "
                              f"got {mode!r}")
+    shared = getattr(args, "shared_selection", None)
+    if shared is not None and (shared not in modes or shared == "dense"):
+        raise ValueError(f"--shared-selection must be one of the pruned modes in --modes "
+                         f"({', '.join(m for m in modes if m != 'dense')}), got {shared!r}")
     if hasattr(args, "epochs"):
         _check_finetune(args)
 
@@ -152,7 +160,8 @@ def _check_finetune(args):
         raise ValueError("--checkpoint (weights to start from) or --resume is required; "
                          "pass --from-scratch to train from random weights")
     if args.resume is not None:
-        check_resumable(args.resume)
+        now = dict(recipe.resolve(registry.family(args.model), args), epochs=args.epochs)
+        _check_resume_fits(check_resumable(args.resume), args, now)
     used = [p.name for p in (Path(args.out).glob("finetune_log.jsonl") if Path(args.out).is_dir() else [])] + \
         [p.name for p in (Path(args.out).glob(f"checkpoint_{args.model}_*.pth") if Path(args.out).is_dir() else [])]
     if used and args.resume is None and not args.overwrite:
@@ -161,6 +170,32 @@ def _check_finetune(args):
 
 
 RESUME_KEYS = ("optimizer", "step", "epoch")
+# What a resumed run cannot change: the model and its pruning, the input size, and the
+# batch (the step count of an epoch); the recipe's every entry is compared as well.
+RESUME_FIXED = ("model", "mode", "keep", "conv", "metric", "img_size", "batch")
+
+
+def _check_resume_fits(blob, args, recipe_now):
+    """A resumed run keeps the checkpoint's settings: ValueError listing every option given
+    a value other than the checkpoint's (an optimizer, a learning rate, a mode ...), before
+    any step. The restored optimizer and scheduler would otherwise run on with the old
+    values while the log recorded the new ones."""
+    then_recipe, then_args = blob.get("recipe"), blob.get("args")
+    differ = []
+    if isinstance(then_args, dict):
+        for key in RESUME_FIXED:
+            if key in then_args and then_args[key] != str(getattr(args, key)):
+                differ.append(f"--{key.replace('_', '-')} {getattr(args, key)} (checkpoint: {then_args[key]})")
+    if isinstance(then_recipe, dict):
+        for key, value in recipe_now.items():
+            if key == "source" or key not in then_recipe or then_recipe[key] == value:
+                continue
+            option = "--recipe" if key == "name" else f"--{key.replace('_', '-')}"
+            differ.append(f"{option} {value} (checkpoint: {then_recipe[key]})")
+    if differ:
+        raise ValueError(f"--resume {args.resume}: a resumed run keeps the settings it was trained with, and these "
+                         f"differ: {'; '.join(differ)}. Drop them, or start a new run from its weights with "
+                         f"--checkpoint")
 
 
 def check_resumable(path):

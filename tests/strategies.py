@@ -4,7 +4,8 @@
 arguments are present, softplus, alignment, the mask style) through Hypothesis and the
 values from a seeded NumPy generator, so shrinking works on structure and examples stay
 cheap. Mask styles cover random subsets, all kept, one kept, long leading and trailing
-pruned runs, gaps of every size 1..M, and no map at all.
+pruned runs, gaps of every size 1..M, and no map at all. ``GRAD_NAMES`` are a problem's
+differentiable arguments, in the order every backward returns their gradients.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from hypothesis import strategies as st
 from alignscan.reference import ALIGNMENTS
 from alignscan.testing import ScanProblem, make_problem  # noqa: F401 (re-exported for tests)
 
+GRAD_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 MASK_STYLES = ("random", "all", "one", "leading", "trailing", "every_gap", "none")
 
 

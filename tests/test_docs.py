@@ -14,12 +14,12 @@ import io
 import re
 import shlex
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from tests import REPO
+
 README = REPO / "README.md"
 PAGES = [README, *sorted((REPO / "docs").glob("*.md"))]
 PAGE_IDS = [str(p.relative_to(REPO)) for p in PAGES]

@@ -2,9 +2,8 @@
 import of the project points to a lower floor, so there is no circle; reference imports
 nothing of the project; bench, science and imagenet (siblings) never import each other."""
 import ast
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from tests import REPO
 
 # Floors, lowest first. An import of the project must go to a strictly lower floor.
 FLOORS = {

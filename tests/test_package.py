@@ -4,6 +4,7 @@ site-packages, no module is importable under two names, and a user's own top-lev
 import json
 import os
 import shutil
+import site
 import subprocess
 import sys
 import textwrap
@@ -13,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from tests import REPO
+
 LAYERS = ("reference", "cuda_kernels", "bridges", "models", "bench", "science", "imagenet")
 
 # A forward of a pruned model, the op, and the main job's command line, then what got imported.
@@ -95,6 +97,14 @@ def test_the_wheel_holds_one_top_level_name_and_the_cuda_sources(tmp_path):
     assert {"alignscan/cuda_kernels/scan.cu", "alignscan/cuda_kernels/cuda_emu.h"} <= set(names)
 
 
+def _site_directories():
+    """Where this interpreter finds installed packages: its site-packages and, when enabled, the user's."""
+    directories = list(site.getsitepackages())
+    if site.ENABLE_USER_SITE:
+        directories.append(site.getusersitepackages())
+    return directories
+
+
 @pytest.mark.slow
 def test_a_fresh_venv_with_the_wheel_adds_one_name_to_site_packages(tmp_path):
     """`pip install .` (not editable) in a new environment: site-packages gains alignscan and
@@ -103,19 +113,25 @@ def test_a_fresh_venv_with_the_wheel_adds_one_name_to_site_packages(tmp_path):
     subprocess.run([sys.executable, "-m", "pip", "wheel", str(_source_copy(tmp_path)), "--no-deps",
                     "--no-build-isolation", "-q", "-w", str(wheels)], check=True, capture_output=True, timeout=300)
     env_dir = tmp_path / "venv"
-    venv.create(env_dir, system_site_packages=True, with_pip=False)
+    # Not system_site_packages: that inherits the base interpreter's site-packages, which lack
+    # torch when this suite itself runs inside a virtualenv.
+    venv.create(env_dir, with_pip=False)
     python = env_dir / "bin" / "python"
-    site = Path(subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                               capture_output=True, text=True, check=True).stdout.strip())
-    before = set(os.listdir(site))
+    site_packages = Path(subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                                        capture_output=True, text=True, check=True).stdout.strip())
+    # The dependencies come from this interpreter's site directories, listed as plain paths so
+    # that their own .pth files (an editable alignscan among them) are not run and the wheel's
+    # copy, earlier on the path, is the alignscan imported.
+    (site_packages / "_running_interpreter.pth").write_text("".join(f"{d}\n" for d in _site_directories()))
+    before = set(os.listdir(site_packages))
     (wheel,) = wheels.glob("*.whl")
-    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--target", str(site), str(wheel), "-q"],
-                   check=True, capture_output=True, timeout=300)
-    added = set(os.listdir(site)) - before
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--target", str(site_packages), str(wheel),
+                    "-q"], check=True, capture_output=True, timeout=300)
+    added = set(os.listdir(site_packages)) - before
     # the package, its dist-info, and (pip --target) the `alignscan` console script in bin/
     assert {a for a in added if not a.endswith(".dist-info") and a != "bin"} == {"alignscan"}, added
     run = subprocess.run([python, "-c", "import alignscan, alignscan.models; print(alignscan.__file__)"],
                          cwd=tmp_path, capture_output=True, text=True, timeout=300,
                          env={**os.environ, "PYTHONPATH": ""})
     assert run.returncode == 0, run.stderr[-2000:]
-    assert run.stdout.strip().startswith(str(site)), run.stdout
+    assert run.stdout.strip().startswith(str(site_packages)), run.stdout

@@ -6,9 +6,9 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+from tests import REPO
+
 NOT_ON_THE_GPU_IMAGE = ("tqdm", "matplotlib", "scipy", "sklearn")
 
 
@@ -36,8 +36,9 @@ def test_dry_run_needs_only_the_gpu_image_packages_and_writes_its_json_into_OUT(
     run = subprocess.run([sys.executable, "-m", "alignscan.bench.gpu_run", "--dry-run", "--budget-s", "240"], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    for step in ("1/6 GPU tests", "2/6 copy bandwidth", "3/6 kernels", "4/6 model throughput",
-                 "5/6 deterministic backward", "6/6 CUDA graph capture"):
+    for step in ("1/9 GPU tests", "2/9 copy bandwidth", "3/9 kernels", "4/9 model throughput",
+                 "5/9 deterministic backward", "6/9 CUDA graph capture", "7/9 the user's commands",
+                 "8/9 bf16 autocast", "9/9 an exported pruned model"):
         assert step in run.stdout, f"progress line for {step!r} missing"
     (path,) = out.glob("gpu_*.json")
     result = json.loads(path.read_text())
@@ -50,6 +51,13 @@ def test_dry_run_needs_only_the_gpu_image_packages_and_writes_its_json_into_OUT(
     assert result["throughput"] and "throughput_error" not in result
     assert result["determinism"]["bit_identical"] is True and result["determinism"]["partials_bytes"] > 0
     assert "needs a CUDA GPU" in result["graphs"]["skipped"]
+    # the user's path, with no --backend: the commands ran and named the backend that ran
+    commands = result["user_commands"]
+    assert commands["passed"] is True, commands
+    assert [s["command"] for s in commands["steps"]] == ["evaluate", "finetune"]
+    assert all(s["backend"]["name"] == "numba-cpu" and s["backend"]["requested"] is None for s in commands["steps"])
+    assert result["half"]["passed"] is True and set(result["half"]["rows"]) >= {"op_float32", "op_bfloat16"}
+    assert result["export"]["passed"] is True
     assert result["wall_s"] < 360
 
 

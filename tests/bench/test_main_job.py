@@ -2,7 +2,6 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,8 +9,7 @@ import pytest
 from alignscan import reference as R
 from alignscan.bench.kernels import kernel_table
 from alignscan.testing import vim_layer_problem
-
-REPO = Path(__file__).resolve().parents[2]
+from tests import REPO
 
 
 def test_quick_main_job_writes_results_and_plot(tmp_path):

@@ -6,8 +6,9 @@ from alignscan.bench.scaling import measure
 
 def test_peak_memory_is_the_measuring_process_own_not_its_parents():
     """Linux carries ru_maxrss across fork and exec: a child of a process that once held
-    1.5 GB reported at least 1.5 GB whatever it measured (the main job's 262,144-token row
-    read 4.79 GB after the torch twin's timings). A small scan must read well under that."""
+    1.5 GB reports at least 1.5 GB whatever it measures (so the main job's rows, measured
+    after the torch twin's timings, would report the twin's peak). A small scan must read
+    well under that."""
     ballast = np.ones(1_500_000_000 // 8)            # 1.5 GB, touched
     try:
         row = measure(batch=1, dim=8, length=197, threads=1, repeats=1)

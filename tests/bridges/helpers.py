@@ -1,7 +1,7 @@
 """Calling the torch op on a drawn problem and reading results back as NumPy."""
 import torch
 
-GRAD_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
+from tests.strategies import GRAD_NAMES
 
 
 def tensors(p, requires_grad=True, dtype=None):

@@ -15,8 +15,7 @@ from alignscan import bridges
 from alignscan import cuda_kernels as K
 from alignscan import reference as R
 from alignscan.cuda_kernels import backends
-
-GRAD_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
+from tests.strategies import GRAD_NAMES
 
 
 def _kernel_runner(name):

@@ -16,8 +16,7 @@ import torch
 from alignscan import models, vision
 from alignscan.imagenet import data as imagenet_data
 from alignscan.imagenet import finetune, options, world
-
-REPO = Path(__file__).resolve().parents[2]
+from tests import REPO
 
 
 def make_folder(root, classes=3, per_class=4, size=(80, 72), seed=0):
@@ -38,6 +37,15 @@ def save_official(path, name, classes, img_size, seed=0):
     state = model.state_dict()
     torch.save({"model": state} if name.startswith("vim") else {"state_dict": state}, path)
     return model
+
+
+def official_files(root, classes=3, per_class=4, name="vim_tiny", img_size=64):
+    """A generated ImageNet-style folder and a checkpoint of ``name`` in the official layout
+    for it: (folder, checkpoint)."""
+    folder = make_folder(root / "data", classes=classes, per_class=per_class)
+    checkpoint = root / f"{name}_{img_size}.pth"
+    save_official(checkpoint, name, classes, img_size)
+    return folder, checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -72,8 +80,9 @@ def test_the_folder_is_torchvisions_imagefolder_with_a_per_class_limit(data):
 
 
 def _previous_eval_transform(image, size):
-    """The evaluation transform this project wrote by hand before torchvision (kept here to
-    compare): the long side rounded, the crop offset floored."""
+    """An evaluation transform written by hand, without torchvision: the long side rounded,
+    the crop offset floored. The test below shows where torchvision's geometry gives the
+    same pixels."""
     from PIL import Image
     w, h = image.size
     scale = int(size / 0.875) / min(w, h)

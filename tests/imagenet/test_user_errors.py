@@ -1,24 +1,21 @@
 """Every user error of evaluate/finetune is one line naming the file or option, exit 2, no
-traceback (issue 24, item 6); a fresh run never appends to or overwrites an earlier one."""
+traceback (the input is what needs fixing, not the program); a fresh run never appends to or
+overwrites an earlier one."""
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from tests.imagenet.test_imagenet import make_folder, save_official
-
-REPO = Path(__file__).resolve().parents[2]
+from tests import REPO
+from tests.imagenet.test_imagenet import make_folder, official_files, save_official
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("user_errors")
-    folder = make_folder(root / "train", classes=2, per_class=2)
-    checkpoint = root / "vim_tiny_64.pth"
-    save_official(checkpoint, "vim_tiny", 2, 64)
+    folder, checkpoint = official_files(root, classes=2, per_class=2)
     return root, folder, checkpoint
 
 
@@ -107,7 +104,8 @@ def test_data_and_checkpoint_problems_exit_2_in_one_line(files, tmp_path):
 
 
 def test_outputs_honour_the_umask(tmp_path):
-    """Files the programs keep get the mode any file the user creates gets (issue 24, item 7)."""
+    """Files the programs keep get the mode any file the user creates gets: written to a
+    temporary file and renamed into place, they must not keep the temporary file's 0600."""
     code = ("import os, sys; os.umask(int(sys.argv[1], 8)); from alignscan.outputs import write_json, save_torch; "
             "write_json(sys.argv[2] + '/a.json', {}); import torch; save_torch({}, sys.argv[2] + '/b.pth'); "
             "open(sys.argv[2] + '/c.log', 'w').close()")

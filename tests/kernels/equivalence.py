@@ -2,8 +2,7 @@
 import numpy as np
 
 from alignscan import reference as R
-
-GRAD_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
+from tests.strategies import GRAD_NAMES
 
 
 def host(x):

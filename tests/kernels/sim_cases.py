@@ -18,6 +18,7 @@ from alignscan.cuda_kernels import numba_cuda  # noqa: E402
 from alignscan.cuda_kernels.params import ScanParams  # noqa: E402
 from alignscan.testing import make_problem  # noqa: E402
 from tests.kernels.equivalence import check_backward, check_forward  # noqa: E402
+from tests.kernels.half import check_half_backward, check_half_forward, half_scan  # noqa: E402
 from tests.strategies import scan_problems  # noqa: E402
 
 SMALL = dict(max_batch=2, max_dim=4, max_dstate=3, max_length=7, max_run=6)
@@ -85,3 +86,25 @@ def test_device_array_of_wrong_dtype_is_rejected():
     p = make_problem(np.random.default_rng(1), batch=1, dim=2, dstate=2, length=3, dtype=np.float32)
     with pytest.raises(TypeError, match="delta: device arrays must be"):
         fwd(**p.kwargs(delta=cuda.to_device(p.delta.astype(np.float64))))
+
+
+@pytest.mark.parametrize("alignment", R.ALIGNMENTS)
+def test_float16_inputs_are_read_as_float16(alignment):
+    """u, delta, B, C, z, dout in float16 reach the kernels as float16 (staged, not converted)
+    and out, du, ddelta, dz, dB, dC come back in float16, last_state, dA, dD, ddelta_bias in
+    float32: against the reference on the same float16 values, at the table's rows. Tiles of
+    4 tokens over M = 6, so a tile boundary and a gap across it are crossed."""
+    rng = np.random.default_rng(2)
+    p = make_problem(rng, batch=1, dim=2, dstate=2, length=6, positions=np.array([[1, 2, 4, 5, 8, 9]]), seqlen=12,
+                     alignment=alignment, dtype=np.float32)
+    h = half_scan(p, "float16")
+    assert numba_cuda._storage(h.params) == np.float16
+    check_half_forward(h, lambda params: numba_cuda.forward(params, tile=4))
+    check_half_backward(h, lambda dout, params: numba_cuda.backward(dout, params, tile=4))
+
+
+def test_bfloat16_bits_are_refused_with_the_reason():
+    p = make_problem(np.random.default_rng(1), batch=1, dim=2, dstate=2, length=3, dtype=np.float32)
+    h = half_scan(p, "bfloat16")
+    with pytest.raises(TypeError, match="numba-cuda cannot read bfloat16"):
+        numba_cuda.forward(h.params)

@@ -7,9 +7,8 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+from tests import REPO
 
 
 def _fresh(body):

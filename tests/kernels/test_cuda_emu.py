@@ -1,7 +1,10 @@
 """scan.cu, the default GPU kernel, run unmodified on the CPU (backend "cuda-emu"): the same
 equivalence to the reference as every backend, at chunks of 32 x 2 = 64 tokens so that short
-sequences span several chunks (and once at the GPU's 128 x 4); mutants of the kernel that must
-fail; and ThreadSanitizer on the real kernel, which must find no race."""
+sequences span several chunks (and once at the GPU's 128 x 4); float16 and bfloat16 inputs
+read in place (the emulated conversions bit for bit against NumPy's and torch's); buffers it
+must write whole, a gap coefficient on token 0 and an exploding state; mutants of the kernel
+that must fail; and ThreadSanitizer on the real kernel, which must find no race."""
+import dataclasses
 import os
 import subprocess
 import sys
@@ -18,11 +21,13 @@ from alignscan import cuda_kernels as K
 from alignscan import reference as R
 from alignscan.cuda_kernels import cuda_emu, scan_cu
 from alignscan.cuda_kernels.params import ScanParams
+from alignscan.reference.positions import GapCoefficients
 from alignscan.testing import make_problem
 from tests.kernels.equivalence import check_backward, check_forward
+from tests.kernels.half import HALVES, check_half_backward, check_half_forward, half_scan
 
-REPO = Path(__file__).resolve().parents[2]
 DRIVER = Path(__file__).with_name("emu_race_driver.cpp")
+HALF_DRIVER = Path(__file__).with_name("emu_half_driver.cpp")
 SMALL = dict(threads=32, items=2)               # chunks of 64 tokens
 CHUNK = SMALL["threads"] * SMALL["items"]
 
@@ -99,12 +104,12 @@ def _mutant(tmp_path, old, new):
     return path
 
 
-BLOCK_SCAN_COMPOSE = "if (rank >= off) { b = a * pb + b; a = a * pa; }"
+BLOCK_SCAN_COMPOSE = "if (rank >= off) { b = advance_state(a, pb, b); a = a * pa; }"
 BLOCK_SCAN_BARRIER = "    s_a[rank] = a;\n    s_b[rank] = b;\n    __syncthreads();\n    for (int off = 1;"
 
 
 def test_a_block_scan_missing_a_composition_term_fails_the_forward_check(tmp_path):
-    mutant = _mutant(tmp_path, BLOCK_SCAN_COMPOSE, "if (rank >= off) { b = pb + b; a = a * pa; }")
+    mutant = _mutant(tmp_path, BLOCK_SCAN_COMPOSE, "if (rank >= off) { b = advance_state(A(1), pb, b); a = a * pa; }")
     rng = np.random.default_rng(3)
     p = make_problem(rng, batch=1, dim=2, dstate=2, length=3 * CHUNK, positions=np.arange(3 * CHUNK) * 2,
                      seqlen=6 * CHUNK, dtype=np.float64)
@@ -140,15 +145,38 @@ def test_the_real_kernel_runs_clean_under_thread_sanitizer():
 
 
 DB_PARTIAL = "if (valid[j]) dB_part[prow + first + j] = d_own * dl[j] * uv[j];"
-# The order-dependent sum mamba_ssm (and this kernel before) use: every channel of a group
+# The order-dependent sum, as mamba_ssm's backward does it: every channel of a group
 # atomically adds into one accumulator, in whatever order the blocks run.
 DB_ATOMIC = ("if (valid[j]) atomicAdd(&dB_part[(((long)b * dim + g * (dim / groups)) * dstate + n) * length "
              "+ first + j], d_own * dl[j] * uv[j]);")
 
 
-def _gradient_bits(p, seeds, monkeypatch, source=scan_cu.SOURCE):
+class _ZeroedNumPy:
+    """NumPy whose ``empty`` returns zeros: what an accumulator that is added into needs (as
+    mamba_ssm zeroes dB before its atomicAdds); scan.cu's own buffers are written, not added to."""
+
+    def __getattr__(self, name):
+        return getattr(np, name)
+
+    @staticmethod
+    def empty(shape, dtype=float):
+        return np.zeros(shape, dtype)
+
+
+def _emu_backward(source, xp=np):
+    """backward(dout, **kwargs) of scan.cu (``source``) on the CPU, buffers from ``xp.empty``."""
+    launch = cuda_emu.launcher(SMALL["threads"], SMALL["items"], source)
+
+    def backward(dout, **kw):
+        args = R.validate_scan_args(**kw)
+        params = ScanParams.build(args, args.coefficients(R.compute_dtype(args.u.dtype)))
+        return scan_cu.backward(dout, params, xp, launch, **SMALL)
+    return backward
+
+
+def _gradient_bits(p, seeds, monkeypatch, source=scan_cu.SOURCE, xp=np):
     """The backward's outputs as bytes, once per shuffle seed (block and thread start order)."""
-    _, backward = emu(dict(SMALL, source=source))
+    backward = _emu_backward(source, xp)
     runs = []
     for seed in seeds:
         monkeypatch.setenv("ALIGNSCAN_EMU_SHUFFLE_SEED", str(seed))
@@ -177,12 +205,13 @@ def test_gradients_are_bit_identical_whatever_order_the_blocks_run_in(alignment,
 
 
 def test_an_order_dependent_sum_is_caught(tmp_path, monkeypatch):
-    """The mutation that puts the atomicAdd back: within tolerance, but not the same bits."""
+    """The mutation to that atomicAdd (into a zeroed accumulator, as it needs):
+    within tolerance, but not the same bits."""
     mutant = _mutant(tmp_path, DB_PARTIAL, DB_ATOMIC)
     p = _many_channels("prev")
-    runs = _gradient_bits(p, range(20), monkeypatch, source=mutant)
+    runs = _gradient_bits(p, range(20), monkeypatch, source=mutant, xp=_ZeroedNumPy())
     assert any(run[3] != runs[0][3] for run in runs), "the shuffled launch order must change the atomic sum's bits"
-    check_backward(p, emu(dict(SMALL, source=mutant))[1])     # still correct to tolerance: only the bits move
+    check_backward(p, _emu_backward(mutant, _ZeroedNumPy()))     # still correct to tolerance: only the bits move
 
 
 @tsan
@@ -193,7 +222,7 @@ def test_a_missing_barrier_is_reported_by_thread_sanitizer(tmp_path):
     assert "block_scan" in run.stderr
 
 
-def test_builds_are_cached_and_a_read_only_cache_falls_back_to_a_temporary_directory(tmp_path):
+def test_builds_are_cached_and_a_read_only_cache_falls_back_to_a_temporary_directory(tmp_path, repo_root):
     assert cuda_emu.build(**SMALL) == cuda_emu.build(**SMALL)
     blocked = tmp_path / "blocked"
     blocked.write_text("a file, so no cache directory can be made below it")
@@ -209,7 +238,7 @@ def test_builds_are_cached_and_a_read_only_cache_falls_back_to_a_temporary_direc
     """)
     env = {**os.environ, "ALIGNSCAN_CACHE_DIR": str(blocked / "cache"), "XDG_CACHE_HOME": str(blocked / "xdg"),
            "HOME": str(blocked / "home")}
-    run = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
+    run = subprocess.run([sys.executable, "-c", script], cwd=repo_root, env=env, capture_output=True, text=True,
                          timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "alignscan-cuda-emu-" in run.stdout, "a temporary directory must take the build"
@@ -218,3 +247,189 @@ def test_builds_are_cached_and_a_read_only_cache_falls_back_to_a_temporary_direc
 def test_no_compiler_is_a_reason_not_an_error(monkeypatch):
     monkeypatch.setenv("CXX", "/nonexistent/c++")
     assert "no C++ compiler" in cuda_emu.unavailable_reason()
+
+
+# --- float16 and bfloat16 inputs -------------------------------------------------------------
+
+def _conversion_values():
+    """float32 values where rounding to float16 and bfloat16 can go wrong: every exact half and
+    bfloat16 value, the midpoints between neighbours and one float32 ulp either side of them
+    (ties to even, carries into the exponent, the largest finite values, the float16
+    subnormals and underflow), ±0, ±inf, NaN, and 2^20 random float32 bit patterns."""
+    with np.errstate(invalid="ignore"):     # the NaN patterns
+        halves = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float64)
+        bf16 = (np.arange(65536, dtype=np.uint32) << 16).view(np.float32).astype(np.float64)
+    values = []
+    for grid in (halves, bf16):
+        finite = np.unique(grid[np.isfinite(grid)])
+        mid = (finite[:-1] + finite[1:]) / 2
+        values += [finite, mid]
+    values.append(np.array([65504.0, 65520.0, 65536.0, 2.0**-24, 2.0**-25, 2.0**-14, 3.3895313892515355e38]))
+    exact = np.concatenate(values)
+    exact = np.concatenate([exact, -exact]).astype(np.float32)    # the midpoints are exact in float32
+    bits = exact.view(np.uint32)
+    near = np.concatenate([bits, bits + 1, bits - 1]).view(np.float32)
+    specials = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, -np.nan], np.float32)
+    random = np.random.default_rng(0).integers(0, 2**32, 2**20, dtype=np.uint64).astype(np.uint32).view(np.float32)
+    return np.concatenate([near, specials, random])
+
+
+def test_the_emulated_half_conversions_are_bit_exact(tmp_path):
+    """__float2half_rn and __float2bfloat16_rn round to nearest even exactly as NumPy's float16
+    and torch's bfloat16 casts do (NaN: any NaN), and __half2float, __bfloat162float widen all
+    65,536 bit patterns exactly."""
+    import torch
+    exe = cuda_emu.build(driver=HALF_DRIVER, **SMALL)
+    values = _conversion_values()
+    values.tofile(tmp_path / "values")
+    run = subprocess.run([str(exe), str(tmp_path / "values"), str(tmp_path / "narrowed"), str(tmp_path / "widened")],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    narrowed = np.fromfile(tmp_path / "narrowed", np.uint16).reshape(-1, 2)
+    widened = np.fromfile(tmp_path / "widened", np.float32).reshape(-1, 2)
+    nan = np.isnan(values)
+    with np.errstate(over="ignore"):
+        want_half = values.astype(np.float16).view(np.uint16)
+    want_bf16 = torch.from_numpy(values).to(torch.bfloat16).view(torch.uint16).numpy()
+    for got, want, name in ((narrowed[:, 0], want_half, "__float2half_rn"), (narrowed[:, 1], want_bf16,
+                                                                              "__float2bfloat16_rn")):
+        wrong = np.flatnonzero((got != want) & ~nan)
+        assert wrong.size == 0, f"{name}: {wrong.size} values rounded wrongly, e.g. {values[wrong[:3]]!r}: " \
+                                f"{got[wrong[:3]]} vs {want[wrong[:3]]}"
+        assert np.all(got[nan] == 0x7fff), f"{name}: a NaN must become the canonical NaN 0x7fff"
+    patterns = np.arange(65536, dtype=np.uint32)
+    exact_half = patterns.astype(np.uint16).view(np.float16).astype(np.float32)
+    exact_bf16 = (patterns << 16).view(np.float32)
+    for got, want, name in ((widened[:, 0], exact_half, "__half2float"), (widened[:, 1], exact_bf16,
+                                                                          "__bfloat162float")):
+        same = (got.view(np.uint32) == want.view(np.uint32)) | (np.isnan(got) & np.isnan(want))
+        assert same.all(), f"{name}: {np.flatnonzero(~same)[:5]} widened wrongly"
+
+
+def _half_problem(alignment, length=2 * CHUNK + 5, **kw):
+    """A pruned problem over three chunks with every option on (z, D, delta_bias, softplus,
+    groups, last_state): gaps before the first token, after the last, across chunk boundaries."""
+    rng = np.random.default_rng(sum(map(ord, alignment)))
+    positions = np.sort(rng.choice(length + 60, length, replace=False))[None] + 2
+    base = dict(batch=1, dim=4, dstate=3, length=length, groups=2, positions=positions, seqlen=length + 70,
+                alignment=alignment, dtype=np.float32)
+    return make_problem(rng, **dict(base, **kw))
+
+
+@pytest.mark.parametrize("alignment", R.ALIGNMENTS)
+@pytest.mark.parametrize("storage", HALVES)
+def test_half_inputs_match_the_reference_forward_and_backward(storage, alignment):
+    """u, delta, B, C, z, dout in float16 or bfloat16 (bits): out, du, ddelta, dz, dB, dC come
+    back in that dtype and last_state, dA, dD, ddelta_bias in float32, each at its row of the
+    tolerance table against the reference on the same half values."""
+    h = half_scan(_half_problem(alignment), storage)
+    check_half_forward(h, lambda params: cuda_emu.forward(params, **SMALL))
+    check_half_backward(h, lambda dout, params: cuda_emu.backward(dout, params, **SMALL))
+
+
+@pytest.mark.parametrize("storage", HALVES)
+def test_half_inputs_are_read_in_place_by_the_half_instance(storage):
+    """The kernels launched are scan.cu's __half / __nv_bfloat16 instances, and every streamed
+    input they get is the caller's own memory: no float copy is made."""
+    h = half_scan(_half_problem("hold", length=9), storage)
+    seen = []
+    real = cuda_emu.launcher(**SMALL)
+
+    def spy(name, dtype, grid, block, params):
+        seen.append((scan_cu.instance(name, dtype), params))
+        real(name, dtype, grid, block, params)
+    scan_cu.backward(h.dout, h.params, np, spy, **SMALL)
+    given = [h.params.args.u, h.params.args.delta, h.params.args.B, h.params.args.C, h.params.args.z, h.dout]
+    ctype = scan_cu.SPECIALISATIONS[storage]
+    assert [name for name, _ in seen] == [f"selective_scan_fwd<{ctype}>", f"selective_scan_bwd<{ctype}>",
+                                          f"reduce_channels<{ctype}>", f"reduce_channels<{ctype}>"]
+    launched = seen[1][1]
+    for position, array in zip((0, 1, 3, 4, 6, 22), given):    # SCAN_INPUTS order; dout after its 22
+        assert launched[position] is array, f"argument {position} is a copy, not the caller's array"
+
+
+class _PoisonedNumPy:
+    """NumPy whose ``empty`` fills what it returns with NaN (bfloat16 bits: 0x7fc0): a buffer
+    the kernels leave partly unwritten shows up in the results."""
+
+    def __getattr__(self, name):
+        return getattr(np, name)
+
+    @staticmethod
+    def empty(shape, dtype=float):
+        arr = np.empty(shape, dtype)
+        if arr.dtype == np.uint16:
+            arr.fill(0x7fc0)
+        else:
+            arr.fill(np.nan)
+        return arr
+
+
+@pytest.mark.parametrize("storage", ["float32", "bfloat16"])
+@pytest.mark.parametrize("length", [0, 2 * CHUNK + 5])
+def test_buffers_allocated_empty_are_written_whole(storage, length):
+    """out, last_state, the chunk states, du, ddelta, dz, the per-channel partials of dB and dC,
+    dB, dC and the partials of dA, dD, ddelta_bias are allocated without zeroing; with each
+    filled with NaN first, the results still equal the reference (an empty sequence too,
+    where no kernel runs and every gradient is zero)."""
+    p = _half_problem("prev", length=length, positions=np.arange(length)[None] * 2, seqlen=2 * length + 3)
+    launch = cuda_emu.launcher(**SMALL)
+    if storage == "float32":
+        args = R.validate_scan_args(**p.kwargs())
+        params = ScanParams.build(args, args.coefficients(np.float32))
+        with_params = lambda **kw: params
+        check_forward(p, lambda **kw: scan_cu.forward(with_params(), _PoisonedNumPy(), launch, **SMALL))
+        check_backward(p, lambda dout, **kw: scan_cu.backward(dout, with_params(), _PoisonedNumPy(), launch, **SMALL))
+    else:
+        h = half_scan(p, storage)
+        check_half_forward(h, lambda params: scan_cu.forward(params, _PoisonedNumPy(), launch, **SMALL))
+        check_half_backward(h, lambda dout, params: scan_cu.backward(dout, params, _PoisonedNumPy(), launch, **SMALL))
+
+
+def test_a_gap_on_token_0_reads_nothing_before_the_first_token():
+    """Hand-built "hold" coefficients with q > 0 on token 0 (a position map never has one):
+    token 0 has no predecessor, so its held input is zero and nothing before B is read.
+    B is placed right after a NaN in memory: a read of B[-1] would turn the result NaN."""
+    p = _half_problem("hold", length=CHUNK + 3)
+    args = R.validate_scan_args(**p.kwargs())
+    coefs = args.coefficients(np.float32)
+    hold = coefs.hold.copy()
+    hold[:, 0] = 3.0
+    memory = np.empty(args.B.size + 1, np.float32)
+    memory[0] = np.nan
+    memory[1:] = args.B.ravel()
+    after_nan = memory[1:].reshape(args.B.shape)
+    params = ScanParams.build(dataclasses.replace(args, B=after_nan), GapCoefficients(coefs.coef_self, coefs.coef_prev,
+                                                                                      hold, coefs.trailing))
+    check_forward(p, lambda **kw: cuda_emu.forward(params, **SMALL))
+    check_backward(p, lambda dout, **kw: cuda_emu.backward(dout, params, **SMALL))
+
+
+def _pattern(x):
+    """0 finite, 1 NaN, ±2 ±inf."""
+    x = np.asarray(x, np.float64)
+    return np.where(np.isnan(x), 1, np.where(np.isinf(x), 2 * np.sign(x), 0))
+
+
+@pytest.mark.parametrize("alignment", R.ALIGNMENTS)
+def test_an_exploding_state_overflows_to_the_references_infinities(alignment):
+    """Two states of every channel grow by e^(8Δ) a token (A = +8): over 200 tokens they
+    overflow in float32 and in float64. last_state has the reference's (and numba-cpu's)
+    inf/NaN pattern, ±inf where it is infinite, not NaN (the block scan composes products
+    of decays that overflowed); out has numba-cpu's, the other float32 kernel's, token by
+    token; the states that decay stay within tolerance."""
+    rng = np.random.default_rng(0)
+    positions = np.sort(rng.choice(230, 200, replace=False))[None]
+    p = make_problem(rng, batch=1, dim=2, dstate=4, length=200, positions=positions, seqlen=235, alignment=alignment,
+                     dtype=np.float32, z=False, D=False, delta_softplus=False, delta_bias=False)
+    p.A[:, :2] = 8.0
+    args = R.validate_scan_args(**p.kwargs())
+    out, last = cuda_emu.forward(ScanParams.build(args, args.coefficients(np.float32)), **SMALL)
+    with np.errstate(over="ignore", invalid="ignore"):      # the overflow is the point
+        _, ref_last = R.selective_scan(**p.kwargs())
+    cpu_out, cpu_last = K.selective_scan_fwd(**p.kwargs(), backend="numba-cpu")
+    assert np.isinf(ref_last[..., :2]).all(), "the problem must overflow in float64 too"
+    np.testing.assert_array_equal(_pattern(last), _pattern(ref_last), "last_state: inf/NaN pattern of the reference")
+    np.testing.assert_array_equal(_pattern(last), _pattern(cpu_last), "last_state: inf/NaN pattern of numba-cpu")
+    np.testing.assert_array_equal(_pattern(out), _pattern(cpu_out), "out: inf/NaN pattern of numba-cpu")
+    R.assert_within_tolerance(last[..., 2:], ref_last[..., 2:], np.float32, "last_state of the decaying states")

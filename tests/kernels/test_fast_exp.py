@@ -102,8 +102,8 @@ def test_the_forward_kernel_computes_its_exps_with_vector_instructions():
 
 
 def test_the_check_sees_a_scalar_exp():
-    """The control: the same loop over math.exp (what the kernels did without a vectorisable
-    exp) calls the scalar exp, and the check above would fail on it."""
+    """The control: the same loop over math.exp (what the kernels would call without a
+    vectorisable exp) calls the scalar exp, and the check above would fail on it."""
     import math
 
     @numba.njit(fastmath={"contract", "reassoc", "nsz", "arcp"}, error_model="numpy")

@@ -6,7 +6,6 @@ import shutil
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import numba
 import numpy as np
@@ -16,8 +15,6 @@ from alignscan import cuda_kernels as K
 from alignscan import reference as R
 from alignscan.testing import make_problem, vim_layer_problem
 from tests.kernels.equivalence import check_backward, check_forward
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def fwd(**kw):
@@ -124,22 +121,22 @@ def test_available_backends_explains_what_cannot_run():
         assert reason is None or len(reason) > 10, name
 
 
-def _copy_package(root, packages):
-    """A copy of the alignscan package with only ``packages`` below it, at ``root``/alignscan
-    (real files, no links), to import with PYTHONPATH=root."""
+def _copy_package(repo_root, root, packages):
+    """A copy of the checkout's alignscan package with only ``packages`` below it, at
+    ``root``/alignscan (real files, no links), to import with PYTHONPATH=root."""
     (root / "alignscan").mkdir()
     for module in ("__init__.py", "testing.py"):
-        shutil.copy(REPO / "alignscan" / module, root / "alignscan" / module)
+        shutil.copy(repo_root / "alignscan" / module, root / "alignscan" / module)
     for pkg in packages:
-        shutil.copytree(REPO / pkg, root / "alignscan" / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copytree(repo_root / pkg, root / "alignscan" / pkg, ignore=shutil.ignore_patterns("__pycache__"))
 
 
-def test_read_only_cache_directory_still_works(tmp_path):
+def test_read_only_cache_directory_still_works(tmp_path, repo_root):
     """No writable cache where numba looks (in-tree __pycache__, NUMBA_CACHE_DIR and the home
     cache all blocked): the kernels cache in the per-user fallback directory instead, saying
     so in one line; the first run says, in one line, that it compiles; the second run loads
     them from the fallback (no compile notice); the answers equal the reference."""
-    _copy_package(tmp_path, ("reference", "cuda_kernels"))
+    _copy_package(repo_root, tmp_path, ("reference", "cuda_kernels"))
     (tmp_path / "alignscan" / "cuda_kernels" / "__pycache__").write_text("not a directory")
     blocker = tmp_path / "blocked"
     blocker.write_text("a file, so nothing can be created below it")
@@ -172,10 +169,10 @@ def test_read_only_cache_directory_still_works(tmp_path):
     assert any(temporary.glob("alignscan-numba-cache-*/**/*.nbi"))
 
 
-def test_a_changed_helper_file_invalidates_the_cached_kernels(tmp_path):
+def test_a_changed_helper_file_invalidates_the_cached_kernels(tmp_path, repo_root):
     """numba alone keeps a cached kernel until its own file changes; ours also recompile when
     a file they inline from (``_numba_support.py``) changes, so no stale kernel survives."""
-    _copy_package(tmp_path, ("reference", "cuda_kernels"))
+    _copy_package(repo_root, tmp_path, ("reference", "cuda_kernels"))
     script = textwrap.dedent("""
         import numpy as np
         from alignscan.cuda_kernels import cpu

@@ -6,11 +6,11 @@ its workers)."""
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from tests import REPO
+
 PROBLEM = """
 import numpy as np, torch, numba
 from alignscan import cuda_kernels as K

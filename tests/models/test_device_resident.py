@@ -1,5 +1,6 @@
-"""A pruned model never waits for the host (issue 20): selection and position maps are torch
-ops on the model's device, equal to their NumPy reference twins; a pruned forward makes no
+"""A pruned model never waits for the host (a copy to the host is a synchronisation on a GPU
+and a graph break under ``torch.compile``): selection and position maps are torch ops on the
+model's device, equal to their NumPy reference twins; a pruned forward makes no
 device-to-host transfer or host synchronisation (a guard that can fail shows it); and the
 whole pruned model traces under ``torch.compile(fullgraph=True)`` with eager's logits."""
 import numpy as np
@@ -133,8 +134,8 @@ def test_a_pruned_forward_makes_no_host_round_trip(build, mode, backend):
 
 
 def test_the_guard_catches_a_host_copy_in_the_selection(monkeypatch):
-    """The guard can fail: put back the selection of the previous release, which scored the
-    tokens in NumPy (``y.cpu().numpy()``) and sent the kept indices back."""
+    """The guard can fail: a selection that scores the tokens in NumPy (``y.cpu().numpy()``)
+    and sends the kept indices back, the plainest way to write it, is caught."""
     def host_select(y, config, stage, live=None, protected=None):
         scores = R.token_importance(y.detach().to(torch.float64).cpu().numpy(), config.metric)
         kept = R.select_tokens(scores, config.ratio(stage), rule=config.count_rule,

@@ -1,7 +1,7 @@
-"""A model refuses what it would otherwise get silently wrong (issue 24, items 3-5): a pruning
-schedule beyond its depth, an image of another size, a keep plan of the wrong length or
-order, a schedule that is not a sequence; and FLOPs of a pruning that removes nothing equal
-the dense count exactly."""
+"""A model refuses what it would otherwise get silently wrong: a pruning schedule beyond its
+depth, an image of another size, a keep plan of the wrong length or order, a schedule that
+is not a sequence; and FLOPs of a pruning that removes nothing equal the dense count
+exactly."""
 import pytest
 import torch
 

@@ -4,17 +4,15 @@ paper's preset; their data config is the released checkpoints' transform; a timm
 script runs them through the launcher."""
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from alignscan import models, registry, vision
 from alignscan.models import timm_models
+from tests import REPO
 
 timm = vision.timm()          # torchvision first, as alignscan.vision explains
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("name", registry.NAMES)

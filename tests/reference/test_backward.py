@@ -3,9 +3,8 @@ import numpy as np
 from hypothesis import given, settings
 
 from alignscan import reference as R
-from tests.strategies import scan_problems
+from tests.strategies import GRAD_NAMES, scan_problems
 
-GRAD_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 FD_STEP = 1e-6
 FD_RTOL, FD_ATOL = 1e-6, 1e-8
 

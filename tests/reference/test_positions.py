@@ -82,7 +82,8 @@ def test_path_positions_orders_kept_tokens_by_rank(height, width, data):
 
 def test_a_position_map_owns_an_immutable_copy_of_its_positions():
     """Changing the array a map was built from changes nothing: the map keeps what it
-    validated, and its cached coefficients agree with its positions (issue 24, item 2)."""
+    validated, and its cached coefficients agree with its positions (a caller may reuse its
+    array for the next batch while the map is still in use)."""
     kept = np.array([[1, 5, 9, 13]])
     position_map = R.PositionMap(kept, 16)
     before = position_map.coefficients("prev", np.float64).coef_prev.copy()

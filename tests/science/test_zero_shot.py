@@ -1,10 +1,9 @@
-"""The digits data path, the weights cache (corrupt or mismatched files are retrained, never
-used), and the zero-shot and visualize subcommands end to end in --quick mode."""
+"""The zero-shot experiment: per-layer fidelity, the across-seed contrasts and error
+directions, the seed shown, and the zero-shot subcommand end to end in --quick mode."""
 import json
 import subprocess
 import sys
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,70 +11,9 @@ import torch
 from scipy import stats as scipy_stats
 
 from alignscan.science.design import MODES, PAIRS
-from alignscan.science.digits import DigitsConfig, load_digits_split, trained_model, weights_digest
-from alignscan.stats import bootstrap_interval
 from alignscan.science.zero_shot import fidelity
-
-REPO = Path(__file__).resolve().parents[2]
-TINY = DigitsConfig(embed_dim=16, depth=2, epochs=1, train_subset=64, batch_size=32)
-
-
-def test_digits_split_is_fixed_and_well_formed():
-    x_tr, y_tr, x_te, y_te = load_digits_split(32, 0)
-    assert x_tr.shape == (1437, 1, 32, 32) and x_te.shape == (360, 1, 32, 32)
-    assert 0.0 <= float(x_tr.min()) and float(x_tr.max()) <= 1.0
-    assert sorted(set(y_te.tolist())) == list(range(10))
-    again = load_digits_split(32, 0)
-    assert torch.equal(again[3], y_te)
-
-
-def test_weights_are_cached_and_reused(tmp_path):
-    model, info = trained_model(TINY, tmp_path, log=lambda *_: None)
-    assert info["source"] == "trained" and Path(info["path"]).exists()
-    again, info2 = trained_model(TINY, tmp_path, log=lambda *_: None)
-    assert info2["source"] == "cache"
-    assert weights_digest(again.state_dict()) == weights_digest(model.state_dict())
-
-
-def test_corrupt_or_mismatched_cache_is_retrained_not_used(tmp_path):
-    _, info = trained_model(TINY, tmp_path, log=lambda *_: None)
-    path = Path(info["path"])
-    messages = []
-    path.write_bytes(path.read_bytes()[:200])                     # truncated file
-    _, info = trained_model(TINY, tmp_path, log=messages.append)
-    assert info["source"] == "trained" and "unreadable" in info["reason"] and messages
-    blob = torch.load(path, weights_only=True)                    # tampered weights, digest kept
-    blob["state_dict"]["head.bias"] += 1.0
-    torch.save(blob, path)
-    _, info = trained_model(TINY, tmp_path, log=messages.append)
-    assert info["source"] == "trained" and "digest" in info["reason"]
-    blob = torch.load(path, weights_only=True)                    # another configuration under this name
-    blob["config"]["epochs"] = 99
-    torch.save(blob, path)
-    _, info = trained_model(TINY, tmp_path, log=messages.append)
-    assert info["source"] == "trained" and "configuration" in info["reason"]
-    blob = torch.load(path, weights_only=True)                    # same config, digest consistent, but the
-    blob["state_dict"]["head.extra"] = torch.zeros(2)             # model changed since: the weights do not fit
-    blob["digest"] = weights_digest(blob["state_dict"])
-    torch.save(blob, path)
-    _, info = trained_model(TINY, tmp_path, log=messages.append)
-    assert info["source"] == "trained" and "no longer fit" in info["reason"]
-    _, info = trained_model(TINY, tmp_path, log=messages.append)
-    assert info["source"] == "cache"                              # the retrained weights replaced it
-
-
-def test_a_cache_that_cannot_be_written_warns_and_keeps_the_trained_model(tmp_path):
-    (tmp_path / "a_file").write_text("in the way")
-    messages = []
-    model, info = trained_model(TINY, tmp_path / "a_file" / "cache", log=messages.append)
-    assert info["source"] == "trained" and "cache_error" in info and model is not None
-    assert any("could not cache" in m for m in messages)
-
-
-def test_bootstrap_interval_brackets_the_accuracy():
-    correct = np.array([True] * 80 + [False] * 20)
-    lo, hi = bootstrap_interval(correct)
-    assert lo < 0.8 < hi and hi - lo < 0.25
+from tests import REPO
+from tests.science.helpers import TINY, _run
 
 
 def test_fidelity_is_zero_at_keep_one_and_positive_when_pruned():
@@ -93,13 +31,6 @@ def test_fidelity_is_zero_at_keep_one_and_positive_when_pruned():
             assert [r["layer"] for r in rows] == [2, 3] and all(check(r["rel_dev"]) for r in rows)
         else:
             assert all(check(r["rel_dev"]) for r in rows)
-
-
-def _run(*args, tmp_path):
-    run = subprocess.run([sys.executable, "-m", "alignscan", *args, "--quick", "--out", str(tmp_path)], cwd=REPO,
-                         capture_output=True, text=True, timeout=900)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    return run
 
 
 def test_zero_shot_runs_the_tasks_named_and_rejects_others(tmp_path):
@@ -157,111 +88,6 @@ def test_zero_shot_quick_writes_paired_results_tables_and_figures(tmp_path):
         assert (tmp_path / f"zero_shot_{task}.png").stat().st_size > 1000
     table = (tmp_path / "zero_shot.md").read_text()
     assert "Smoke test" in table and "McNemar" in table and "p Holm" in table and "Span-controlled" in table
-
-
-def test_span_plans_remove_the_same_number_of_background_tokens_inside_or_outside_the_span():
-    from alignscan.science.distance_task import make_images, mark_tokens, pair_overlap, span, span_plans
-    _, labels, marks = make_images(300, seed=5)
-    tokens, cls = 65, 32
-    for removed in (4, 12):
-        inside, outside, eligible = span_plans(marks, removed, seed=1)
-        assert len(eligible) > 100 and inside.shape == outside.shape == (len(eligible), tokens - removed)
-        first, last = span(marks[eligible])
-        special = np.concatenate([mark_tokens(marks[eligible]), np.full((len(eligible), 1), cls)], axis=1)
-        for i in range(len(eligible)):
-            for plan, where in ((inside, "inside"), (outside, "outside")):
-                gone = np.setdiff1d(np.arange(tokens), plan[i])
-                assert len(gone) == removed and np.all(np.diff(plan[i]) > 0)
-                assert not np.isin(special[i], gone).any()                     # marks and class token stay
-                within = (gone > first[i]) & (gone < last[i])
-                assert within.all() if where == "inside" else not within.any()
-        for i in np.setdiff1d(np.arange(len(marks)), eligible):                 # too few tokens on one side
-            f, l = span(marks[i:i + 1])
-            background = np.setdiff1d(np.arange(tokens), np.append(mark_tokens(marks[i]), cls))
-            n_in = int(((background > f[0]) & (background < l[0])).sum())
-            assert min(n_in, len(background) - n_in) < removed
-    assert pair_overlap(marks[:100], marks[:100]) == 1.0 and pair_overlap(marks[:1], marks[1:2]) in (0.0, 1.0)
-
-
-def test_holm_adjusts_in_step_down_order():
-    from alignscan.stats import holm
-    assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
-    assert holm([0.5, 0.001]) == pytest.approx([0.5, 0.002])
-    assert holm([]) == []
-
-
-def test_mcnemar_exact_matches_the_binomial_tail():
-    from alignscan.stats import mcnemar_exact, paired_counts
-    assert mcnemar_exact(0, 0) == 1.0
-    assert mcnemar_exact(5, 5) == 1.0
-    assert mcnemar_exact(0, 6) == 2 / 2 ** 6                     # P(X = 0) + P(X = 6) for n = 6
-    assert abs(mcnemar_exact(2, 10) - 2 * sum(__import__("math").comb(12, i) for i in range(3)) / 2 ** 12) < 1e-15
-    assert mcnemar_exact(600, 500) < 0.01 and mcnemar_exact(1, 1000) < 1e-250
-    counts = paired_counts([True, True, False, False, True], [True, False, True, False, False])
-    assert (counts["both"], counts["only_a"], counts["only_b"], counts["neither"]) == (1, 2, 1, 1)
-
-
-def test_background_plans_keep_the_marks_and_the_class_token_and_are_nested():
-    from alignscan.science.distance_task import background_plan, make_images, mark_tokens
-    images, labels, marks = make_images(20, seed=3)
-    assert images.shape == (20, 1, 32, 32) and set(labels.tolist()) <= {0, 1}
-    distance = marks[:, 1] - marks[:, 0]
-    assert ((distance > 19) == (labels == 1)).all() and (np.abs(distance - 19) > 3).all()
-    plan = background_plan(marks, [0.7, 0.5], seed=0)
-    previous = None
-    for stage in plan:
-        for row, mark in zip(stage.numpy(), mark_tokens(marks)):
-            assert 32 in row and set(mark.tolist()) <= set(row.tolist())
-        if previous is not None:
-            assert all(set(r.tolist()) <= set(q.tolist()) for r, q in zip(stage, previous))
-        previous = stage
-
-
-def test_visualize_quick_writes_figures(tmp_path):
-    _run("visualize", tmp_path=tmp_path)
-    figures = sorted(tmp_path.glob("visualize_*.png"))
-    assert len(figures) == 3 and all(f.stat().st_size > 5000 for f in figures)
-
-
-def test_visualize_with_a_vim_model_and_an_image(tmp_path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    image = tmp_path / "in.png"
-    plt.imsave(image, np.random.default_rng(0).random((40, 40, 3)))
-    _run("visualize", "--model", "vim_tiny", "--image", str(image), tmp_path=tmp_path)
-    assert (tmp_path / "visualize_0.png").exists()
-
-
-def test_missing_image_is_a_clear_error(tmp_path):
-    run = subprocess.run([sys.executable, "-m", "alignscan", "visualize", "--image", str(tmp_path / "nope.png"),
-                          "--out", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert run.returncode == 2 and "image must be an existing image file" in run.stderr
-    assert "Traceback" not in run.stderr
-
-
-def test_held_out_pairs_never_occur_in_training_and_keep_the_task_balanced():
-    from alignscan.science.distance_task import THRESHOLD, distance_marks, pair_overlap, pair_pools
-    train_pairs, test_pairs = pair_pools(0)
-    assert not {tuple(p) for p in train_pairs.tolist()} & {tuple(p) for p in test_pairs.tolist()}
-    assert 0.15 < len(test_pairs) / (len(train_pairs) + len(test_pairs)) < 0.25
-    train, test = distance_marks("train", 0, held_out=True), distance_marks("test", 0, held_out=True)
-    assert pair_overlap(train, test) == 0.0 and pair_overlap(distance_marks("validation", 0, True), test) == 0.0
-    assert pair_overlap(distance_marks("train", 0), distance_marks("test", 0)) > 0.9       # the default task's shortcut
-    far = (test[:, 1] - test[:, 0]) > THRESHOLD
-    assert 0.45 < far.mean() < 0.55
-
-
-def test_sign_test_and_t_interval():
-
-    from alignscan.stats import sign_test, t_interval
-    assert sign_test([0.1, 0.2, 0.3, 0.4, 0.5]) == pytest.approx(2 / 32)          # 5 of 5 positive
-    assert sign_test([0.1, -0.1, 0.0]) == 1.0 and sign_test([0.0, 0.0]) == 1.0
-    d = [0.02, 0.05, -0.01, 0.04, 0.03]
-    mean, low, high = t_interval(d)
-    expected = scipy_stats.t.interval(0.95, len(d) - 1, loc=np.mean(d), scale=scipy_stats.sem(d))
-    assert mean == pytest.approx(np.mean(d)) and (low, high) == pytest.approx(expected)
-    assert np.isnan(t_interval([0.1])[1])
 
 
 def test_across_seeds_tests_the_primary_alone_and_holm_corrects_the_rest():
@@ -331,14 +157,6 @@ def test_error_directions_give_each_seeds_far_to_near_shares_and_their_differenc
         assert r["p_t"] == pytest.approx(scipy_stats.ttest_1samp(r["differences"], 0).pvalue)
         assert r["p_holm_t"] >= r["p_t"]
     assert error_directions("digits", [(0, {("own", "compact", 0.5, "align"): reading(1, 1)})]) == []
-
-
-def test_the_sign_test_floor_and_the_t_test():
-    from alignscan.stats import sign_test, sign_test_floor, t_test
-    assert sign_test_floor(5) == 0.0625 == sign_test([0.1] * 5) and sign_test_floor(6) == 0.03125
-    assert t_test([0.0, 0.0, 0.0]) == 1.0 and np.isnan(t_test([0.3]))
-    assert np.isnan(t_test([-0.022, -0.022]))          # no spread between seeds: no test, not p = 0
-    assert t_test([0.01, 0.03, 0.02]) == pytest.approx(scipy_stats.ttest_1samp([0.01, 0.03, 0.02], 0).pvalue)
 
 
 def test_the_shown_seed_is_the_first_that_reached_its_bar():
