@@ -6,7 +6,9 @@ RandAugment, colour jitter, random erasing; see ``recipe``).
 
 Evaluation uses the released models' transform: resize the shorter side to size/0.875 (256
 for 224) with bicubic interpolation, centre crop, ImageNet mean and std (Vim's DeiT
-``build_transform``; PlainMamba's mmcls test pipeline is the same).
+``build_transform``; PlainMamba's mmcls test pipeline is the same). It and the image decoder
+(``vision.read_image``: 8-bit RGB, 16-bit scaled) live in ``alignscan.vision``, a floor
+below, so that ``visualize`` feeds a model exactly what ``evaluate`` does.
 
 What is still written here, and why: ``image_folder`` finds the classes and their images by
 its own rules (``class_folders``, ``class_images``: hidden entries are never classes or
@@ -29,9 +31,8 @@ from .options import DataError
 
 __all__ = ["image_folder", "class_folders", "class_images", "eval_transform", "train_transform", "Images", "collate", "MEAN", "STD", "CROP_RATIO"]
 
-MEAN = (0.485, 0.456, 0.406)          # timm.data.IMAGENET_DEFAULT_MEAN / _STD
-STD = (0.229, 0.224, 0.225)
-CROP_RATIO = 0.875
+# The released models' constants, defined once with their transform (alignscan.vision).
+MEAN, STD, CROP_RATIO = vision.MEAN, vision.STD, vision.CROP_RATIO
 
 
 def class_folders(root):
@@ -100,7 +101,8 @@ def image_folder(root, limit=0):
     one) by this module's folder rules, with only the first ``limit`` images (sorted by path)
     of each class (0: all)."""
     try:
-        folder = _image_folder_type()(str(root), allow_empty=True)
+        # Decoded as visualize decodes (vision.read_image): 16-bit images scaled, not clipped.
+        folder = _image_folder_type()(str(root), loader=vision.read_image, allow_empty=True)
     except FileNotFoundError as exc:
         raise DataError(f"--data must be a folder with one subfolder per class holding images: {exc}") from None
     if limit:
@@ -118,13 +120,9 @@ def image_folder(root, limit=0):
 
 def eval_transform(size):
     """Resize the shorter side to size/0.875 (bicubic), centre crop ``size``, scale to [0, 1],
-    normalise with the ImageNet mean and std: a PIL image in, a float32 (3, size, size) out."""
-    import torch
-    vision.torchvision()
-    from torchvision.transforms import InterpolationMode, v2
-    return v2.Compose([v2.Resize(int(size / CROP_RATIO), interpolation=InterpolationMode.BICUBIC),
-                       v2.CenterCrop(size), v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True),
-                       v2.Normalize(MEAN, STD)])
+    normalise with the ImageNet mean and std: a PIL image in, a float32 (3, size, size) out.
+    ``alignscan.vision.eval_transform``, which ``visualize`` uses too: one pipeline."""
+    return vision.eval_transform(size)
 
 
 def train_transform(size, recipe):

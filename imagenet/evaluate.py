@@ -13,7 +13,7 @@ from alignscan.outputs import progress_bar, save_figure, write_bytes, write_json
 from alignscan.stats import holm, paired_counts
 
 from .data import Images, collate, eval_transform, image_folder
-from .options import DataError, build, load_weights
+from .options import EMA, DataError, build, load_weights
 from .world import World
 
 __all__ = ["evaluate_command", "evaluate_markdown"]
@@ -43,10 +43,12 @@ def _evaluate(args, backend, world):
     loader = torch.utils.data.DataLoader(Images(folder, shard, eval_transform(args.img_size)), batch_size=args.batch,
                                          num_workers=args.workers, collate_fn=collate)
     nets = {}
+    ema = EMA[getattr(args, "ema", "no")]
     for mode in modes:
         net = build(args.model, len(folder.classes), mode, keep, args.conv, args.metric, backend,
                     args.img_size)
-        nets[mode] = load_weights(net, args.checkpoint, len(folder.classes)).eval().to(world.device)
+        nets[mode] = load_weights(net, args.checkpoint, len(folder.classes), ema=ema).eval().to(world.device)
+    weights = nets[modes[0]].checkpoint_weights      # the same file and choice for every mode
     shared = getattr(args, "shared_selection", None)
     # Per image and mode, the top-5 classes (-1: not evaluated); every image is filled by the
     # one process that evaluated it, so a sum over the processes gathers them in order.
@@ -116,7 +118,8 @@ def _evaluate(args, backend, world):
     np.savez_compressed(buffer, modes=np.array(modes), path=np.array([path for path, _ in folder.samples]),
                         label=labels_all, evaluated=evaluated, top5=top.numpy())
     write_bytes(predictions, buffer.getvalue())
-    summary = {"backend": resolve_backend(world.device.type, backend), "model": args.model, "checkpoint": str(args.checkpoint), "data": str(args.data),
+    summary = {"backend": resolve_backend(world.device.type, backend), "model": args.model, "checkpoint": str(args.checkpoint),
+               "weights": weights, "ema": getattr(args, "ema", "no"), "data": str(args.data),
                "classes": len(folder.classes), "images": n, "evaluated": total, "unreadable": int(count.item()),
                "unreadable_policy": "skipped and counted" if args.skip_unreadable else "stop",
                "world_size": world.size, "device": str(world.device), "keep": keep if keep is not None else "paper",
@@ -132,7 +135,8 @@ def _evaluate(args, backend, world):
 
 
 def evaluate_markdown(summary):
-    lines = [f"{summary['model']} on {summary['data']} ({summary['evaluated']} images, {summary['classes']} classes"
+    lines = [f"{summary['model']} ({summary.get('weights', 'model')} weights) on {summary['data']} "
+             f"({summary['evaluated']} images, {summary['classes']} classes"
              f"{', ' + str(summary['unreadable']) + ' unreadable skipped' if summary['unreadable'] else ''}; "
              f"keep {summary['keep']}, conv {summary['conv']}, metric {summary['metric']}, "
              f"{summary['world_size']} process(es) on {summary['device']})", "",

@@ -47,15 +47,20 @@ def build(name, num_classes, mode, keep, conv, metric, backend, img_size=224, dr
                          drop_path_rate=drop_path)
 
 
-def load_weights(model, path, num_classes):
-    """models.load_checkpoint, with a message naming what differs when it does not fit."""
+# --ema's choices: which weights of a checkpoint evaluate reads (models.load_checkpoint's ema=).
+EMA = {"no": False, "yes": True, "auto": "auto"}
+
+
+def load_weights(model, path, num_classes, ema=False):
+    """models.load_checkpoint (``ema``: which weights, as there), with a message naming what
+    differs when it does not fit. The entry read is in ``model.checkpoint_weights``."""
     from alignscan import models
     from alignscan.models.checkpoints import describe_mismatch, read_checkpoint
     try:
-        return models.load_checkpoint(model, path)
+        return models.load_checkpoint(model, path, ema=ema)
     except ValueError as exc:
         try:
-            state = read_checkpoint(path)
+            state = read_checkpoint(path, ema=ema)
         except ValueError:
             raise DataError(str(exc)) from None
         why = describe_mismatch(model, state, num_classes) if isinstance(state, dict) else ""
@@ -86,6 +91,10 @@ def add_evaluate_arguments(p):
                         "one of --modes (default: each mode selects its own tokens)")
     p.add_argument("--preset", choices=("paper",), default="paper",
                    help="the paper's schedule and keep ratios (default); --keep overrides the ratio")
+    p.add_argument("--ema", choices=tuple(EMA), default="no",
+                   help="which weights of the checkpoint: no = the plain 'model' / 'state_dict' weights (default, "
+                        "those the released accuracies are measured with), yes = its 'model_ema' (an error when it "
+                        "has none), auto = 'model_ema' when present; evaluate.json names the weights read")
     _add_shared_arguments(p)
     p.add_argument("--backend", default=None, help="scan backend (default $ALIGNSCAN_BACKEND, else by device)")
 

@@ -7,7 +7,11 @@
     models.flops("vim_small", models.paper_preset("vim_small"))      # 3.612 GFLOPs
 
 Every scan runs through ``bridges.selective_scan_fn`` with the remaining tokens' position
-map; the pruning modes, schedules and presets are in ``models.pruning``.
+map; the pruning modes, schedules and presets are in ``models.pruning``. Both classes have
+timm's model API (``forward_features``, ``forward_head``, ``reset_classifier``,
+``no_weight_decay``, ``set_grad_checkpointing``, ...); ``models.timm_models`` registers the
+names with timm, released weights included. ``load_checkpoint(m, path, ema=...)`` reads the
+plain weights (default), the ``model_ema`` beside them (True) or whichever is there ("auto").
 """
 from alignscan import registry
 

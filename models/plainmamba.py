@@ -16,12 +16,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from alignscan import reference as R
 from alignscan import registry
 from alignscan.bridges import selective_scan_fn
 
-from .layers import drop_paths
+from .layers import check_global_pool, check_num_classes, classifier, drop_paths, resample_pos_embed
 from .pruning import PruningConfig, check_images
 from .stages import Stages
 
@@ -31,6 +32,8 @@ PLAINMAMBA_CONFIGS = {name: registry.card(name).config for name in registry.name
 
 
 class PlainMamba2D(nn.Module):
+    no_weight_decay_names = ("A_log", "D")       # the SSM's A and D
+
     def __init__(self, d_model, d_state=16, expand=2, d_conv=7):
         super().__init__()
         self.d_inner = expand * d_model
@@ -46,6 +49,8 @@ class PlainMamba2D(nn.Module):
         self.dt_proj = nn.Linear(Rk, E)
         self.out_proj = nn.Linear(E, d_model)
         nn.init.trunc_normal_(self.direction_Bs, std=0.02)
+        for name in self.no_weight_decay_names:
+            getattr(self, name)._no_weight_decay = True      # mamba's mark on the SSM's A and D
 
     def forward(self, x, scan, grid, backend=None):
         """x (b, K, D) kept tokens in raster order; scan the stage's ``StageScan`` (made with
@@ -132,11 +137,20 @@ class Backbone(nn.Module):
 class Head(nn.Module):
     def __init__(self, dim, num_classes):
         super().__init__()
-        self.fc = nn.Linear(dim, num_classes)
+        self.fc = classifier(dim, num_classes)
 
 
 class PlainMamba(nn.Module):
-    """PlainMamba backbone + linear head on the mean token, with token pruning."""
+    """PlainMamba backbone + linear head on the mean token, with token pruning.
+
+    timm's model API: ``forward_features`` (the mean token's feature), ``forward_head``,
+    ``get_classifier``, ``reset_classifier``, ``no_weight_decay``, ``set_grad_checkpointing``,
+    ``group_matcher`` and ``load_pretrained`` (the official layouts, for timm's loader)."""
+
+    global_pool = "avg"                       # timm's name for the mean over tokens
+    pos_embed_name = "backbone.pos_embed"     # the state-dict key resampled for another img_size
+    first_conv = "backbone.patch_embed.stem.0"
+    classifier_name = "head.fc"
 
     def __init__(self, embed_dim=192, depth=24, stem_convs=1, dw_after_first=True, num_classes=1000, img_size=224,
                  channels=3, pruning=None, backend=None, drop_path_rate=0.0):
@@ -144,7 +158,8 @@ class PlainMamba(nn.Module):
         if isinstance(img_size, bool) or not isinstance(img_size, int) or img_size < 16 or img_size % 16:
             raise ValueError(f"img_size must be a positive multiple of 16 (the patch grid), got {img_size!r}")
         self.backend = backend        # every scan's backend (None: the registry's default for the device)
-        self.embed_dim = embed_dim
+        self.embed_dim = self.num_features = self.head_hidden_size = embed_dim
+        self.grad_checkpointing = False
         self.pruning = (pruning if pruning is not None else PruningConfig()).check_depth(depth)
         if self.pruning.metric == "official":
             raise ValueError("metric 'official' (the released ViM code's selector, SPEC §4) needs ViM's backward "
@@ -154,7 +169,7 @@ class PlainMamba(nn.Module):
                              "are ViM's (a fused or merged token has no cell on PlainMamba's grid, and PlainMamba "
                              "has no class token): use pruned_tokens='drop', recenter_cls=False")
         self.img_size = img_size
-        self.num_classes = num_classes
+        self.num_classes = check_num_classes(num_classes)
         self.backbone = Backbone(embed_dim, depth, stem_convs, dw_after_first, img_size, channels, drop_path_rate)
         self.head = Head(embed_dim, num_classes)
 
@@ -167,7 +182,76 @@ class PlainMamba(nn.Module):
         each pruning stage. keep_plan: optional list, one (b, K) tensor per stage of the
         raster indices to keep (ascending, nested) instead of choosing them by importance.
         record: a ``Recorder`` that receives, per layer, the kept raster indices with the
-        layer output (``trace``) and with the merged SSM output (``mixer_outputs``)."""
+        layer output (``trace``) and with the merged SSM output (``mixer_outputs``).
+        With ``num_classes=0`` (no head) the logits are ``forward_features``' features."""
+        feature, kept = self._features(images, keep_plan, record)
+        logits = self.forward_head(feature)
+        return (logits, kept) if return_kept else logits
+
+    def forward_features(self, images):
+        """timm's ``forward_features``: the mean token's feature (b, embed_dim), the head's
+        input: the final LayerNorm (``ln1``) of the tokens left after the model's pruning
+        stages (they run here, as in ``forward``), averaged. As PlainMamba's own classifier
+        pools it, the pooled feature rather than the token grid: pruning changes the number of
+        tokens. ``forward_head(forward_features(x))`` is ``forward(x)``."""
+        return self._features(images, None, None)[0]
+
+    def forward_head(self, x, pre_logits=False):
+        """timm's ``forward_head``: the logits (b, num_classes) of ``forward_features``' (b,
+        embed_dim), or (``pre_logits``) those features themselves (the mean is taken in
+        ``forward_features``; there is no dropout before the head)."""
+        return x if pre_logits else self.head.fc(x)
+
+    def get_classifier(self):
+        """The head's linear layer (``head.fc``): nn.Linear(embed_dim, num_classes), or nn.Identity."""
+        return self.head.fc
+
+    def reset_classifier(self, num_classes, global_pool=None):
+        """A freshly initialised head for ``num_classes`` (0: nn.Identity, the model then gives
+        its features), on the old head's device and dtype. ``global_pool``: None or "avg"
+        (the mean over tokens; anything else is a ValueError naming the argument)."""
+        check_global_pool(global_pool, self.global_pool, type(self).__name__)
+        like = next(iter(self.head.fc.parameters()), self.backbone.pos_embed)
+        self.head.fc = classifier(self.embed_dim, num_classes, like=like)
+        self.num_classes = num_classes
+
+    def no_weight_decay(self):
+        """The parameters timm's optimizer factories keep out of weight decay, ViM's choice in
+        PlainMamba's names: the position embedding (``backbone.pos_embed``; PlainMamba has no
+        class token) and the SSM's A_log and D of every layer, which its mixer marks
+        ``_no_weight_decay`` as mamba does. (direction_Bs is decayed, as any 2-D weight.)"""
+        return {"backbone.pos_embed"} | {f"{path}.{name}" for path, module in self.named_modules()
+                                         if isinstance(module, PlainMamba2D) for name in module.no_weight_decay_names}
+
+    def set_grad_checkpointing(self, enable=True):
+        """Recompute each layer in the backward pass instead of keeping its activations
+        (``torch.utils.checkpoint``, non-reentrant; stochastic depth replays its draws).
+        Gradients are those without it; layers run whole when gradients are off, and so does
+        L1's first layer (its BatchNorm's running statistics must be updated once)."""
+        self.grad_checkpointing = bool(enable)
+
+    def group_matcher(self, coarse=False):
+        """timm's parameter groups (layer-wise learning-rate decay): the embedding, each layer,
+        the final norm."""
+        return dict(stem=r"^backbone\.pos_embed|^backbone\.patch_embed",
+                    blocks=[(r"^backbone\.layers\.(\d+)", None), (r"^backbone\.ln1", (99999,))])
+
+    def resample_pos_embed(self, posemb):
+        """A checkpoint's pos_embed (1, g*g, D) for this model's grid (``layers.resample_pos_embed``;
+        the same grid: unchanged). The snake paths are derived from the grid, not stored."""
+        return resample_pos_embed(posemb, self.grid[0], name=self.pos_embed_name)
+
+    def load_pretrained(self, checkpoint_path, prefix=""):
+        """timm's hook for a model's own checkpoint format: the file in either official layout,
+        its plain weights (``state_dict``), the head freshly initialised when the classes
+        differ, pos_embed resampled to this img_size (``checkpoints.load_checkpoint(adapt=True)``)."""
+        from .checkpoints import load_checkpoint
+        if prefix:
+            raise ValueError(f"prefix must be empty: the official layouts have none, got {prefix!r}")
+        load_checkpoint(self, checkpoint_path, adapt=True)
+
+    def _features(self, images, keep_plan, record):
+        """(the pooled feature (b, D), the kept raster indices per stage)."""
         cfg = self.pruning
         bb = self.backbone
         check_images(images, self.img_size, bb.patch_embed.stem[0].in_channels)
@@ -176,13 +260,18 @@ class PlainMamba(nn.Module):
         # Each stage's scan (the kept tokens, each snake path's order and map, the alignment) is
         # made once by the controller and read by every layer of the stage (SPEC §3).
         stages = Stages(cfg, b, L, x.device, keep_plan=keep_plan, scan_paths=(bb.path_orders, bb.path_labels))
+        recompute = self.grad_checkpointing and torch.is_grad_enabled()
         for i, layer in enumerate(bb.layers):
-            x, y = layer(x, stages.scan, self.grid, self.backend)
+            # L1's first layer runs whole: its BatchNorm would update its running statistics again
+            # when recomputed.
+            if recompute and not hasattr(layer, "dw"):
+                x, y = checkpoint(layer, x, stages.scan, self.grid, self.backend, use_reentrant=False)
+            else:
+                x, y = layer(x, stages.scan, self.grid, self.backend)
             if record is not None:
                 record.layer(stages.positions, x, y)
             (x,) = stages.after_layer(i, y, x)
-        logits = self.head.fc(bb.ln1(x).mean(dim=1))
-        return (logits, stages.kept_per_stage) if return_kept else logits
+        return bb.ln1(x).mean(dim=1), stages.kept_per_stage
 
 
 def plainmamba_l1(pruning=None, num_classes=1000, **kwargs):

@@ -15,11 +15,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from alignscan import registry
 from alignscan.bridges import selective_scan_fn
 
-from .layers import drop_paths
+from .layers import check_global_pool, check_num_classes, classifier, drop_paths, resample_pos_embed
 from .pruning import KeepPlan, PruningConfig, check_images
 from .stages import UNPRUNED, Stages, merge_groups
 
@@ -68,6 +69,8 @@ class BiMambaMixer(nn.Module):
     """Mamba with bimamba v2: a forward and a backward branch, each with its own conv1d,
     x_proj, dt_proj, A and D; ``out_proj((y_fwd + flip(y_bwd)) / 2)``."""
 
+    no_weight_decay_names = ("A_log", "D", "A_b_log", "D_b")     # the SSM's A and D, both branches
+
     def __init__(self, d_model, d_state=16, expand=2, d_conv=4):
         super().__init__()
         self.d_inner = expand * d_model
@@ -87,6 +90,8 @@ class BiMambaMixer(nn.Module):
         self.x_proj_b = nn.Linear(E, Rk + 2 * N, bias=False)
         self.dt_proj_b = nn.Linear(Rk, E)
         self.out_proj = nn.Linear(E, d_model, bias=False)
+        for name in self.no_weight_decay_names:
+            getattr(self, name)._no_weight_decay = True      # mamba's mark, as Vim's mixer sets it
         with torch.no_grad():   # mamba's dt init: softplus^-1 of dt in [1e-3, 1e-1]
             for proj in (self.dt_proj, self.dt_proj_b):
                 dt = torch.exp(torch.rand(E) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
@@ -172,7 +177,16 @@ class Prefix:
 
 
 class VisionMamba(nn.Module):
-    """ViM with the class token in the middle and token pruning (``pruning=``)."""
+    """ViM with the class token in the middle and token pruning (``pruning=``).
+
+    timm's model API: ``forward_features`` (the class token's feature), ``forward_head``,
+    ``get_classifier``, ``reset_classifier``, ``no_weight_decay``, ``set_grad_checkpointing``,
+    ``group_matcher`` and ``load_pretrained`` (the official layouts, for timm's loader)."""
+
+    global_pool = "token"            # timm's name for reading the class token
+    pos_embed_name = "pos_embed"     # the state-dict key resampled for another img_size
+    first_conv = "patch_embed.proj"
+    classifier_name = "head"
 
     def __init__(self, embed_dim=192, depth=24, img_size=224, patch_size=16, num_classes=1000, channels=3,
                  pruning=None, backend=None, drop_path_rate=0.0):
@@ -180,8 +194,9 @@ class VisionMamba(nn.Module):
         if isinstance(img_size, bool) or not isinstance(img_size, int) or img_size < 16 or img_size % 16:
             raise ValueError(f"img_size must be a positive multiple of 16 (the patch grid), got {img_size!r}")
         self.backend = backend        # every scan's backend (None: the registry's default for the device)
-        self.embed_dim = embed_dim
-        self.num_classes = num_classes
+        self.embed_dim = self.num_features = self.head_hidden_size = embed_dim
+        self.num_classes = check_num_classes(num_classes)
+        self.grad_checkpointing = False
         self.grid = img_size // patch_size
         self.num_patches = self.grid ** 2
         self.cls_index = self.num_patches // 2
@@ -195,7 +210,7 @@ class VisionMamba(nn.Module):
         paths = [nn.Identity()] + drop_paths(drop_path_rate, depth)[:-1]
         self.layers = nn.ModuleList(Block(embed_dim, paths[i]) for i in range(depth))
         self.norm_f = RMSNorm(embed_dim)
-        self.head = nn.Linear(embed_dim, num_classes)
+        self.head = classifier(embed_dim, num_classes)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
 
@@ -222,13 +237,82 @@ class VisionMamba(nn.Module):
         prefix: the images' ``Prefix`` (``self.prefix(images, layers)`` of a model with these
             weights): its layers are not run again, the rest is. Many modes, ratios and plans
             on the same images share it; the first stage must not come before its end.
+
+        With ``num_classes=0`` (no head) the logits are ``forward_features``' features.
         """
+        return self._run(images, return_kept, keep_plan, record, prefix, pre_logits=False)
+
+    def forward_features(self, images):
+        """timm's ``forward_features``: the class token's feature (b, embed_dim), the head's
+        input: ``norm_f`` of the last layer's output, read where the class token stands after
+        the model's pruning stages (they run here, as in ``forward``). As Vim's own
+        ``forward_features``, the pooled token rather than timm ViTs' token sequence: pruning
+        changes the sequence's length. ``forward_head(forward_features(x))`` is ``forward(x)``."""
+        return self._run(images, False, None, None, None, pre_logits=True)
+
+    def forward_head(self, x, pre_logits=False):
+        """timm's ``forward_head``: the logits (b, num_classes) of ``forward_features``' (b,
+        embed_dim), or (``pre_logits``) those features themselves (ViM has no pooling or
+        dropout between them and the head)."""
+        return x if pre_logits else self.head(x)
+
+    def get_classifier(self):
+        """The head: nn.Linear(embed_dim, num_classes), or nn.Identity with no classes."""
+        return self.head
+
+    def reset_classifier(self, num_classes, global_pool=None):
+        """A freshly initialised head for ``num_classes`` (0: nn.Identity, the model then gives
+        its features), on the old head's device and dtype. ``global_pool``: None or "token"
+        (ViM reads its class token; anything else is a ValueError naming the argument)."""
+        check_global_pool(global_pool, self.global_pool, type(self).__name__)
+        like = next(iter(self.head.parameters()), self.pos_embed)
+        self.head = classifier(self.embed_dim, num_classes, like=like)
+        self.num_classes = num_classes
+
+    def no_weight_decay(self):
+        """The parameters timm's optimizer factories keep out of weight decay: Vim's own
+        ``no_weight_decay`` (pos_embed, cls_token; its dist_token, cls_token_head and
+        cls_token_tail do not exist in the midclstok models) and the SSM's A_log, A_b_log, D
+        and D_b of every layer, which Vim's mixer marks ``_no_weight_decay`` (mamba's
+        convention, which timm's factories do not read: they read this list)."""
+        return {"pos_embed", "cls_token"} | {f"{path}.{name}" for path, module in self.named_modules()
+                                              if isinstance(module, BiMambaMixer)
+                                              for name in module.no_weight_decay_names}
+
+    def set_grad_checkpointing(self, enable=True):
+        """Recompute each layer in the backward pass instead of keeping its activations
+        (``torch.utils.checkpoint``, non-reentrant; stochastic depth replays its draws).
+        Gradients are those without it. Layers run whole when gradients are off or with
+        ``record=`` (a recomputed layer would record its scans twice)."""
+        self.grad_checkpointing = bool(enable)
+
+    def group_matcher(self, coarse=False):
+        """timm's parameter groups (layer-wise learning-rate decay): the embedding, each layer,
+        the final norm."""
+        return dict(stem=r"^cls_token|^pos_embed|^patch_embed", blocks=[(r"^layers\.(\d+)", None),
+                                                                        (r"^norm_f", (99999,))])
+
+    def resample_pos_embed(self, posemb):
+        """A checkpoint's pos_embed (1, g*g + 1, D), class token in the middle, for this model's
+        grid (``layers.resample_pos_embed``; the same grid: unchanged)."""
+        return resample_pos_embed(posemb, self.grid, middle_token=True, name=self.pos_embed_name)
+
+    def load_pretrained(self, checkpoint_path, prefix=""):
+        """timm's hook for a model's own checkpoint format: the file in either official layout,
+        its plain weights (``model``), the head freshly initialised when the classes differ,
+        pos_embed resampled to this img_size (``checkpoints.load_checkpoint(adapt=True)``)."""
+        from .checkpoints import load_checkpoint
+        if prefix:
+            raise ValueError(f"prefix must be empty: the official layouts have none, got {prefix!r}")
+        load_checkpoint(self, checkpoint_path, adapt=True)
+
+    def _run(self, images, return_kept, keep_plan, record, prefix, pre_logits):
         cfg = self.pruning
         if prefix is not None:
             self._check_prefix(prefix, images, record)
         if cfg.active and cfg.pruned_tokens == "merge" and images.shape[0] > 1:
-            return self._merged_in_groups(images, return_kept, keep_plan, record, prefix)
-        return self._forward(images, return_kept, keep_plan, record, prefix)
+            return self._merged_in_groups(images, return_kept, keep_plan, record, prefix, pre_logits)
+        return self._forward(images, return_kept, keep_plan, record, prefix, pre_logits)
 
     def _check_prefix(self, prefix, images, record):
         if not isinstance(prefix, Prefix):
@@ -252,7 +336,7 @@ class VisionMamba(nn.Module):
             hidden, residual, y, y_b = layer(hidden, residual, backend=self.backend)
         return Prefix(layers, hidden, residual, y, y_b)
 
-    def _forward(self, images, return_kept, keep_plan, record, prefix=None):
+    def _forward(self, images, return_kept, keep_plan, record, prefix=None, pre_logits=False):
         cfg = self.pruning
         hidden, residual, start = (self.embed(images), None, 0) if prefix is None else \
             (prefix.hidden, prefix.residual, prefix.layers)
@@ -264,19 +348,25 @@ class VisionMamba(nn.Module):
         scored = lambda y, y_b: y_b if cfg.metric == "official" else y
         if prefix is not None:              # the stage (if any) after the prefix's last layer
             hidden, residual = stages.after_layer(start - 1, scored(prefix.y, prefix.y_b), hidden, residual)
+        recompute = self.grad_checkpointing and record is None and torch.is_grad_enabled()
         for i in range(start, len(self.layers)):
-            hidden, residual, y, y_b = self.layers[i](hidden, residual, stages.scan, self.backend,
-                                                      None if record is None else record.scans)
+            if recompute:
+                hidden, residual, y, y_b = checkpoint(self.layers[i], hidden, residual, stages.scan, self.backend,
+                                                      None, use_reentrant=False)
+            else:
+                hidden, residual, y, y_b = self.layers[i](hidden, residual, stages.scan, self.backend,
+                                                          None if record is None else record.scans)
             if record is not None:
                 record.layer(stages.positions, residual + hidden.float(), y)
             hidden, residual = stages.after_layer(i, scored(y, y_b), hidden, residual)
         final = self.norm_f((residual + hidden.float()).to(self.norm_f.weight.dtype))
         cls_at = stages.protected_at
-        logits = self.head(torch.gather(final, 1, cls_at[..., None].expand(-1, -1, final.shape[-1]))[:, 0])
-        return (logits, stages.kept_per_stage) if return_kept else logits
+        feature = torch.gather(final, 1, cls_at[..., None].expand(-1, -1, final.shape[-1]))[:, 0]
+        out = self.forward_head(feature, pre_logits=pre_logits)
+        return (out, stages.kept_per_stage) if return_kept else out
 
 
-    def _merged_in_groups(self, images, return_kept, keep_plan, record, prefix=None):
+    def _merged_in_groups(self, images, return_kept, keep_plan, record, prefix=None, pre_logits=False):
         """pruned_tokens="merge": each image has its own number of runs, so its own token count
         after a stage. With a keep plan the counts are known beforehand and the images that
         share them run together (``stages.merge_groups``); without one, one image at a time.
@@ -292,17 +382,18 @@ class VisionMamba(nn.Module):
             groups = merge_groups(keep_plan, self.num_tokens)
         else:
             groups = [[r] for r in range(b)]
-        logits, kept = [None] * b, [[None] * b for _ in self.pruning.schedule]
+        outputs, kept = [None] * b, [[None] * b for _ in self.pruning.schedule]
         for rows in groups:
             index = torch.as_tensor(rows, device=images.device)
             plan = None if keep_plan is None else [stage[index.to(stage.device)] for stage in keep_plan.stages]
-            out, positions = self._forward(images[index], True, plan, None, None if prefix is None else prefix[index])
+            out, positions = self._forward(images[index], True, plan, None, None if prefix is None else prefix[index],
+                                           pre_logits)
             for j, r in enumerate(rows):
-                logits[r] = out[j]
+                outputs[r] = out[j]
                 for s, stage in enumerate(positions):
                     kept[s][r] = stage[j]
-        logits = torch.stack(logits)
-        return (logits, kept) if return_kept else logits
+        outputs = torch.stack(outputs)
+        return (outputs, kept) if return_kept else outputs
 
 
 def vim_tiny(pruning=None, num_classes=1000, **kwargs):

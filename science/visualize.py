@@ -7,6 +7,9 @@ scale (the paper's Fig. 3).
 
 Default: digits test images with the trained digits ViM (science.digits, cached). With
 --model, a ViM from ``models`` (random weights unless --checkpoint), its paper preset.
+``--image`` is decoded by ``vision.read_image`` and put through the model's evaluation
+transform: for a released model ``vision.eval_transform``, the function ``evaluate`` uses
+(``imagenet.data.eval_transform``), so both feed the model the same tensor.
 """
 from __future__ import annotations
 
@@ -15,22 +18,25 @@ from pathlib import Path
 import numpy as np
 
 
-def _load_image(path, size, channels):
-    import matplotlib.image as mpimg
-    import torch
-    import torch.nn.functional as F
-    img = np.asarray(mpimg.imread(path), dtype=np.float32)
-    if img.max() > 1.5:
-        img = img / 255.0
-    if img.ndim == 2:
-        img = img[..., None]
-    img = img[..., :3]
-    if channels == 1:
-        img = img.mean(-1, keepdims=True)
-    elif img.shape[-1] == 1:
-        img = np.repeat(img, 3, axis=-1)
-    t = torch.tensor(img).permute(2, 0, 1)[None]
-    return F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False)
+def _load_image(path, transform):
+    """The image file as the model's input (1, C, size, size): decoded to 8-bit RGB by
+    ``vision.read_image`` (16-bit, palette, CMYK and grey images scaled, never clipped) and
+    put through ``transform``, the model's evaluation transform."""
+    from alignscan import vision
+    return transform(vision.read_image(path))[None]
+
+
+def _digits_transform(size):
+    """The digits ViM's inputs (science.digits): grey in [0, 1], the whole square, no
+    normalisation."""
+    from alignscan import vision
+    return vision.eval_transform(size, crop_pct=1.0, interpolation="bilinear", mean=(0.0,), std=(1.0,), channels=1)
+
+
+def _shown(image, mean, std):
+    """A model input (1, C, H, W) as the picture to draw: normalisation undone, in [0, 1]."""
+    picture = image[0].permute(1, 2, 0).numpy() * np.asarray(std) + np.asarray(mean)
+    return np.clip(picture[..., 0] if picture.shape[-1] == 1 else picture, 0.0, 1.0)
 
 
 def class_token_attention(model, image):
@@ -78,10 +84,11 @@ ATTENTION_MODES = ("dense", "align", "hold", "relabel")
 PRUNED_COLOUR = (0.10, 0.55, 1.00)       # a blue no grey-scale input or inferno value has
 
 
-def figure(model_factory, image, title, path, quick=False):
+def figure(model_factory, image, title, path, quick=False, shown=None):
     """Top row: the input and the kept tokens after each stage (align), pruned patches blue.
     Bottom row: the class token's attention for dense / align / hold / relabel on one colour
-    scale (one colour bar), pruned patches blue. No panel is left empty."""
+    scale (one colour bar), pruned patches blue. No panel is left empty. ``shown``: the
+    picture of ``image`` to draw (default: ``image`` itself, taken to be in [0, 1])."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -92,8 +99,7 @@ def figure(model_factory, image, title, path, quick=False):
     align = model_factory("align")
     with torch.no_grad():
         _, kept = align(image, return_kept=True)
-    shown = image[0].permute(1, 2, 0).numpy()
-    shown = shown[..., 0] if shown.shape[-1] == 1 else np.clip(shown, 0, 1)
+    shown = _shown(image, (0.0,), (1.0,)) if shown is None else shown
     cmap = "gray" if shown.ndim == 2 else None
     g = align.grid
     extent = (-0.5, shown.shape[1] - 0.5, shown.shape[0] - 0.5, -0.5)
@@ -118,8 +124,7 @@ def figure(model_factory, image, title, path, quick=False):
         ax.set_xticks([])
         ax.set_yticks([])
     axes[-1].legend(handles=[Patch(color=PRUNED_COLOUR, label="pruned")], loc="lower right", fontsize=8)
-    heat = plt.get_cmap("inferno").copy()
-    heat.set_bad(PRUNED_COLOUR)
+    heat = plt.get_cmap("inferno").with_extremes(bad=PRUNED_COLOUR)
     bottom = np.atleast_1d(lower.subplots(1, len(ATTENTION_MODES)))
     for ax, mode in zip(bottom, ATTENTION_MODES):
         im = ax.imshow(np.ma.masked_invalid(maps[mode]), cmap=heat, vmin=0.0, vmax=top, interpolation="nearest")
@@ -157,8 +162,9 @@ def run(out_dir, image_path=None, model_name=None, checkpoint=None, quick=False,
             m = build_model(cfg, pruning=pruning)
             m.load_state_dict(base.state_dict())
             return m.eval()
+        mean, std = (0.0,), (1.0,)
         if image_path:
-            images = [_load_image(image_path, cfg.img_size, 1)]
+            images = [_load_image(image_path, _digits_transform(cfg.img_size))]
         else:
             _, _, x_test, _ = load_digits_split(cfg.img_size, cfg.split_seed)
             images = [x_test[i:i + 1] for i in (0, 1, 2)]
@@ -181,12 +187,14 @@ def run(out_dir, image_path=None, model_name=None, checkpoint=None, quick=False,
             return m.eval()
         size = kwargs.get("img_size", 224)
         if image_path:
-            images = [_load_image(image_path, size, 3)]
+            # The released models' evaluation transform: the very function evaluate uses.
+            from alignscan import vision
+            images, mean, std = [_load_image(image_path, vision.eval_transform(size))], vision.MEAN, vision.STD
         else:
             rng = torch.Generator().manual_seed(0)
-            images = [torch.rand(1, 3, size, size, generator=rng)]
+            images, mean, std = [torch.rand(1, 3, size, size, generator=rng)], (0.0,), (1.0,)
     paths = []
     for i, image in enumerate(images):
         paths.append(figure(factory, image, f"weights: {weights}; image: {image_path or f'test image {i}'}",
-                            out_dir / f"visualize_{i}.png", quick=quick))
+                            out_dir / f"visualize_{i}.png", quick=quick, shown=_shown(image, mean, std)))
     return {"figures": [str(p) for p in paths], "weights": weights}

@@ -38,8 +38,6 @@ def test_timm_keywords_and_the_released_transform():
     cfg = timm.data.resolve_data_config({}, model=timm.create_model("plainmamba_l1_paper"))
     assert (cfg["input_size"], cfg["interpolation"], cfg["crop_pct"]) == ((3, 224, 224), "bicubic", 0.875)
     assert set(timm.list_models("vim_*") + timm.list_models("plainmamba_*")) >= set(timm_models.TIMM_NAMES)
-    with pytest.raises(ValueError, match="pretrained_cfg_overlay=dict"):
-        timm.create_model("vim_tiny", pretrained=True)
     with pytest.raises(TypeError, match="pruning must be"):
         timm.create_model("vim_tiny", pruning=0.5)
 
