@@ -95,7 +95,7 @@ def run_models(args, backend):
 def run_zero_shot(args, backend):
     from alignscan.science import zero_shot
     result = zero_shot.run(args.out, quick=args.quick, cache_dir=args.cache, seed=args.seed, tasks=args.tasks,
-                           seeds=args.seeds, jobs=args.jobs)
+                           seeds=args.seeds, jobs=args.jobs, confirmatory_test=args.confirmatory)
     print()
     print((args.out / "zero_shot.md").read_text())
     print(f"Table: {(args.out / 'zero_shot.md').resolve()}")
@@ -183,7 +183,7 @@ def build_parser():
                         "background tokens only; paired McNemar tests of align, hold and relabel on the same images; "
                         "on digits also importance metrics, brief fine-tuning and fidelity.")
     z.add_argument("--cache", type=Path, default=None, help="weights cache folder (default OUT/cache)")
-    z.add_argument("--seed", type=int, default=0, help="training seed (the train/test split stays fixed; default 0)")
+    z.add_argument("--seed", type=int, default=None, help="training seed (the train/test split stays fixed; default 0)")
     z.add_argument("--seeds", default=None,
                    help="comma-separated training seeds, e.g. 0,1,2,3,4: every task is trained and run once per seed, "
                         "and the span contrasts are tested across the seeds that reach their bar (default: --seed)")
@@ -191,9 +191,14 @@ def build_parser():
                    help="how many (task, seed) jobs run at once, each in its own process with --threads shared out "
                         "(at least 1 each); 2 with --threads 2 keeps both cores busy where one process's small "
                         "ops leave one idle (default 1: one after the other)")
-    z.add_argument("--tasks", default="digits,distance",
+    z.add_argument("--tasks", default=None,
                    help="comma-separated tasks: digits, distance, heldout (the distance task with test mark pairs "
                         "never seen in training, trained to a 95 %% bar; default digits,distance)")
+    z.add_argument("--confirmatory", action="store_true",
+                   help="the pre-registered confirmatory test (science/design.py, CONFIRMATORY) instead: the held-out "
+                        "task on the design's seeds and a new draw of test images, the span cells it tests, and the "
+                        "gap decay behind align's errors; its seeds and task are the design's, so --seed, --seeds and "
+                        "--tasks are refused (with --quick: a tiny model on two seeds)")
     v = add("visualize", help="kept tokens per stage and class-token attention maps",
             description="Figures like the paper's Fig. A1 and Fig. 3 (dense / align / relabel).")
     v.add_argument("--image", default=None, help="an image file (default: digits test images)")
@@ -236,6 +241,14 @@ def check_arguments(args):
             raise UsageError(str(exc)) from None
     if args.command == "zero-shot":
         from alignscan.science.zero_shot import TASK_CONFIGS
+        if args.confirmatory:
+            given = [name for name, value in (("--tasks", args.tasks), ("--seeds", args.seeds)) if value is not None]
+            given += ["--seed"] if args.seed is not None else []
+            if given:
+                raise UsageError(f"{', '.join(given)} cannot be given with --confirmatory: the pre-registered design "
+                                 f"fixes its task and seeds")
+        args.seed = 0 if args.seed is None else args.seed
+        args.tasks = "digits,distance" if args.tasks is None else args.tasks
         tasks = tuple(dict.fromkeys(t.strip() for t in args.tasks.split(",") if t.strip()))
         unknown = [t for t in tasks if t not in TASK_CONFIGS]
         if not tasks or unknown:

@@ -8,7 +8,8 @@ from fractions import Fraction
 import numpy as np
 
 __all__ = ["mcnemar_exact", "paired_counts", "bootstrap_interval", "holm", "sign_test", "sign_test_floor", "t_interval", "t_test",
-           "BOOTSTRAP", "mcnemar_detectable_difference"]
+           "BOOTSTRAP", "mcnemar_detectable_difference", "t_test_one_sided", "tost", "t_test_power", "rank_auc",
+           "rank_auc_interval"]
 
 BOOTSTRAP = 1000
 
@@ -111,3 +112,82 @@ def t_test(differences):
     if np.allclose(d, d[0], rtol=0, atol=1e-12):
         return float("nan")
     return float(stats.ttest_1samp(d, 0.0).pvalue)
+
+
+def _no_t_test(d):
+    """NaN when one-sample t-tests of ``d`` say nothing: fewer than two values, or no spread
+    (equal values, zeros included: a zero spread is no evidence about the spread between
+    seeds; SciPy returns NaN there too)."""
+    return d.size < 2 or np.allclose(d, d[0], rtol=0, atol=1e-12)
+
+
+def t_test_one_sided(differences, alternative, null=0.0):
+    """One-sided one-sample Student t-test of per-seed differences: p of mean > ``null``
+    (``alternative`` "greater") or mean < ``null`` ("less"); SciPy's ``ttest_1samp`` with that
+    alternative. NaN (no test) with fewer than two differences or none of their spread."""
+    from scipy import stats
+    if alternative not in ("greater", "less"):
+        raise ValueError(f"alternative must be 'greater' or 'less', got {alternative!r}")
+    d = np.asarray(differences, dtype=float)
+    if _no_t_test(d):
+        return float("nan")
+    return float(stats.ttest_1samp(d, null, alternative=alternative).pvalue)
+
+
+def tost(differences, margin, alpha=0.05):
+    """Two one-sided t-tests (Schuirmann's TOST) that the mean of per-seed differences lies
+    within (-margin, +margin): p_lower tests mean > -margin, p_upper mean < +margin, and the
+    mean is shown equivalent when both are below ``alpha`` (p = the larger). The (1 - 2 alpha)
+    t-interval lies inside the margins exactly then. NaN p (not shown) without a spread."""
+    if not margin > 0:
+        raise ValueError(f"margin must be > 0, got {margin!r}")
+    d = np.asarray(differences, dtype=float)
+    p_lower = t_test_one_sided(d, "greater", null=-margin)
+    p_upper = t_test_one_sided(d, "less", null=margin)
+    p = max(p_lower, p_upper) if not (math.isnan(p_lower) or math.isnan(p_upper)) else float("nan")
+    mean, low, high = t_interval(d, level=1 - 2 * alpha)
+    return {"margin": float(margin), "alpha": float(alpha), "mean": mean, "p_lower": p_lower, "p_upper": p_upper,
+            "p": p, "interval": (low, high), "interval_level": 1 - 2 * alpha,
+            "equivalent": bool(p < alpha) if not math.isnan(p) else False}
+
+
+def t_test_power(effect, sd, n, alpha):
+    """Power of a one-sided one-sample t-test at level ``alpha`` with ``n`` values when the
+    true mean is ``effect`` (in the tested direction; its sign is ignored) and the SD ``sd``:
+    P(T > t_(1-alpha, n-1)) with T noncentral t of n - 1 degrees of freedom and
+    noncentrality |effect| sqrt(n) / sd. NaN with fewer than two values."""
+    from scipy import stats
+    if not sd > 0:
+        raise ValueError(f"sd must be > 0, got {sd!r}")
+    if n < 2:
+        return float("nan")
+    df = n - 1
+    critical = stats.t.ppf(1 - alpha, df)
+    return float(stats.nct.sf(critical, df, abs(effect) * math.sqrt(n) / sd))
+
+
+def rank_auc(positive, negative):
+    """The probability that a value drawn from ``positive`` exceeds one from ``negative``
+    (ties count a half): Mann-Whitney's U / (n_pos n_neg), the area under the ROC curve of the
+    value as a score for "positive"; 2 AUC - 1 is the rank-biserial correlation. NaN when
+    either group is empty."""
+    from scipy import stats
+    a, b = np.asarray(positive, dtype=float), np.asarray(negative, dtype=float)
+    if a.size == 0 or b.size == 0:
+        return float("nan")
+    return float(stats.mannwhitneyu(a, b, alternative="two-sided").statistic / (a.size * b.size))
+
+
+def rank_auc_interval(positive, negative, seed=0, resamples=BOOTSTRAP, level=0.95):
+    """Percentile bootstrap interval of ``rank_auc``, each group resampled within itself (the
+    group sizes stay those observed). (NaN, NaN) when either group is empty."""
+    from scipy import stats
+    a, b = np.asarray(positive, dtype=float), np.asarray(negative, dtype=float)
+    if a.size == 0 or b.size == 0:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    draws = np.concatenate([rng.choice(a, (resamples, a.size)), rng.choice(b, (resamples, b.size))], axis=1)
+    ranks = stats.rankdata(draws, axis=1)                       # one resample a row; ties share their mean rank
+    values = (ranks[:, :a.size].sum(axis=1) - a.size * (a.size + 1) / 2) / (a.size * b.size)
+    tail = 100 * (1 - level) / 2
+    return float(np.percentile(values, tail)), float(np.percentile(values, 100 - tail))

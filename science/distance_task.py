@@ -19,7 +19,8 @@ from __future__ import annotations
 import numpy as np
 
 __all__ = ["GRID", "PATCH", "THRESHOLD", "MARGIN", "make_images", "load_distance_split", "mark_tokens",
-           "background_plan", "pair_pools", "span", "span_plans", "pair_overlap", "TEST_PAIR_SHARE", "distance_marks"]
+           "background_plan", "pair_pools", "span", "span_plans", "pair_overlap", "TEST_PAIR_SHARE", "distance_marks",
+           "redrawn_test_split"]
 
 GRID = 8            # 8 x 8 patches of 4 x 4 pixels: a 32 x 32 image
 PATCH = 4
@@ -98,13 +99,25 @@ def distance_marks(split, seed=0, held_out=False, n=None):
     return _draw(split, seed, held_out, n)[2]
 
 
-def _draw(split, seed, held_out, n=None):
+def _draw(split, seed, held_out, n=None, images_seed=None):
+    """A split's (images, labels, marks): mark pairs from ``seed``'s pools, images from
+    ``offset + seed``, or from ``images_seed`` where given (a fresh draw of the same split)."""
     offset, size = {"train": (1000, TRAIN), "test": (2000, TEST), "validation": (3000, TEST)}[split]
     pool = None
     if held_out:
         train_pairs, test_pairs = pair_pools(seed)
         pool = test_pairs if split == "test" else train_pairs
-    return make_images(size if n is None else n, seed=offset + seed, pool=pool)
+    return make_images(size if n is None else n, seed=offset + seed if images_seed is None else images_seed, pool=pool)
+
+
+def redrawn_test_split(images_seed, split_seed=0, held_out=True, n=None):
+    """(x, y tensors, marks): the test split (its mark pairs: with ``held_out``, the test pairs
+    of ``pair_pools(split_seed)``) with its images drawn from ``images_seed`` instead of the
+    offset every other run uses, so that none of them was seen before (``n``: the first n)."""
+    import torch
+    x, y, marks = _draw("test", split_seed, held_out, images_seed=images_seed)
+    n = len(y) if n is None else n
+    return torch.from_numpy(x[:n]), torch.from_numpy(y[:n]), marks[:n]
 
 
 def load_distance_split(seed=0, held_out=False, split=("train", "test")):

@@ -112,11 +112,90 @@ def _span_markdown(span_rows, meta):
     return lines + [""]
 
 
+def _num(value, spec="+.2f"):
+    return "-" if value is None or value != value else format(value, spec)
+
+
+def _confirmatory_markdown(result):
+    """The pre-registered test's outcome (``confirmatory.analyse``)."""
+    entry = result.get("confirmatory")
+    if not entry:
+        return []
+    design = entry["design"]
+    missed = ", ".join(f"{m['seed']}" for m in entry["missed_bar"]) or "none"
+    lines = [f"### Confirmatory test (pre-registered: science/design.py, CONFIRMATORY): {design['task']}, "
+             f"{design['conv']} conv, {design['removed']} removed, {design['a']} - {design['b']}", "",
+             f"Seeds that reached the bar: {len(entry['seeds'])} of {len(entry['seeds_run'])} "
+             f"({', '.join(map(str, entry['seeds']))}); left out, missed the bar: {missed}.", "",
+             "| hypothesis | side | pairs | direction | seeds | mean (points) | 95 % t | p (one-sided) | p Holm | verdict |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for h in entry["hypotheses"]:
+        lines.append(f"| {h['name']} | {h['side']} | {h['pairs']} | {h['direction']} | {h['seeds']} | "
+                     f"{_num(h['mean'])} | [{_num(h['t95'][0])}, {_num(h['t95'][1])}] | {_num(h['p'], '.3g')} | "
+                     f"{_num(h['p_holm'], '.3g')} | {h['verdict']} |")
+    lines += ["", f"Equivalence outside the span (TOST, margin ±{design['equivalence']['margin_points']:g} points, "
+                  f"alpha {design['equivalence']['alpha']:g}):", "",
+              "| pairs | seeds | mean | 90 % t | p lower | p upper | verdict |", "|---|---|---|---|---|---|---|"]
+    for e in entry["equivalence"]:
+        lines.append(f"| {e['pairs']} | {e['seeds']} | {_num(e['mean'])} | [{_num(e['interval'][0])}, "
+                     f"{_num(e['interval'][1])}] | {_num(e['p_lower'], '.3g')} | {_num(e['p_upper'], '.3g')} | "
+                     f"{e['verdict']} |")
+    power = entry["power"]
+    lines += ["", f"Power with {power['seeds']} seeds at the planning numbers (one-sided, alpha "
+                  f"{power['alpha_one_sided']:g}): H1 {_num(power['H1'], '.2f')}, H2 {_num(power['H2'], '.3f')} "
+                  f"(planned with {power['planned']['seeds']}: {power['planned']['H1']}, {power['planned']['H2']}).",
+              ""]
+    for side, by_pairs in entry["per_seed"].items():
+        for pairs, values in by_pairs.items():
+            lines.append(f"- {side}, {pairs} pairs, per seed: " + ", ".join(_num(d, "+.1f")
+                                                                          for d in values["differences"]))
+    return lines + [""]
+
+
+def _delta_markdown(result):
+    """The gap decay behind the errors (``gap_decay.summarise``)."""
+    delta = result.get("delta")
+    if not delta or not delta.get("dense_delta"):
+        return []
+    lines = [f"### Gap decay (exploratory): {delta['cell']['side']} the span, {delta['cell']['removed']} removed, "
+             f"seeds {', '.join(map(str, delta['seeds']))}", "",
+             f"{delta['sign']}. Dense model, log(Δ of the kept token / mean Δ of the gap's pruned tokens), median "
+             "[5 %, 95 %] over images, and the share of channels where the kept token's Δ is larger:", "",
+             "| layer | before the gap | share | after the gap | share |", "|---|---|---|---|---|"]
+    for row in delta["dense_delta"]:
+        cells = []
+        for rule in ("prev", "next"):
+            q = row[f"log_ratio_{rule}"].get("quantiles", {})
+            cells += [f"{_num(q.get('50'), '+.3g')} [{_num(q.get('5'), '+.3g')}, {_num(q.get('95'), '+.3g')}]",
+                      _num(row[f"share_{rule}_above"], ".2f")]
+        lines.append(f"| {row['layer']} | " + " | ".join(cells) + " |")
+    excess = delta["excess"]["excess_log"]
+    lines += ["", "Excess log-decay over the span's gaps per image (mean; share < 0: the aligned state decays more):",
+              "", "| mode (rule) | " + " | ".join(f"layer {r['layer']}" for r in excess[delta['modes'][0]]) + " |",
+              "|---|" + "---|" * len(excess[delta["modes"][0]])]
+    for mode, layers in excess.items():
+        lines.append(f"| {mode} ({layers[0]['rule']}) | " + " | ".join(
+            f"{_num(r.get('mean'), '+.3g')} ({_num(r.get('share_negative'), '.2f')})" for r in layers) + " |")
+    lines += ["", f"Does an image's extra forgetting single out the near pairs read as far? AUC, mean over seeds "
+                  f"[95 % t], near pairs; and the fraction of the extra errors over {delta['baseline']} it explains "
+                  f"({delta['explained_definition']}):", "",
+              "| mode | AUC (near) | p Holm | AUC (all) | explained (pooled) | 95 % (seeds) |", "|---|---|---|---|---|---|"]
+    for mode in delta["modes"]:
+        near, every = (delta["prediction"]["excess_log"][mode][p] for p in ("near", "all"))
+        explained = delta["explained"]["excess_log"][mode]["pooled"]
+        lines.append(f"| {mode} | {_num(near['mean_auc'], '.3f')} [{_num(near['t95'][0], '.3f')}, "
+                     f"{_num(near['t95'][1], '.3f')}] | {_num(near['p_holm_t'], '.3g')} | "
+                     f"{_num(every['mean_auc'], '.3f')} | {_num(explained['fraction'], '.2f')} | "
+                     f"[{_num(explained['ci95_seeds'][0], '.2f')}, {_num(explained['ci95_seeds'][1], '.2f')}] |")
+    return lines + [""]
+
+
 def markdown(result):
     lines = []
     smoke = ["**Smoke test (--quick): tiny models trained for seconds; the numbers mean nothing.**", ""] \
         if result["quick"] else []
     lines += smoke
+    lines += _confirmatory_markdown(result) + _delta_markdown(result)
     rows = result["rows"]
     for task, meta in result["tasks"].items():
         task_rows = [r for r in _of_seed(rows, meta) if r["task"] == task and not r["finetuned"] and "ablation" not in r

@@ -2,6 +2,7 @@
 that could explain a difference between modes isolated, and paired tests on the same images.
 
     alignscan zero-shot [--quick] [--out DIR] [--cache DIR] [--seed S]
+    alignscan zero-shot --confirmatory [--quick] [--jobs 2 --threads 2] [--out DIR]   # design.CONFIRMATORY
 
 Tasks: digits (``science.digits``) and scan distance (``science.distance_task``: a task where the
 distance along the scan decides the label).
@@ -15,6 +16,8 @@ always stay).
 Each pair that matters (align vs relabel, hold vs relabel, hold vs align) is compared on the
 same images: the counts of images both / only one / neither got right, and an exact McNemar
 p-value. On digits also: the importance metrics, brief fine-tuning, and fidelity.
+The confirmatory run (``confirmatory_job``) evaluates only what the pre-registered test and the
+gap-decay measurement (``science.gap_decay``) need; ``science.confirmatory`` analyses it.
 """
 from __future__ import annotations
 
@@ -50,8 +53,10 @@ from alignscan.stats import (
     t_test,
 )
 
+from . import confirmatory, gap_decay
 from .design import (
     BOTH_CONVS,
+    CONFIRMATORY,
     CONVS,
     DIRECTION_CONTRAST,
     FINETUNE_MODES,
@@ -67,9 +72,9 @@ from .design import (
 )
 from .report import markdown, plot
 
-__all__ = ["mcnemar_exact", "paired_counts", "run", "seed_job", "extras_job", "shown_seed", "reanalyse", "per_image_correct",
-           "per_image_predictions", "error_directions",
-           "TASK_CONFIGS"]
+__all__ = ["mcnemar_exact", "paired_counts", "run", "seed_job", "extras_job", "confirmatory_job", "shown_seed", "reanalyse",
+           "per_image_correct", "per_image_predictions", "error_directions", "save_gap_decay", "load_gap_decay",
+           "TASK_CONFIGS", "QUICK_CONFIRMATORY"]
 
 
 # The two tasks' models. Digits: pruned after layers 2, 4, 6 of 8; distance: after 2 and 4 of
@@ -94,6 +99,12 @@ QUICK_CONFIGS = {
     "heldout": (DigitsConfig(task="distance", held_out_pairs=True, embed_dim=16, depth=6, epochs=1, train_subset=128,
                              bar=0.99, max_epochs=2), (2, 4), ("background",)),
 }
+
+# The confirmatory run's smoke test (--confirmatory --quick): the held-out task's tiny model on
+# the first two seeds of the design, with a bar it always reaches (the bar's bookkeeping runs;
+# the real bar would leave no tiny model to test), on the first test images of the new draw.
+QUICK_CONFIRMATORY = {"config": replace(QUICK_CONFIGS["heldout"][0], bar=0.01, max_epochs=1),
+                      "seeds": CONFIRMATORY["seeds"][:2], "test_images": 96}
 
 
 def _pruned_copy(dense, cfg, mode, ratio, metric, schedule, conv="compact"):
@@ -235,24 +246,31 @@ def shuffled_positions_control(model, x, y, permutations=3, seed=31):
             "shuffled": accuracies, "permutations": permutations}
 
 
-def span_cells(task, model, cfg, schedule, x_test, y_test, marks, quick, correct, predicted, indices, prefix=None):
+def span_plan(marks, removed, model):
+    """(plans {"inside", "outside"}, eligible) of the span cells with ``removed`` tokens
+    (``distance_task.span_plans``, with the one seed every run of the cells uses)."""
+    from alignscan.science.distance_task import span_plans
+    inside, outside, eligible = span_plans(marks, removed, seed=23, tokens=model.num_tokens, cls_index=model.cls_index)
+    return {"inside": inside, "outside": outside}, eligible
+
+
+def span_cells(task, model, cfg, schedule, x_test, y_test, marks, quick, correct, predicted, indices, prefix=None,
+               levels=None, convs=CONVS, modes=MODES):
     """The span-controlled cells of the distance task (``distance_task.span_plans``): the same
     number of background tokens removed from each image, all inside the span joining the
     marks and the class token, or all outside it, on the images that have enough of both;
     every mode, both convs. Rows have selection "span_inside"/"span_outside" and ``removed``.
-    prefix: the test images' ``Prefix`` (``digits.prefixes``), if computed already."""
+    prefix: the test images' ``Prefix`` (``digits.prefixes``), if computed already.
+    levels, convs, modes: a subset of the cells (default: the numbers removed of
+    ``design.SPAN_REMOVED``, the first alone with ``quick``; both convs; every mode)."""
     import torch
-
-    from alignscan.science.distance_task import span_plans
     rows = []
-    jobs = [(k, c, m) for k in (SPAN_REMOVED[:1] if quick else SPAN_REMOVED) for c in CONVS for m in MODES
-            if c == "compact" or m in BOTH_CONVS]
+    levels = (SPAN_REMOVED[:1] if quick else SPAN_REMOVED) if levels is None else levels
+    jobs = [(k, c, m) for k in levels for c in convs for m in modes if c == "compact" or m in BOTH_CONVS]
     plans = {}
     for removed, conv, mode in progress_bar(jobs, desc="distance span cells", leave=False):
         if removed not in plans:
-            inside, outside, eligible = span_plans(marks, removed, seed=23, tokens=model.num_tokens,
-                                                   cls_index=model.cls_index)
-            plans[removed] = ({"inside": inside, "outside": outside}, eligible)
+            plans[removed] = span_plan(marks, removed, model)
         sides, eligible = plans[removed]
         if len(eligible) == 0:
             continue
@@ -542,21 +560,29 @@ def _add_across_seeds(result, task, files):
 def reanalyse(out_dir):
     """Redo the across-seed contrasts of a finished run from its saved per-image files (the
     seeds it included), and rewrite its JSON and Markdown: a change to the contrasts needs no
-    new run. Returns the result dict."""
+    new run. Of a confirmatory run, its "confirmatory" and "delta" entries instead, from the
+    per-image and gap-decay files (its wall time and machine are kept). Returns the result dict."""
     import json
     out_dir = Path(out_dir)
     result = json.loads((out_dir / "zero_shot.json").read_text())
-    result["across_seeds"], result["error_directions"] = [], []
-    for task, summaries in result["per_seed"].items():
-        _add_across_seeds(result, task, [(m["seed"], out_dir / m["per_image"]) for m in summaries if m["included"]])
+    if "confirmatory" in result:       # a confirmatory run: its entries, redone; what the run was, kept
+        run_facts = result["confirmatory"].get("run")
+        result.update(json.loads(json.dumps(confirmatory_entries(result, out_dir))))
+        if run_facts is not None:
+            result["confirmatory"]["run"] = run_facts
+    else:
+        result["across_seeds"], result["error_directions"] = [], []
+        for task, summaries in result["per_seed"].items():
+            _add_across_seeds(result, task, [(m["seed"], out_dir / m["per_image"]) for m in summaries if m["included"]])
     write_json(out_dir / "zero_shot.json", result)
     write_text(out_dir / "zero_shot.md", markdown(result))
     record = out_dir / "zero_shot_run.json"          # the command line's run record holds a copy
     if record.exists():
         run_record = json.loads(record.read_text())
         if "across_seeds" in run_record.get("zero_shot", {}):
-            run_record["zero_shot"]["across_seeds"] = result["across_seeds"]
-            run_record["zero_shot"]["error_directions"] = result["error_directions"]
+            for key in ("across_seeds", "error_directions", "confirmatory", "delta"):
+                if key in result:
+                    run_record["zero_shot"][key] = result[key]
             run_record["zero_shot"]["reanalysed"] = True
             write_json(record, run_record)
     return result
@@ -618,6 +644,102 @@ def extras_job(seed, quick, cache_dir, log=None):
     return {"rows": [dict(r, seed=seed) for r in rows], "fidelity": fidelity}
 
 
+def confirmatory_job(seed, quick, out_dir, cache_dir, log=None):
+    """One training seed of the confirmatory test (``design.CONFIRMATORY``), start to end: the
+    held-out task's model trained to its bar (or from the cache), the new draw of test images,
+    the dense model and the design's span cells (compact conv, its number removed, inside and
+    outside, ``confirmatory.MODES``), their per-image file, and the gap decay of align, self
+    and hold inside the span (``gap_decay.measure``) in a file beside it. Returns what ``run``
+    assembles (plain data: it crosses processes)."""
+    import torch
+
+    from alignscan.science.distance_task import distance_marks, pair_overlap, redrawn_test_split
+    task, conv, removed = CONFIRMATORY["task"], CONFIRMATORY["conv"], CONFIRMATORY["removed"]
+    log = log or _job_log(f"confirmatory seed {seed}")
+    cfg, schedule, _ = TASK_CONFIGS[task]
+    if quick:
+        cfg = QUICK_CONFIRMATORY["config"]
+    cfg = replace(cfg, seed=seed)
+    start = time.perf_counter()
+    model, info = trained_model(cfg, cache_dir, log=log)
+    log(f"{task} ViM: {'loaded from cache' if info['source'] == 'cache' else 'trained'} {info['path']}"
+        + (f" ({info['train_seconds']:.0f} s)" if info.get("train_seconds") else ""))
+    x_test, y_test, marks = redrawn_test_split(CONFIRMATORY["test_images_seed"], cfg.split_seed,
+                                               held_out=cfg.held_out_pairs,
+                                               n=QUICK_CONFIRMATORY["test_images"] if quick else None)
+    _, dense_correct, dense_predicted = evaluate(model, x_test, y_test, predictions=True)
+    rows = [_row(task, "dense", 1.0, "-", "-", dense_correct)]
+    correct, predicted, indices = {("dense",): dense_correct}, {("dense",): dense_predicted}, {}
+    prefix = prefixes(model, x_test, schedule[0])
+    rows += span_cells(task, model, cfg, schedule, x_test, y_test, marks, quick, correct, predicted, indices, prefix,
+                       levels=(removed,), convs=(conv,), modes=confirmatory.MODES)
+    out_dir = Path(out_dir)
+    per_image_path = save_per_image(out_dir / f"zero_shot_images_{task}_seed{seed}.npz", task,
+                                    {"labels": np.asarray(y_test), "predicted": predicted, "marks": marks,
+                                     "indices": indices}, seed)
+    plans, eligible = span_plan(marks, removed, model)
+    kept = torch.as_tensor(plans["inside"])
+    ratio = 1.0 - removed / model.num_tokens
+    pruned = {mode: _pruned_copy(model, cfg, mode, ratio, "clip", schedule, conv) for mode in ("align", "self", "hold")}
+    measures = gap_decay.measure(model, pruned, x_test[torch.as_tensor(eligible)], [kept] * len(schedule))
+    gap_path = save_gap_decay(out_dir / f"zero_shot_delta_{task}_seed{seed}.npz", measures, eligible, seed)
+    training = info.get("training") or {}
+    paired = paired_rows(task, correct, [], [])
+    for row in rows + paired:
+        row["seed"] = seed
+    train_marks = distance_marks("train", cfg.split_seed, cfg.held_out_pairs)
+    info["test_pairs_seen_in_training"] = pair_overlap(train_marks[:cfg.train_subset or None], marks)
+    summary = {"seed": seed, "dense": rows[0]["top1"], "training": training,
+               "included": training.get("reached_bar", True) if training.get("bar") else True,
+               "per_image": per_image_path.name, "gap_decay": gap_path.name, "job_seconds": time.perf_counter() - start,
+               "test_pairs_seen_in_training": info["test_pairs_seen_in_training"]}
+    shown = {"model": info, "schedule": list(schedule), "test_images": int(len(y_test)), "selections": [],
+             "per_image": per_image_path.name, "seed": seed,
+             "test_images_seed": CONFIRMATORY["test_images_seed"]}
+    return {"task": task, "seed": seed, "rows": rows, "paired": paired, "summary": summary, "shown": shown}
+
+
+def save_gap_decay(path, measures, index, seed):
+    """The gap-decay measures of one seed (``gap_decay.measure``: per image, layer and branch),
+    with the images' indices into the test set (those of the span cell's ``index/`` in the
+    per-image file), compressed, in float32."""
+    arrays = {"index": np.asarray(index).astype(np.int16), "seed": np.array(seed),
+              "layers": np.asarray(measures["layers"]).astype(np.int16)}
+    arrays.update({name: np.asarray(values, np.float32) for name, values in measures.items() if name != "layers"})
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **arrays)
+    return write_bytes(path, buffer.getvalue())
+
+
+def load_gap_decay(path):
+    """(index, measures) of a file ``save_gap_decay`` wrote."""
+    saved = np.load(path)
+    measures = {name: saved[name] for name in saved.files if name not in ("index", "seed")}
+    return saved["index"], measures
+
+
+def confirmatory_entries(result, out_dir):
+    """The "confirmatory" and "delta" entries of a confirmatory run from its seeds' saved
+    files alone (per-image predictions and gap decay), the seeds that reached their bar."""
+    task = CONFIRMATORY["task"]
+    summaries = result["per_seed"][task]
+    included = [m for m in summaries if m["included"]]
+    cells = {m["seed"]: per_image_predictions(Path(out_dir) / m["per_image"]) for m in included}
+    entry = confirmatory.analyse([(m["seed"], cells[m["seed"]]) for m in included], summaries)
+    inputs = []
+    for m in included:
+        index, measures = load_gap_decay(Path(out_dir) / m["gap_decay"])
+        saved = np.load(Path(out_dir) / m["per_image"])
+        span = "|".join(str(k) for k in confirmatory.cell("inside", CONFIRMATORY["a"]))
+        if not np.array_equal(saved[f"index/{span}"], index):
+            raise ValueError(f"{m['gap_decay']} must measure the images of {m['per_image']}'s cell {span}")
+        modes = {mode: cells[m["seed"]][confirmatory.cell("inside", mode)] for mode in confirmatory.MODES}
+        inputs.append((m["seed"], measures, modes))
+    delta = gap_decay.summarise(inputs, modes=("align", "self", "hold"), baseline=CONFIRMATORY["b"])
+    delta["cell"] = {"side": "inside", "conv": CONFIRMATORY["conv"], "removed": CONFIRMATORY["removed"]}
+    return {"confirmatory": entry, "delta": delta}
+
+
 def shown_seed(seeds, done):
     """The seed whose model a task's tables and figure show: the first (in ``seeds``' order)
     that reached its training bar, else the last; None while that is not yet known (``done``:
@@ -663,7 +785,8 @@ class _InProcess:
         return False
 
 
-def run(out_dir, quick=False, cache_dir=None, seed=0, log=print, tasks=("digits", "distance"), seeds=None, jobs=1):
+def run(out_dir, quick=False, cache_dir=None, seed=0, log=print, tasks=("digits", "distance"), seeds=None, jobs=1,
+        confirmatory_test=False):
     """Every task's grid for every training seed, the paired comparisons (Holm within task
     and seed), the across-seed span contrasts, the digits extras; JSON, Markdown, figures.
     The tables and figures show the first seed that reached its training bar; every seed's
@@ -672,14 +795,26 @@ def run(out_dir, quick=False, cache_dir=None, seed=0, log=print, tasks=("digits"
     jobs: how many (task, seed) jobs run at once, each in its own process with this
     process's threads shared out (at least one each); 1: one after the other, here. The
     results do not depend on the order the jobs finish in; they can differ in the last
-    bits with the threads a job gets (torch's reductions), as any change of thread count."""
+    bits with the threads a job gets (torch's reductions), as any change of thread count.
+
+    confirmatory_test: run the pre-registered confirmatory test instead (``confirmatory_job``
+    on the seeds of ``design.CONFIRMATORY``; with ``quick``, ``QUICK_CONFIRMATORY``): the JSON
+    then holds its "confirmatory" and "delta" entries (``confirmatory_entries``), the run's
+    wall time and machine, and no figures; ``tasks``, ``seed`` and ``seeds`` are the design's."""
     import multiprocessing
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
     import numba
+
+    from alignscan.runtime import machine
     start = time.perf_counter()
     out_dir = Path(out_dir)
     cache_dir = Path(cache_dir) if cache_dir is not None else out_dir / "cache"
+    if confirmatory_test:
+        if seeds is not None:
+            raise ValueError("seeds cannot be given with confirmatory_test: the design fixes them (CONFIRMATORY)")
+        tasks = (CONFIRMATORY["task"],)
+        seeds = QUICK_CONFIRMATORY["seeds"] if quick else CONFIRMATORY["seeds"]
     seeds = tuple(seeds) if seeds is not None else (seed,)
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ValueError(f"jobs must be a positive integer, got {jobs!r}")
@@ -707,7 +842,8 @@ def run(out_dir, quick=False, cache_dir=None, seed=0, log=print, tasks=("digits"
         while queue or in_flight:
             while queue and len(in_flight) < jobs:
                 job = queue.pop(0)
-                args = ((seed_job, job[1], job[2], quick, out_dir, cache_dir, len(seeds) == 1) if job[0] == "seed"
+                args = ((confirmatory_job, job[2], quick, out_dir, cache_dir) if confirmatory_test
+                        else (seed_job, job[1], job[2], quick, out_dir, cache_dir, len(seeds) == 1) if job[0] == "seed"
                         else (extras_job, job[2], quick, cache_dir))
                 in_flight[pool.submit(*args)] = job
             done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
@@ -738,10 +874,16 @@ def run(out_dir, quick=False, cache_dir=None, seed=0, log=print, tasks=("digits"
         if task == "digits":
             result["rows"] += extras["rows"]
             result["fidelity"] = extras["fidelity"]
-        _add_across_seeds(result, task, [(o["seed"], out_dir / o["summary"]["per_image"])
-                                         for o in outcomes if o["summary"]["included"]])
+        if not confirmatory_test:        # its test is fixed in advance; no exploratory contrasts beside it
+            _add_across_seeds(result, task, [(o["seed"], out_dir / o["summary"]["per_image"])
+                                             for o in outcomes if o["summary"]["included"]])
+    if confirmatory_test:
+        result.update(confirmatory_entries(result, out_dir))
+        result["confirmatory"]["run"] = {"wall_seconds": time.perf_counter() - start, "machine": machine(),
+                                         "jobs": result["jobs"]}
     result["wall_seconds"] = time.perf_counter() - start
     write_json(out_dir / "zero_shot.json", result)
     write_text(out_dir / "zero_shot.md", markdown(result))
-    result["figures"] = [str(plot(result, task, out_dir / f"zero_shot_{task}.png")) for task in tasks]
+    result["figures"] = [] if confirmatory_test else \
+        [str(plot(result, task, out_dir / f"zero_shot_{task}.png")) for task in tasks]
     return result

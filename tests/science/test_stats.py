@@ -50,3 +50,60 @@ def test_the_sign_test_floor_and_the_t_test():
     assert t_test([0.0, 0.0, 0.0]) == 1.0 and np.isnan(t_test([0.3]))
     assert np.isnan(t_test([-0.022, -0.022]))          # no spread between seeds: no test, not p = 0
     assert t_test([0.01, 0.03, 0.02]) == pytest.approx(scipy_stats.ttest_1samp([0.01, 0.03, 0.02], 0).pvalue)
+
+
+@pytest.mark.parametrize("alternative", ["greater", "less"])
+def test_the_one_sided_t_test_is_scipys(alternative):
+    from alignscan.stats import t_test_one_sided
+    d = [6.1, -2.0, 11.5, 4.2, 9.9, 0.4]
+    for null in (0.0, -2.0, 2.0):
+        expected = scipy_stats.ttest_1samp(d, null, alternative=alternative).pvalue
+        assert t_test_one_sided(d, alternative, null=null) == pytest.approx(expected, rel=1e-12)
+    assert np.isnan(t_test_one_sided([1.0], alternative)) and np.isnan(t_test_one_sided([0.0, 0.0], alternative))
+    with pytest.raises(ValueError, match="alternative"):
+        t_test_one_sided(d, "two-sided")
+
+
+def test_tost_is_two_one_sided_scipy_tests_at_the_margins():
+    from alignscan.stats import tost
+    near_zero = [0.4, -0.8, 0.9, 0.1, -0.3, 0.6, -0.2, 0.5]
+    result = tost(near_zero, margin=2.0, alpha=0.05)
+    assert result["p_lower"] == pytest.approx(scipy_stats.ttest_1samp(near_zero, -2.0, alternative="greater").pvalue)
+    assert result["p_upper"] == pytest.approx(scipy_stats.ttest_1samp(near_zero, 2.0, alternative="less").pvalue)
+    assert result["p"] == max(result["p_lower"], result["p_upper"]) < 0.05 and result["equivalent"]
+    low, high = result["interval"]                        # the 90 % interval lies inside the margins exactly then
+    expected = scipy_stats.t.interval(0.90, len(near_zero) - 1, loc=np.mean(near_zero),
+                                      scale=scipy_stats.sem(near_zero))
+    assert (low, high) == pytest.approx(expected) and -2.0 < low < high < 2.0
+    wide = tost([3.0, -4.0, 5.0, -1.0], margin=2.0)
+    assert not wide["equivalent"] and wide["p"] >= 0.05 and not -2.0 < wide["interval"][0]
+    assert not tost([0.0, 0.0, 0.0], margin=2.0)["equivalent"]          # no spread: nothing shown
+    with pytest.raises(ValueError, match="margin"):
+        tost(near_zero, margin=0.0)
+
+
+def test_t_test_power_is_the_noncentral_t_and_what_simulated_tests_reject():
+    from alignscan.stats import t_test_power
+    power = t_test_power(6.28, 7.50, 14, 0.025)
+    assert round(power, 2) == 0.83 and t_test_power(-6.28, 7.50, 14, 0.025) == power       # direction ignored
+    rng = np.random.default_rng(0)
+    samples = rng.normal(6.28, 7.50, size=(20000, 14))
+    p = scipy_stats.ttest_1samp(samples, 0.0, axis=1, alternative="greater").pvalue
+    assert abs(np.mean(p < 0.025) - power) < 0.015
+    assert np.isnan(t_test_power(1.0, 1.0, 1, 0.05))
+    with pytest.raises(ValueError, match="sd"):
+        t_test_power(1.0, 0.0, 5, 0.05)
+
+
+def test_rank_auc_is_the_roc_area_and_its_interval_brackets_it():
+    from sklearn.metrics import roc_auc_score
+
+    from alignscan.stats import rank_auc, rank_auc_interval
+    rng = np.random.default_rng(1)
+    positive, negative = rng.normal(0.7, 1, 40).round(1), rng.normal(0, 1, 90).round(1)     # rounded: ties
+    expected = roc_auc_score(np.r_[np.ones(40), np.zeros(90)], np.r_[positive, negative])
+    assert rank_auc(positive, negative) == pytest.approx(expected)
+    low, high = rank_auc_interval(positive, negative, resamples=400)
+    assert low < expected < high and high - low < 0.4
+    assert rank_auc([2.0], [1.0]) == 1.0 and rank_auc([1.0], [1.0]) == 0.5 and np.isnan(rank_auc([], [1.0]))
+    assert all(np.isnan(rank_auc_interval([], [1.0])))
