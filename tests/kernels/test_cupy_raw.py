@@ -78,13 +78,16 @@ def test_nvrtc_compiles_every_instance_with_hardware_half_conversions():
     options = [o.encode() for o in cupy_raw.COMPILE_OPTIONS] + [b"--gpu-architecture=compute_80", f"-I{include}".encode()]
     (err,) = nvrtc.nvrtcCompileProgram(prog, len(options), options)
     _, size = nvrtc.nvrtcGetProgramLogSize(prog)
-    log = b" " * size
+    # NVRTC writes into the buffer it is given: a bytearray. Into bytes it would change an
+    # immutable object (b" " * 1 is the interpreter's one-byte singleton, which then breaks
+    # every later user of b" ", torch.save included).
+    log = bytearray(size)
     nvrtc.nvrtcGetProgramLog(prog, log)
-    assert err == nvrtc.nvrtcResult.NVRTC_SUCCESS, log.decode()[-4000:]
+    assert err == nvrtc.nvrtcResult.NVRTC_SUCCESS, bytes(log).decode()[-4000:]
     _, size = nvrtc.nvrtcGetPTXSize(prog)
-    ptx = b" " * size
+    ptx = bytearray(size)
     nvrtc.nvrtcGetPTX(prog, ptx)
-    ptx = ptx.decode()
+    ptx = bytes(ptx).decode()
     assert ptx.count(".entry") == len(cupy_raw.kernel_names())
     for conversion in ("cvt.rn.f16.f32", "cvt.rn.bf16.f32", "cvt.f32.f16"):
         assert conversion in ptx, conversion
