@@ -8,8 +8,8 @@ run here (probed once, cached), how it views an array, and which one a call gets
     available_backends()       {name: None if it can run here, else why not}
 
 Entries are registered in order of preference, every backend declared in this one table,
-"torch" (the op's autograd twin in ``bridges``) included: its probe imports torch when it is
-asked, so the entry exists without ``bridges`` and nothing here imports torch at import time.
+"torch" (the op's autograd twin in ``bridges``) included: its probe looks for torch without
+importing it, so the entry exists without ``bridges`` and nothing here imports torch.
 """
 from __future__ import annotations
 
@@ -222,13 +222,15 @@ register(Backend("cuda-emu", "cpu", "scan.cu, the kernel of 'cupy', run unmodifi
 
 
 def _torch_reason():
-    """None when torch imports, else why not. Imported here, when probed, and never when this
-    module is: cuda_kernels stays importable (and fast to import) without torch."""
+    """None when torch is installed, else why not. Found, never imported: cuda_kernels does
+    not import torch (bridges imports this package, never the other way), and the entry is
+    only ever used through bridges, which imports torch itself."""
+    import importlib.util
     try:
-        import torch  # noqa: F401
-    except Exception as exc:
-        return f"torch cannot be imported ({type(exc).__name__}: {str(exc)[:120]}); install the 'torch' extra"
-    return None
+        found = importlib.util.find_spec("torch") is not None
+    except (ImportError, ValueError):         # sys.modules["torch"] is None: blocked, as if absent
+        found = False
+    return None if found else "torch is not installed; install the 'torch' extra"
 
 
 def _torch_view(t):

@@ -91,3 +91,15 @@ def test_the_check_sees_lazy_and_from_imports(tmp_path):
     found = [t for _, t in _imports(tree_file)]
     assert found == ["science", "imagenet", "alignscan.registry", "bench"]
     assert _unit(path) == "science"
+
+
+def test_the_truth_and_the_kernels_never_import_torch():
+    """reference and cuda_kernels run without torch: torch arrives through bridges, above them."""
+    found = []
+    for package in ("reference", "cuda_kernels"):
+        for path in (REPO / package).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                    [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+                found += [f"{path.relative_to(REPO)}:{node.lineno}" for n in names if n.split(".")[0] == "torch"]
+    assert not found, found

@@ -1,7 +1,7 @@
 """Every backend, "torch" included, is declared in the one table (``cuda_kernels.backends``):
 a fresh interpreter finds the torch entry, with its device and its probe, without importing
-``bridges``; importing ``cuda_kernels`` never imports torch, and asking the entry whether it
-can run is what imports it. Where torch cannot be imported, the entry says why."""
+``bridges``; neither importing ``cuda_kernels`` nor asking the entry whether it can run imports
+torch. Where torch is not installed, the entry says why."""
 import json
 import os
 import subprocess
@@ -31,7 +31,9 @@ def test_the_torch_backend_is_declared_without_bridges_and_cuda_kernels_does_not
         listed = "torch" in backends.names() and "torch" not in backends.names(kernels_only=True)
         before_probe = "torch" in sys.modules
         reason = entry.reason()
+        after_probe = "torch" in sys.modules
         print(json.dumps({"after_import": after_import, "before_probe": before_probe, "reason": reason,
+                          "after_probe": after_probe,
                           "device": entry.device, "module": entry.module, "purpose": entry.purpose,
                           "default": entry.default, "listed": listed, "order": list(backends.names()),
                           "resolved": backends.resolve("torch", "cpu"),
@@ -39,6 +41,7 @@ def test_the_torch_backend_is_declared_without_bridges_and_cuda_kernels_does_not
     """)
     assert not seen["after_import"], "importing alignscan.cuda_kernels imported torch"
     assert not seen["before_probe"], "looking up the torch entry imported torch"
+    assert not seen["after_probe"], "probing the torch entry imported torch"
     assert seen["reason"] is None and seen["resolved"] == "torch"
     assert seen["device"] == "any" and seen["module"] is None and "autograd" in seen["purpose"] and seen["default"]
     assert seen["listed"] and seen["order"][-1] == "torch", "torch is the last choice (the GPU fallback)"
@@ -58,6 +61,6 @@ def test_without_torch_the_entry_says_why_and_asking_for_it_is_refused_with_the_
             refused = str(exc)
         print(json.dumps({"reason": reason, "refused": refused, "cpu": backends.resolve(None, "cpu")}))
     """)
-    assert "torch cannot be imported" in seen["reason"] and "'torch' extra" in seen["reason"]
-    assert seen["refused"] is not None and "torch cannot be imported" in seen["refused"]
+    assert "torch is not installed" in seen["reason"] and "'torch' extra" in seen["reason"]
+    assert seen["refused"] is not None and "torch is not installed" in seen["refused"]
     assert seen["cpu"] == "numba-cpu", "the CPU default does not need torch"
