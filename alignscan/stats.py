@@ -46,6 +46,11 @@ def mcnemar_detectable_difference(n, discordant, alpha=0.05, power=0.8, comparis
     from scipy import stats
     if not 0 < discordant <= 1:
         raise ValueError(f"discordant must be in (0, 1], got {discordant}")
+    if not n >= 1:
+        raise ValueError(f"n must be at least one paired image, got {n}")
+    if not (0 < alpha < 1 and 0 < power < 1) or comparisons < 1:
+        raise ValueError(f"alpha and power must be in (0, 1) and comparisons >= 1, got alpha={alpha}, "
+                         f"power={power}, comparisons={comparisons}")
     z = stats.norm.ppf(1 - alpha / (2 * comparisons)) + stats.norm.ppf(power)
     return float(z * math.sqrt(discordant / (n + z * z)))
 

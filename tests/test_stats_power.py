@@ -25,3 +25,7 @@ def test_more_images_or_fewer_discordant_images_detect_smaller_differences():
     assert mcnemar_detectable_difference(50_000, 0.02) < mcnemar_detectable_difference(50_000, 0.05)
     with pytest.raises(ValueError, match="discordant"):
         mcnemar_detectable_difference(100, 0.0)
+    with pytest.raises(ValueError, match="n must be"):
+        mcnemar_detectable_difference(0, 0.05)
+    with pytest.raises(ValueError, match="power"):
+        mcnemar_detectable_difference(100, 0.05, power=1.0)
